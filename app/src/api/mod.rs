@@ -1,0 +1,115 @@
+//! Server functions: the pages' way to the server. Reads go to the views only; writes go through
+//! the same command path as the REST API. Each is a public endpoint, validated like any route.
+//!
+//! The server's services arrive through the [`Portal`] trait in Leptos context (the server
+//! implements it), so this crate never depends on the server crate.
+
+use crate::error::AppError;
+use crate::views::{CommandAck, ConsumerStatus, MemberPage, MemberQuery, MembershipView};
+use leptos::prelude::*;
+
+#[cfg(feature = "ssr")]
+mod port;
+#[cfg(feature = "ssr")]
+pub use port::{Portal, PortalCommand};
+
+#[cfg(feature = "ssr")]
+fn portal() -> Result<std::sync::Arc<dyn Portal>, AppError> {
+    use_context::<std::sync::Arc<dyn Portal>>()
+        .ok_or_else(|| AppError::new("internal", "the server is not wired up (no Portal in context)"))
+}
+
+#[server(prefix = "/_fn")]
+pub async fn get_member(member_id: String) -> Result<Option<MembershipView>, AppError> {
+    portal()?.member(&member_id).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn search_members(query: MemberQuery) -> Result<MemberPage, AppError> {
+    portal()?.search(query).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn get_consumers() -> Result<Vec<ConsumerStatus>, AppError> {
+    portal()?.consumers().await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn enroll_member(name: String, email: String) -> Result<CommandAck, AppError> {
+    portal()?.execute(PortalCommand::Enroll { name, email }).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn earn_points(member_id: String, points: String, reason: String) -> Result<CommandAck, AppError> {
+    let points = parse_points(&points)?;
+    portal()?.execute(PortalCommand::Earn { member_id, points, reason }).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn redeem_points(member_id: String, points: String, reward: String) -> Result<CommandAck, AppError> {
+    let points = parse_points(&points)?;
+    portal()?.execute(PortalCommand::Redeem { member_id, points, reward }).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn suspend_member(member_id: String, reason: String) -> Result<CommandAck, AppError> {
+    portal()?.execute(PortalCommand::Suspend { member_id, reason }).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn reactivate_member(member_id: String) -> Result<CommandAck, AppError> {
+    portal()?.execute(PortalCommand::Reactivate { member_id }).await
+}
+
+#[server(prefix = "/_fn")]
+pub async fn record_purchase(
+    member_id: String,
+    amount: String,
+    currency: String,
+    channel: String,
+) -> Result<CommandAck, AppError> {
+    let amount_cents = parse_amount(&amount)?;
+    portal()?.execute(PortalCommand::RecordPurchase { member_id, amount_cents, currency, channel }).await
+}
+
+/// Form fields arrive as text; a person typing "12.5" deserves a clear message, not a decode error.
+pub fn parse_points(raw: &str) -> Result<i64, AppError> {
+    raw.trim()
+        .parse::<i64>()
+        .map_err(|_| AppError::invalid(format!("points must be a whole number, got '{}'", raw.trim())))
+}
+
+/// "12.34" (currency units) → 1234 cents.
+pub fn parse_amount(raw: &str) -> Result<i64, AppError> {
+    let raw = raw.trim();
+    let bad = || AppError::invalid(format!("amount must be a number like 12.34, got '{raw}'"));
+    let (units, cents) = raw.split_once('.').unwrap_or((raw, ""));
+    if units.is_empty() || cents.len() > 2 || !units.chars().chain(cents.chars()).all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let units: i64 = units.parse().map_err(|_| bad())?;
+    let cents: i64 = if cents.is_empty() { 0 } else { format!("{cents:0<2}").parse().map_err(|_| bad())? };
+    units.checked_mul(100).and_then(|u| u.checked_add(cents)).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_read_as_currency_units() {
+        assert_eq!(parse_amount("12.34"), Ok(1234));
+        assert_eq!(parse_amount("12.5"), Ok(1250));
+        assert_eq!(parse_amount(" 7 "), Ok(700));
+        assert!(parse_amount("-1").is_err());
+        assert!(parse_amount("1.234").is_err());
+        assert!(parse_amount("abc").is_err());
+        assert!(parse_amount("").is_err());
+    }
+
+    #[test]
+    fn points_must_be_whole_numbers() {
+        assert_eq!(parse_points(" 250 "), Ok(250));
+        assert!(parse_points("12.5").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Pieces of pages.
+
+pub mod membership;

@@ -1,0 +1,121 @@
+//! The browser's live socket (hydrate only): subscribes to `member:<id>` on `/ws` and hands every
+//! newer view to the page. Reconnects with backoff; on (re)subscribe the server sends the current
+//! view at once, so nothing is missed while disconnected.
+
+use crate::views::{member_topic, ClientMessage, MembershipView, ServerMessage};
+use leptos::prelude::*;
+use std::cell::RefCell;
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+use web_sys::{MessageEvent, WebSocket};
+
+struct Live {
+    member_id: String,
+    socket: Option<WebSocket>,
+    /// Closures must outlive the socket's use of them.
+    _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
+    retry_ms: i32,
+    stopped: bool,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<RefCell<Live>>>> = const { RefCell::new(None) };
+}
+
+/// Watch one member; replaces any previous watch.
+pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>, connected: RwSignal<bool>) {
+    stop();
+    if member_id.is_empty() {
+        return;
+    }
+    let live = Rc::new(RefCell::new(Live { member_id, socket: None, _handlers: Vec::new(), retry_ms: 500, stopped: false }));
+    CURRENT.with(|c| *c.borrow_mut() = Some(live.clone()));
+    connect(live, pushed, connected);
+}
+
+/// Close the socket (the page is going away).
+pub fn stop() {
+    if let Some(live) = CURRENT.with(|c| c.borrow_mut().take()) {
+        let mut live = live.borrow_mut();
+        live.stopped = true;
+        if let Some(socket) = live.socket.take() {
+            let _ = socket.close();
+        }
+    }
+}
+
+fn socket_url() -> Option<String> {
+    let location = web_sys::window()?.location();
+    let scheme = if location.protocol().ok()? == "https:" { "wss" } else { "ws" };
+    Some(format!("{scheme}://{}/ws", location.host().ok()?))
+}
+
+fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, connected: RwSignal<bool>) {
+    let Some(url) = socket_url() else { return };
+    let Ok(socket) = WebSocket::new(&url) else {
+        schedule_reconnect(live, pushed, connected);
+        return;
+    };
+    let topic = member_topic(&live.borrow().member_id);
+
+    let on_open = {
+        let socket = socket.clone();
+        let live = live.clone();
+        Closure::<dyn FnMut(JsValue)>::new(move |_| {
+            live.borrow_mut().retry_ms = 500;
+            connected.set(true);
+            if let Ok(text) = serde_json::to_string(&ClientMessage::Subscribe(topic.clone())) {
+                let _ = socket.send_with_str(&text);
+            }
+        })
+    };
+    let on_message = Closure::<dyn FnMut(JsValue)>::new(move |event: JsValue| {
+        let Some(text) = event.dyn_ref::<MessageEvent>().and_then(|e| e.data().as_string()) else { return };
+        match serde_json::from_str::<ServerMessage>(&text) {
+            Ok(ServerMessage::View { view, .. }) => {
+                // Newest wins: never go back to an older view.
+                let newer = pushed.with_untracked(|p| p.as_ref().is_none_or(|p| view.position > p.position));
+                if newer {
+                    pushed.set(Some(view));
+                }
+            }
+            Ok(ServerMessage::Error { code, message }) => {
+                web_sys::console::warn_1(&format!("live update error {code}: {message}").into());
+            }
+            Err(_) => {}
+        }
+    });
+    let on_close = {
+        let live = live.clone();
+        Closure::<dyn FnMut(JsValue)>::new(move |_| {
+            connected.set(false);
+            schedule_reconnect(live.clone(), pushed, connected);
+        })
+    };
+    socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+    socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    let mut l = live.borrow_mut();
+    l.socket = Some(socket);
+    l._handlers = vec![on_open, on_message, on_close];
+}
+
+fn schedule_reconnect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, connected: RwSignal<bool>) {
+    let delay = {
+        let mut l = live.borrow_mut();
+        if l.stopped {
+            return;
+        }
+        l.socket = None;
+        let d = l.retry_ms;
+        l.retry_ms = (l.retry_ms * 2).min(10_000);
+        d
+    };
+    let Some(window) = web_sys::window() else { return };
+    let retry = Closure::once_into_js(move || {
+        if !live.borrow().stopped {
+            connect(live, pushed, connected);
+        }
+    });
+    let _ = window.set_timeout_with_callback_and_timeout_and_arguments_0(retry.unchecked_ref(), delay);
+}

@@ -1,0 +1,123 @@
+//! The read side's shapes, shared by the server (which stores and serves them) and the browser
+//! (which renders them). Field names are the contract in API.md.
+
+use crate::domain::member::Status;
+use crate::domain::tier::{self, Tier};
+use serde::{Deserialize, Serialize};
+
+/// One member's portal, denormalized: `membership_view`, `GET /api/members/{id}`, `member:<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipView {
+    pub member_id: String,
+    pub name: String,
+    pub email: String,
+    pub status: Status,
+    pub tier: Tier,
+    pub points_balance: u64,
+    pub lifetime_points: u64,
+    pub next_tier: Option<NextTier>,
+    pub recent_activity: Vec<Activity>,
+    pub member_since: String,
+    pub version: u64,
+    pub position: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NextTier {
+    pub tier: Tier,
+    pub points_needed: u64,
+}
+
+impl NextTier {
+    pub fn for_lifetime(lifetime: u64) -> Option<NextTier> {
+        tier::progress(lifetime).map(|(tier, points_needed, _)| NextTier { tier, points_needed })
+    }
+}
+
+/// How many activity entries the view keeps, newest first.
+pub const RECENT_ACTIVITY: usize = 10;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    pub position: u64,
+    /// enrolled | profile_updated | earned | redeemed | tier_changed | suspended | reactivated
+    pub kind: String,
+    pub points: u64,
+    pub description: String,
+    pub at: String,
+}
+
+/// A row of `member_search`: what staff find members by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberSummary {
+    pub member_id: String,
+    pub name: String,
+    pub email: String,
+    pub tier: Tier,
+    pub status: Status,
+    pub points_balance: u64,
+    pub lifetime_points: u64,
+    pub member_since: String,
+    pub position: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberPage {
+    pub items: Vec<MemberSummary>,
+    pub next: Option<String>,
+}
+
+/// Filters of `GET /api/members` (and of the staff console's search form).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberQuery {
+    pub q: Option<String>,
+    pub tier: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<u32>,
+    pub after: Option<String>,
+}
+
+/// One consumer (projection or processor), as `GET /api/projections` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub position: u64,
+    pub head: u64,
+    pub lag: u64,
+    /// running (caught up) | catching_up | failing | stopped
+    pub state: String,
+    pub last_error: Option<String>,
+    /// Events applied per second over the last few seconds, on this node.
+    pub events_per_second: f64,
+}
+
+/// WebSocket, client to server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientMessage {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+/// WebSocket, server to client: only these two kinds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage {
+    View { topic: String, position: u64, view: MembershipView },
+    Error { code: String, message: String },
+}
+
+pub const MEMBERS_TOPIC: &str = "members";
+
+pub fn member_topic(member_id: &str) -> String {
+    format!("member:{member_id}")
+}
+
+/// The result of a command, as the staff console shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandAck {
+    pub member_id: Option<String>,
+    pub transaction_id: Option<String>,
+    pub version: Option<u64>,
+    pub position: u64,
+}

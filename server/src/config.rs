@@ -1,0 +1,72 @@
+//! Configuration: command line flags, each with an environment variable and a default
+//! (documented in `.env.example` and the README).
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "Tally: a live, event-sourced loyalty membership portal")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Commands>,
+    /// Options of `serve`, which runs when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run the web server, the projector and the loyalty policy (the default).
+    Serve(ServeArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DatabaseArgs),
+    /// Enroll demo members and record demo purchases through the real command path.
+    Seed(SeedArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// SQLite file (or sqlite:// URL) or postgres:// URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "tally.db")]
+    pub database_url: String,
+    /// Wait for each commit to reach the disk (SQLite synchronous=FULL). Turn off only for
+    /// throw-away data: a power cut could then lose acknowledged commands.
+    #[arg(long, env = "TALLY_DURABLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub durable: bool,
+    /// Connections for queries.
+    #[arg(long, env = "TALLY_READ_POOL", default_value_t = 8)]
+    pub read_pool: u32,
+    /// Connections for commands and consumers (always 1 on SQLite, which has one writer).
+    #[arg(long, env = "TALLY_WRITE_POOL", default_value_t = 4)]
+    pub write_pool: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TALLY_ADDR", default_value = "127.0.0.1:3000")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Seed a few demo members when the database is empty.
+    #[arg(long, env = "TALLY_DEMO", default_value_t = false)]
+    pub demo: bool,
+    /// Safety-net poll interval of the consumers, in milliseconds (they also wake on every append).
+    #[arg(long, env = "TALLY_POLL_MS", default_value_t = 1000)]
+    pub poll_ms: u64,
+    /// Time limit for one HTTP request, in seconds (WebSockets excepted).
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Members to enroll.
+    #[arg(long, default_value_t = 100)]
+    pub members: u64,
+    /// Purchases to record, spread over the members (some anonymous).
+    #[arg(long, default_value_t = 1_000)]
+    pub purchases: u64,
+}

@@ -1,0 +1,304 @@
+//! Command endpoints (API.md "Commands"): parse and validate at the edge, then hand the command
+//! to the bus with its `Idempotency-Key` and `If-Match`.
+
+use super::error::ApiError;
+use crate::commands::{Command, Envelope, Idempotency, MemberAction, Meta};
+use crate::AppState;
+use app::domain::transaction::{Channel, Purchase, MAX_AMOUNT_CENTS};
+use app::domain::validate;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// What every command request brings besides its body.
+pub struct RequestInfo {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollBody {
+    pub name: String,
+    pub email: String,
+    pub member_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileBody {
+    pub name: Option<String>,
+    pub email: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarnBody {
+    pub points: i64,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemBody {
+    pub points: i64,
+    pub reward: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendBody {
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactivateBody {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseBody {
+    pub transaction_id: Option<String>,
+    pub member_id: Option<String>,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub channel: String,
+}
+
+/// The body as JSON of type `T`, or a 400/413 that says what is wrong. An empty body counts as
+/// `{}` so `POST .../reactivate` works without one.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, serde_json::Value), ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::InvalidRequest(rejection.body_text())
+        }
+    })?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
+    let typed = serde_json::from_value(value.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
+    Ok((typed, value))
+}
+
+fn invalid(message: String) -> ApiError {
+    ApiError::InvalidRequest(message)
+}
+
+fn member_id(raw: &str) -> Result<String, ApiError> {
+    validate::id("member id", raw).map_err(invalid)
+}
+
+/// Build the envelope from headers: idempotency key (with the canonical request), If-Match, ids.
+pub fn envelope(info: &RequestInfo, body: &serde_json::Value, command: Command, actor: &str) -> Result<Envelope, ApiError> {
+    let header = |name: &str| info.headers.get(name).map(|v| v.to_str().map(str::trim));
+    let expected_version = match header("if-match") {
+        None => None,
+        Some(Ok(v)) => Some(
+            v.trim_matches('"')
+                .parse::<i64>()
+                .ok()
+                .filter(|v| *v >= 0)
+                .ok_or_else(|| invalid(format!("If-Match must be a stream version (a whole number), got '{v}'")))?,
+        ),
+        Some(Err(_)) => return Err(invalid("If-Match must be a stream version".into())),
+    };
+    let idempotency = match header("idempotency-key") {
+        None => None,
+        Some(Ok(key)) if !key.is_empty() && key.chars().count() <= 200 => Some(Idempotency {
+            scope: "api".into(),
+            key: key.to_string(),
+            // serde_json sorts object keys, so the same body in another layout is the same request.
+            request: format!(
+                "{} {} if-match={:?} {}",
+                info.method,
+                info.uri.path(),
+                expected_version,
+                body
+            ),
+        }),
+        Some(_) => return Err(invalid("Idempotency-Key must be 1 to 200 visible characters".into())),
+    };
+    let correlation_id = match header("x-request-id") {
+        Some(Ok(id)) if !id.is_empty() && id.len() <= 200 => id.to_string(),
+        _ => uuid::Uuid::new_v4().to_string(),
+    };
+    Ok(Envelope { command, expected_version, idempotency, meta: Meta { correlation_id, causation_id: None, actor: actor.into() } })
+}
+
+/// Send to the bus and turn the answer into the HTTP response (the stored one, on a replay).
+pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, ApiError> {
+    let member = match &envelope.command {
+        Command::Member { member_id, .. } => Some(member_id.clone()),
+        Command::RecordPurchase(_) => None,
+    };
+    let answer = state.bus.send(envelope).await.map_err(|e| match ApiError::from(e) {
+        ApiError::MemberNotFound(_) => ApiError::MemberNotFound(member.clone().unwrap_or_default()),
+        other => other,
+    })?;
+    let status = StatusCode::from_u16(answer.status).map_err(ApiError::internal)?;
+    let mut response = (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], answer.body)
+        .into_response();
+    if answer.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn run(state: &AppState, info: RequestInfo, body: serde_json::Value, command: Command) -> Result<Response, ApiError> {
+    let envelope = envelope(&info, &body, command, "api")?;
+    dispatch(state, envelope).await
+}
+
+pub async fn enroll(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, raw): (EnrollBody, _) = parse(body)?;
+    let command = enroll_command(req)?;
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}
+
+pub fn enroll_command(req: EnrollBody) -> Result<Command, ApiError> {
+    let id = match req.member_id.as_deref() {
+        Some(id) => member_id(id)?,
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let name = validate::name(&req.name).map_err(invalid)?;
+    let email = validate::email(&req.email).map_err(invalid)?;
+    Ok(Command::Member { member_id: id, action: MemberAction::Enroll { name, email } })
+}
+
+pub async fn update_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, raw): (ProfileBody, _) = parse(body)?;
+    if req.name.is_none() && req.email.is_none() {
+        return Err(invalid("give a new name, a new email, or both".into()));
+    }
+    let name = req.name.as_deref().map(validate::name).transpose().map_err(invalid)?;
+    let email = req.email.as_deref().map(validate::email).transpose().map_err(invalid)?;
+    let command = Command::Member { member_id: member_id(&id)?, action: MemberAction::UpdateProfile { name, email } };
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}
+
+pub fn earn_command(id: &str, req: EarnBody) -> Result<Command, ApiError> {
+    let points = validate::points(req.points).map_err(invalid)?;
+    let reason = validate::text("reason", req.reason.as_deref()).map_err(invalid)?;
+    Ok(Command::Member { member_id: member_id(id)?, action: MemberAction::Earn { points, reason } })
+}
+
+pub fn redeem_command(id: &str, req: RedeemBody) -> Result<Command, ApiError> {
+    let points = validate::points(req.points).map_err(invalid)?;
+    let reward = validate::text("reward", req.reward.as_deref()).map_err(invalid)?;
+    Ok(Command::Member { member_id: member_id(id)?, action: MemberAction::Redeem { points, reward } })
+}
+
+pub fn suspend_command(id: &str, req: SuspendBody) -> Result<Command, ApiError> {
+    let reason = validate::text("reason", req.reason.as_deref()).map_err(invalid)?;
+    Ok(Command::Member { member_id: member_id(id)?, action: MemberAction::Suspend { reason } })
+}
+
+pub fn reactivate_command(id: &str) -> Result<Command, ApiError> {
+    Ok(Command::Member { member_id: member_id(id)?, action: MemberAction::Reactivate })
+}
+
+pub async fn earn(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, raw) = parse(body)?;
+    let command = earn_command(&id, req)?;
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}
+
+pub async fn redeem(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, raw) = parse(body)?;
+    let command = redeem_command(&id, req)?;
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}
+
+pub async fn suspend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, raw) = parse(body)?;
+    let command = suspend_command(&id, req)?;
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}
+
+pub async fn reactivate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (_req, raw): (ReactivateBody, _) = parse(body)?;
+    let command = reactivate_command(&id)?;
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}
+
+pub fn purchase_command(req: PurchaseBody, performed_at: String) -> Result<Command, ApiError> {
+    let transaction_id = match req.transaction_id.as_deref() {
+        Some(id) => validate::id("transaction_id", id).map_err(invalid)?,
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let member_id = req.member_id.as_deref().map(member_id).transpose()?;
+    if req.amount_cents < 1 || req.amount_cents as u64 > MAX_AMOUNT_CENTS {
+        return Err(invalid(format!("amount_cents must be between 1 and {MAX_AMOUNT_CENTS}")));
+    }
+    let currency = validate::currency(&req.currency).map_err(invalid)?;
+    let channel = Channel::parse(&req.channel)
+        .ok_or_else(|| invalid(format!("channel must be \"pos\" or \"ecommerce\", got \"{}\"", req.channel)))?;
+    Ok(Command::RecordPurchase(Purchase {
+        transaction_id,
+        member_id,
+        amount_cents: req.amount_cents as u64,
+        currency,
+        channel,
+        performed_at,
+    }))
+}
+
+pub async fn record_purchase(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, raw) = parse(body)?;
+    let command = purchase_command(req, crate::clock::now())?;
+    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+}

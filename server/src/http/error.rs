@@ -1,0 +1,124 @@
+//! The one error type of the HTTP API: status + stable code (API.md) + a message for a person.
+//! Internal failures are logged in full and answered with a generic 500.
+
+use crate::commands::CommandError;
+use crate::queries::QueryError;
+use app::domain::member::MemberError;
+use app::domain::transaction::TransactionError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("no member with id '{0}'")]
+    MemberNotFound(String),
+    #[error("{0}")]
+    VersionConflict(String),
+    #[error("the email address is already used by another member")]
+    EmailTaken,
+    #[error("member '{0}' already exists")]
+    MemberExists(String),
+    #[error("the request body is larger than 64 KiB")]
+    PayloadTooLarge,
+    #[error("{0}")]
+    InsufficientPoints(String),
+    #[error("the account is suspended")]
+    AccountSuspended,
+    #[error("the account is not suspended")]
+    AccountNotSuspended,
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    #[error("the server is shutting down, try again")]
+    Unavailable,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::MemberNotFound(_) => (StatusCode::NOT_FOUND, "member_not_found"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::VersionConflict(_) => (StatusCode::CONFLICT, "version_conflict"),
+            ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
+            ApiError::MemberExists(_) => (StatusCode::CONFLICT, "member_exists"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::InsufficientPoints(_) => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_points"),
+            ApiError::AccountSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_suspended"),
+            ApiError::AccountNotSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_not_suspended"),
+            ApiError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(err.into())
+    }
+
+    /// For server functions: the same code and message the REST API gives.
+    pub fn to_app_error(&self) -> app::error::AppError {
+        if let ApiError::Internal(err) = self {
+            tracing::error!(error = ?err, "internal error");
+        }
+        app::error::AppError::new(self.parts().1, self.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        if let ApiError::Internal(err) = &self {
+            tracing::error!(error = ?err, "internal error");
+        }
+        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(err: CommandError) -> Self {
+        match err {
+            CommandError::Member(e) => match e {
+                MemberError::MemberExists(id) => ApiError::MemberExists(id),
+                MemberError::NotFound => ApiError::MemberNotFound(String::new()),
+                MemberError::EmailTaken => ApiError::EmailTaken,
+                e @ MemberError::InsufficientPoints { .. } => ApiError::InsufficientPoints(e.to_string()),
+                MemberError::AccountSuspended => ApiError::AccountSuspended,
+                MemberError::AccountNotSuspended => ApiError::AccountNotSuspended,
+                MemberError::PurchaseTooSmall => ApiError::InvalidRequest(e.to_string()),
+            },
+            CommandError::Transaction(TransactionError::NotFound) => ApiError::NotFound("transaction".into()),
+            CommandError::VersionConflict { expected, actual } if expected >= 0 => {
+                ApiError::VersionConflict(format!("the member is at version {actual}, not {expected}"))
+            }
+            CommandError::VersionConflict { .. } | CommandError::Race => {
+                ApiError::VersionConflict("the member changed concurrently, try again".into())
+            }
+            CommandError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            CommandError::Unavailable => ApiError::Unavailable,
+            e @ (CommandError::Corrupt(_) | CommandError::Database(_)) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(err: QueryError) -> Self {
+        match err {
+            QueryError::Invalid(message) => ApiError::InvalidRequest(message),
+            QueryError::Database(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        ApiError::internal(err)
+    }
+}

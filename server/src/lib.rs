@@ -1,0 +1,190 @@
+//! Tally's server, as a library so that `main`, the CLI tools and the tests build the same app.
+
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod http;
+pub mod live;
+pub mod portal;
+pub mod processors;
+pub mod projector;
+pub mod queries;
+pub mod seed;
+pub mod store;
+pub mod telemetry;
+
+use anyhow::Context;
+use app::{shell, App};
+use axum::extract::FromRef;
+use axum::response::IntoResponse;
+use axum::Router;
+use config::ServeArgs;
+use leptos::prelude::*;
+use leptos_axum::{generate_route_list, LeptosRoutes};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// Everything a request handler may need. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: store::Store,
+    pub bus: commands::CommandBus,
+    pub consumers: Arc<projector::Consumers>,
+    pub hub: Arc<live::Hub>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub leptos_options: LeptosOptions,
+}
+
+impl FromRef<AppState> for LeptosOptions {
+    fn from_ref(state: &AppState) -> Self {
+        state.leptos_options.clone()
+    }
+}
+
+/// A built server: bound, consumers running, ready to serve.
+pub struct Tally {
+    pub state: AppState,
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Open the store, start the writer and the consumers, bind the address, build the routes.
+pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
+    let db = &args.db;
+    let store = store::Store::open(&db.database_url, &store::PoolSizes { read: db.read_pool, write: db.write_pool }, db.durable)
+        .await?;
+    let head = Arc::new(watch::Sender::new(store.head().await.context("reading the event store head")?));
+    let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
+    let hub = Arc::new(live::Hub::default());
+    let shutdown = CancellationToken::new();
+    let (consumers, mut tasks) = projector::Consumers::start(
+        store.clone(),
+        head.clone(),
+        hub.clone(),
+        Duration::from_millis(args.poll_ms.max(10)),
+        shutdown.clone(),
+    );
+    tasks.push(writer);
+    tasks.push(tokio::spawn(prune_keys(store.clone(), shutdown.clone())));
+
+    let leptos_options = get_configuration(None).context("reading Leptos configuration")?.leptos_options;
+    let state = AppState {
+        store,
+        bus,
+        consumers,
+        hub,
+        metrics: telemetry::metrics(),
+        leptos_options: leptos_options.clone(),
+    };
+    if args.demo {
+        seed::demo_if_empty(&state).await.context("seeding demo members")?;
+    }
+    let router = router(state.clone(), Duration::from_secs(args.request_timeout_secs.max(1)));
+    let listener = TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
+    Ok(Tally { state, listener, router, shutdown, tasks })
+}
+
+fn router(state: AppState, timeout: Duration) -> Router {
+    let portal: Arc<dyn app::api::Portal> = Arc::new(portal::ServerPortal::new(state.clone()));
+    let routes = generate_route_list(App);
+    let options = state.leptos_options.clone();
+    let pages = Router::<AppState>::new()
+        .leptos_routes_with_context(
+            &state,
+            routes,
+            move || provide_context(portal.clone()),
+            move || shell(options.clone()),
+        )
+        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell));
+    let timed = http::api_routes()
+        .merge(pages)
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(CompressionLayer::new());
+    // The socket lives long: no timeout, no compression layer.
+    Router::new()
+        .route("/ws", axum::routing::get(http::live::ws))
+        .merge(timed)
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_| {
+            http::error::ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
+        }))
+        .with_state(state)
+}
+
+impl Tally {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A token that stops the server when cancelled (tests use it to restart on the same file).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serve until `shutdown` is cancelled: stop accepting, finish in-flight requests (their
+    /// commands are committed before they answer), then let the consumers commit and stop.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        let token = self.shutdown.clone();
+        tracing::info!(addr = %self.listener.local_addr()?, "tally listening");
+        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+            .context("serving HTTP")?;
+        self.shutdown.cancel();
+        let state = self.state;
+        drop(state);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        Ok(())
+    }
+}
+
+/// Idempotency keys are kept 7 days (API.md promises at least 24 hours).
+async fn prune_keys(store: store::Store, shutdown: CancellationToken) {
+    loop {
+        match store.prune_idempotency_keys(chrono::Duration::days(7)).await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "pruned old idempotency keys"),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "could not prune idempotency keys"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Cancel `token` on ctrl-c or SIGTERM.
+pub async fn shutdown_on_signal(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}

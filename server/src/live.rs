@@ -1,0 +1,237 @@
+//! The live hub: changed views go out to WebSocket subscribers, newest-wins per topic.
+//!
+//! Each socket has a [`Mailbox`] holding at most one pending frame per topic. Publishing replaces
+//! the pending frame if the new one is newer, so a slow client gets the latest view and never a
+//! growing queue; frames are serialized once per change and shared by every subscriber.
+
+use app::views::{member_topic, MembershipView, MEMBERS_TOPIC};
+use axum::extract::ws::Utf8Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// A message ready to send.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub position: u64,
+    pub text: Utf8Bytes,
+}
+
+/// The `view` message for a topic, built around the view's stored JSON without re-encoding it.
+pub fn view_frame(topic: &str, position: u64, view_json: &str) -> Frame {
+    let topic = serde_json::Value::String(topic.to_string());
+    let text = format!(r#"{{"type":"view","topic":{topic},"position":{position},"view":{view_json}}}"#);
+    Frame { position, text: text.into() }
+}
+
+pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
+    serde_json::json!({"type": "error", "code": code, "message": message}).to_string().into()
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Newest unsent frame per topic.
+    views: BTreeMap<String, Frame>,
+    /// Highest position sent per topic: anything at or below is stale.
+    sent: HashMap<String, u64>,
+    errors: Vec<Utf8Bytes>,
+}
+
+/// Errors answer the client's own messages; a client flooding bad messages loses the oldest.
+const MAX_PENDING_ERRORS: usize = 16;
+
+pub struct Mailbox {
+    id: u64,
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+impl Mailbox {
+    /// Keep `frame` for `topic` unless something as new is already pending or sent.
+    pub fn put(&self, topic: &str, frame: Frame) {
+        let Ok(mut p) = self.pending.lock() else { return };
+        if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
+            || p.views.get(topic).is_some_and(|f| f.position >= frame.position)
+        {
+            return;
+        }
+        p.views.insert(topic.to_string(), frame);
+        drop(p);
+        self.notify.notify_one();
+    }
+
+    pub fn put_error(&self, text: Utf8Bytes) {
+        let Ok(mut p) = self.pending.lock() else { return };
+        if p.errors.len() >= MAX_PENDING_ERRORS {
+            p.errors.remove(0);
+        }
+        p.errors.push(text);
+        drop(p);
+        self.notify.notify_one();
+    }
+
+    /// Forget what was sent for a topic, so a re-subscribe gets the current view again.
+    pub fn forget(&self, topic: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.sent.remove(topic);
+            p.views.remove(topic);
+        }
+    }
+
+    /// Wait until something is pending, then take it all (errors first, then views by position).
+    pub async fn next_batch(&self) -> Vec<Utf8Bytes> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(batch) = self.take() {
+                return batch;
+            }
+            notified.await;
+        }
+    }
+
+    fn take(&self) -> Option<Vec<Utf8Bytes>> {
+        let mut p = self.pending.lock().ok()?;
+        if p.views.is_empty() && p.errors.is_empty() {
+            return None;
+        }
+        let mut out: Vec<Utf8Bytes> = std::mem::take(&mut p.errors);
+        let mut views: Vec<(String, Frame)> = std::mem::take(&mut p.views).into_iter().collect();
+        views.sort_by_key(|(_, f)| f.position);
+        for (topic, frame) in views {
+            p.sent.insert(topic, frame.position);
+            out.push(frame.text);
+        }
+        Some(out)
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    topics: Mutex<HashMap<String, HashMap<u64, Arc<Mailbox>>>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn mailbox(&self) -> Arc<Mailbox> {
+        Arc::new(Mailbox {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            pending: Mutex::new(Pending::default()),
+            notify: Notify::new(),
+        })
+    }
+
+    pub fn subscribe(&self, topic: &str, mailbox: &Arc<Mailbox>) {
+        if let Ok(mut topics) = self.topics.lock() {
+            topics.entry(topic.to_string()).or_default().insert(mailbox.id, mailbox.clone());
+        }
+    }
+
+    pub fn unsubscribe(&self, topic: &str, mailbox: &Mailbox) {
+        if let Ok(mut topics) = self.topics.lock() {
+            if let Some(subs) = topics.get_mut(topic) {
+                subs.remove(&mailbox.id);
+                if subs.is_empty() {
+                    topics.remove(topic);
+                }
+            }
+        }
+        mailbox.forget(topic);
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.topics.lock().map(|t| t.values().map(HashMap::len).sum()).unwrap_or(0)
+    }
+
+    /// Push changed views to everyone watching them or watching all members.
+    pub fn publish_views(&self, views: Vec<MembershipView>) {
+        if views.is_empty() {
+            return;
+        }
+        // Only the newest view per member matters.
+        let mut newest: HashMap<String, MembershipView> = HashMap::new();
+        for view in views {
+            match newest.get(&view.member_id) {
+                Some(v) if v.position >= view.position => {}
+                _ => {
+                    newest.insert(view.member_id.clone(), view);
+                }
+            }
+        }
+        for view in newest.into_values() {
+            let Ok(json) = serde_json::to_string(&view) else { continue };
+            let topic = member_topic(&view.member_id);
+            self.publish(&topic, view.position, &json);
+        }
+    }
+
+    /// Push one view (already serialized) on its topic.
+    pub fn publish(&self, topic: &str, position: u64, view_json: &str) {
+        let recipients: Vec<Arc<Mailbox>> = match self.topics.lock() {
+            Ok(topics) => [topic, MEMBERS_TOPIC]
+                .iter()
+                .filter_map(|t| topics.get(*t))
+                .flat_map(|subs| subs.values().cloned())
+                .collect(),
+            Err(_) => return,
+        };
+        if recipients.is_empty() {
+            return;
+        }
+        let frame = view_frame(topic, position, view_json);
+        for mailbox in recipients {
+            mailbox.put(topic, frame.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_client_gets_only_the_newest_view_per_topic() {
+        let hub = Hub::default();
+        let mb = hub.mailbox();
+        hub.subscribe("member:a", &mb);
+        for p in 1..=100 {
+            hub.publish("member:a", p, &format!(r#"{{"n":{p}}}"#));
+        }
+        hub.publish("member:b", 7, "{}"); // not subscribed
+        let batch = mb.take().expect("something pending");
+        assert_eq!(batch.len(), 1);
+        assert!(batch[0].as_str().contains(r#""position":100"#));
+        assert!(mb.take().is_none());
+    }
+
+    #[test]
+    fn an_older_view_never_follows_a_newer_one() {
+        let hub = Hub::default();
+        let mb = hub.mailbox();
+        hub.subscribe("member:a", &mb);
+        hub.publish("member:a", 5, "{}");
+        assert_eq!(mb.take().map(|b| b.len()), Some(1));
+        hub.publish("member:a", 4, "{}");
+        assert!(mb.take().is_none());
+    }
+
+    #[test]
+    fn members_topic_sees_every_member() {
+        let hub = Hub::default();
+        let mb = hub.mailbox();
+        hub.subscribe(MEMBERS_TOPIC, &mb);
+        hub.publish("member:a", 1, "{}");
+        hub.publish("member:b", 2, "{}");
+        assert_eq!(mb.take().map(|b| b.len()), Some(2));
+    }
+
+    #[test]
+    fn view_frames_are_valid_messages() {
+        let frame = view_frame("member:a\"x", 3, r#"{"member_id":"a"}"#);
+        let v: serde_json::Value = serde_json::from_str(frame.text.as_str()).unwrap();
+        assert_eq!(v["type"], "view");
+        assert_eq!(v["topic"], "member:a\"x");
+        assert_eq!(v["position"], 3);
+        assert_eq!(v["view"]["member_id"], "a");
+    }
+}

@@ -1,0 +1,101 @@
+//! The loyalty policy as a processor: each `TransactionPerformed` → earn on the member's stream
+//! (idempotency key = the transaction id) → close the purchase. All of it, and the checkpoint, in
+//! the runner's one transaction; and a closed purchase is never handled again, so a purchase
+//! earns exactly once however often the policy sees it. Rules: `app::domain::loyalty_policy`.
+
+use crate::clock;
+use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta};
+use crate::projector::{Consumer, Effects};
+use crate::store::{self, StoredEvent};
+use app::domain::loyalty_policy::{self, PolicyStep};
+use app::domain::member::{MemberCommand, MemberError};
+use app::domain::transaction::{TransactionAggregate, TransactionEvent};
+use app::domain::Aggregate;
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::AnyConnection;
+
+pub const NAME: &str = "loyalty_policy";
+
+pub struct LoyaltyPolicy;
+
+#[async_trait]
+impl Consumer for LoyaltyPolicy {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
+        if event.event_type != "TransactionPerformed" {
+            return Ok(());
+        }
+        let TransactionEvent::TransactionPerformed(purchase) = event.decode::<TransactionEvent>()? else {
+            return Ok(());
+        };
+        let stream_id = format!("{}{}", TransactionAggregate::STREAM_PREFIX, purchase.transaction_id);
+        let loaded = store::load_stream(conn, &stream_id).await?;
+        if loaded.version > 1 {
+            return Ok(()); // closed already
+        }
+        let now = clock::now();
+        let meta = Meta {
+            correlation_id: event.metadata["correlation_id"].as_str().unwrap_or_default().to_string(),
+            causation_id: Some(format!("event:{}", event.position)),
+            actor: NAME.to_string(),
+        };
+        let close = match loyalty_policy::react(&purchase) {
+            PolicyStep::Close(command) => command,
+            PolicyStep::Earn { member_id, command } => {
+                let earned = earn(conn, &member_id, command, &purchase.transaction_id, &meta, &now, effects).await?;
+                loyalty_policy::close(&member_id, &earned)
+            }
+        };
+        let metadata = json!({
+            "correlation_id": meta.correlation_id,
+            "causation_id": meta.causation_id,
+            "idempotency_key": purchase.transaction_id,
+            "actor": NAME,
+        });
+        let done = commands::run::<TransactionAggregate>(conn, &stream_id, None, |_| Ok(close), &metadata, &now).await?;
+        effects.appended = effects.appended.max(done.position);
+        Ok(())
+    }
+}
+
+/// Run the earn as a command with the transaction id as idempotency key. A refusal by the member's
+/// rules (unknown, suspended, too small) is an answer, not a failure.
+async fn earn(
+    conn: &mut AnyConnection,
+    member_id: &str,
+    command: MemberCommand,
+    transaction_id: &str,
+    meta: &Meta,
+    now: &str,
+    effects: &mut Effects,
+) -> anyhow::Result<Result<u64, MemberError>> {
+    let MemberCommand::EarnForPurchase { transaction_id: tid, amount_cents } = command else {
+        anyhow::bail!("the loyalty policy only issues purchase earns");
+    };
+    let envelope = Envelope {
+        command: Command::Member {
+            member_id: member_id.to_string(),
+            action: MemberAction::EarnForPurchase { transaction_id: tid, amount_cents },
+        },
+        expected_version: None,
+        idempotency: Some(Idempotency {
+            scope: NAME.to_string(),
+            key: transaction_id.to_string(),
+            request: format!("earn_for_purchase {member_id} {amount_cents}"),
+        }),
+        meta: meta.clone(),
+    };
+    match commands::execute_isolated(conn, &envelope, now).await {
+        Ok(answer) => {
+            let body: serde_json::Value = serde_json::from_str(&answer.body)?;
+            effects.appended = effects.appended.max(body["position"].as_i64().unwrap_or(0));
+            Ok(Ok(body["points"].as_u64().unwrap_or(0)))
+        }
+        Err(CommandError::Member(refused)) => Ok(Err(refused)),
+        Err(other) => Err(other.into()),
+    }
+}

@@ -1,0 +1,129 @@
+//! The read side: queries over the materialized views only (never the events, except the audit
+//! trail `GET /api/members/{id}/events`, which is the events by definition).
+
+use crate::store::{Store, StoredEvent};
+use app::domain::member::Status;
+use app::domain::tier::Tier;
+use app::views::{MemberPage, MemberQuery, MemberSummary};
+use base64::Engine;
+use sqlx::Row;
+
+pub const DEFAULT_LIMIT: u32 = 20;
+pub const MAX_LIMIT: u32 = 100;
+
+/// The stored JSON of a member's view and its position.
+pub async fn member_view(store: &Store, member_id: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
+    let row = sqlx::query("SELECT view, position FROM membership_view WHERE member_id = $1")
+        .bind(member_id)
+        .fetch_optional(&store.read)
+        .await?;
+    row.map(|r| Ok((r.try_get("view")?, r.try_get("position")?))).transpose()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Search `member_search`, ordered by name then id, paginated by an opaque cursor.
+pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<MemberPage, QueryError> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(QueryError::Invalid(format!("limit must be between 1 and {MAX_LIMIT}")));
+    }
+    let mut clauses = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    if let Some(q) = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+        args.push(format!("%{}%", escape_like(&q.to_lowercase())));
+        clauses.push(format!("search_text LIKE ${} ESCAPE '\\'", args.len()));
+    }
+    if let Some(tier) = query.tier.as_deref().filter(|t| !t.is_empty()) {
+        let tier = Tier::parse(tier).ok_or_else(|| QueryError::Invalid(format!("unknown tier '{tier}'")))?;
+        args.push(tier.as_str().to_string());
+        clauses.push(format!("tier = ${}", args.len()));
+    }
+    if let Some(status) = query.status.as_deref().filter(|s| !s.is_empty()) {
+        let status = Status::parse(status).ok_or_else(|| QueryError::Invalid(format!("unknown status '{status}'")))?;
+        args.push(status.as_str().to_string());
+        clauses.push(format!("status = ${}", args.len()));
+    }
+    if let Some(after) = query.after.as_deref().filter(|a| !a.is_empty()) {
+        let (sort_key, member_id) = decode_cursor(after).ok_or_else(|| QueryError::Invalid("bad cursor in 'after'".into()))?;
+        args.push(sort_key);
+        let a = args.len();
+        args.push(member_id);
+        let b = args.len();
+        clauses.push(format!("(sort_key > ${a} OR (sort_key = ${a} AND member_id > ${b}))"));
+    }
+    let filter = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+    let sql = format!(
+        "SELECT member_id, name, email, tier, status, points_balance, lifetime_points, member_since, position, sort_key \
+         FROM member_search {filter} ORDER BY sort_key, member_id LIMIT {}",
+        limit + 1
+    );
+    let mut q = sqlx::query(&sql);
+    for arg in &args {
+        q = q.bind(arg);
+    }
+    let rows = q.fetch_all(&store.read).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut last_key = None;
+    for row in rows.iter().take(limit as usize) {
+        let tier: String = row.try_get("tier")?;
+        let status: String = row.try_get("status")?;
+        let member_id: String = row.try_get("member_id")?;
+        last_key = Some((row.try_get::<String, _>("sort_key")?, member_id.clone()));
+        items.push(MemberSummary {
+            member_id,
+            name: row.try_get("name")?,
+            email: row.try_get("email")?,
+            tier: Tier::parse(&tier).unwrap_or(Tier::Bronze),
+            status: Status::parse(&status).unwrap_or_default(),
+            points_balance: row.try_get::<i64, _>("points_balance")?.max(0) as u64,
+            lifetime_points: row.try_get::<i64, _>("lifetime_points")?.max(0) as u64,
+            member_since: row.try_get("member_since")?,
+            position: row.try_get::<i64, _>("position")?.max(0) as u64,
+        });
+    }
+    let next = if rows.len() > limit as usize { last_key.map(|(k, id)| encode_cursor(&k, &id)) } else { None };
+    Ok(MemberPage { items, next })
+}
+
+fn escape_like(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}
+
+fn encode_cursor(sort_key: &str, member_id: &str) -> String {
+    let raw = serde_json::json!([sort_key, member_id]).to_string();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(cursor: &str) -> Option<(String, String)> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+/// The audit trail of one member: its stream, oldest first.
+pub async fn member_events(store: &Store, member_id: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    store.read_stream(&format!("member-{member_id}")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = encode_cursor("ada lovelace", "m-1");
+        assert_eq!(decode_cursor(&c), Some(("ada lovelace".into(), "m-1".into())));
+        assert_eq!(decode_cursor("not a cursor!"), None);
+    }
+
+    #[test]
+    fn like_wildcards_in_queries_are_literal() {
+        assert_eq!(escape_like("50%_off\\"), "50\\%\\_off\\\\");
+    }
+}

@@ -1,0 +1,207 @@
+//! The event store and the database behind the views, on SQLite (default) or PostgreSQL.
+//!
+//! One code path serves both through sqlx's `Any` driver: the SQL below runs unchanged on each
+//! (`$1` placeholders, `RETURNING`, `ON CONFLICT`). The backend is chosen once, from the URL.
+//!
+//! Two pools: `write` for everything that changes data (commands, consumers), `read` for queries.
+//! On SQLite the write pool has one connection: SQLite has one writer anyway, and queueing in the
+//! pool instead of on the file lock means no `SQLITE_BUSY`, and positions commit in order.
+
+mod append;
+
+pub use append::{append, load_stream, LoadedStream, NewEvent};
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub write: AnyPool,
+    pub read: AnyPool,
+    pub backend: Backend,
+}
+
+/// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub event_type: String,
+    pub schema_version: i64,
+    pub data: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub recorded_at: String,
+}
+
+pub const EVENT_COLUMNS: &str =
+    "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at";
+
+impl StoredEvent {
+    pub fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        let json = |col: &str| -> Result<serde_json::Value, sqlx::Error> {
+            let text: String = row.try_get(col)?;
+            serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        };
+        Ok(StoredEvent {
+            position: row.try_get("position")?,
+            stream_id: row.try_get("stream_id")?,
+            stream_version: row.try_get("stream_version")?,
+            event_type: row.try_get("event_type")?,
+            schema_version: row.try_get("schema_version")?,
+            data: json("data")?,
+            metadata: json("metadata")?,
+            recorded_at: row.try_get("recorded_at")?,
+        })
+    }
+
+    /// Decode into a domain event enum tagged `{event_type, data}` (see `app::domain`).
+    pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
+        serde_json::from_value(serde_json::json!({"event_type": self.event_type, "data": self.data}))
+    }
+
+    /// The id inside a stream name, when the stream has this prefix (`member-42` → `42`).
+    pub fn stream_key(&self, prefix: &str) -> Option<&str> {
+        self.stream_id.strip_prefix(prefix)
+    }
+}
+
+/// `DATABASE_URL` as given, or a bare file path, turned into a URL sqlx understands.
+pub fn normalize_url(raw: &str) -> String {
+    if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        raw.to_string()
+    } else if let Some(rest) = raw.strip_prefix("sqlite:") {
+        let rest = rest.trim_start_matches("//");
+        if rest.contains("mode=") {
+            format!("sqlite://{rest}")
+        } else if rest.contains('?') {
+            format!("sqlite://{rest}&mode=rwc")
+        } else {
+            format!("sqlite://{rest}?mode=rwc")
+        }
+    } else {
+        format!("sqlite://{raw}?mode=rwc")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSizes {
+    pub read: u32,
+    pub write: u32,
+}
+
+impl Store {
+    /// Connect, apply pragmas, run migrations.
+    pub async fn open(raw_url: &str, sizes: &PoolSizes, durable: bool) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        let url = normalize_url(raw_url);
+        let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
+        let synchronous = if durable { "FULL" } else { "NORMAL" };
+        let options = |max: u32| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(30))
+                .after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                            // WAL: readers never block the writer. synchronous=FULL: a commit is on
+                            // disk before we acknowledge it (API.md: acknowledged means durable).
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute(format!("PRAGMA synchronous = {synchronous}").as_str()).await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        }
+                        Ok(())
+                    })
+                })
+        };
+        let write_size = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => sizes.write.max(2),
+        };
+        let write = options(write_size)
+            .connect(&url)
+            .await
+            .with_context(|| format!("cannot open the database at {}", redact(&url)))?;
+        migrate(&write, backend).await?;
+        let read = options(sizes.read.max(1))
+            .connect(&url)
+            .await
+            .with_context(|| format!("cannot open the database at {}", redact(&url)))?;
+        Ok(Store { write, read, backend })
+    }
+
+    /// The position of the newest committed event (0 when empty).
+    pub async fn head(&self) -> Result<i64, sqlx::Error> {
+        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events")
+            .fetch_one(&self.read)
+            .await?;
+        row.try_get::<i64, _>("head")
+    }
+
+    /// Events after `after`, in global order.
+    pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
+        let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(&self.read).await?;
+        rows.iter().map(StoredEvent::from_row).collect()
+    }
+
+    /// One stream, oldest first.
+    pub async fn read_stream(&self, stream_id: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version");
+        let rows = sqlx::query(&sql).bind(stream_id).fetch_all(&self.read).await?;
+        rows.iter().map(StoredEvent::from_row).collect()
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").fetch_one(&self.read).await.map(|_| ())
+    }
+
+    /// Drop idempotency keys older than `keep` (API.md promises at least 24 hours).
+    pub async fn prune_idempotency_keys(&self, keep: chrono::Duration) -> Result<u64, sqlx::Error> {
+        let cutoff = crate::clock::rfc3339(chrono::Utc::now() - keep);
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE scope = 'api' AND created_at < $1")
+            .bind(cutoff)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+async fn migrate(pool: &AnyPool, backend: Backend) -> anyhow::Result<()> {
+    let migrator = match backend {
+        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+    };
+    migrator.run(pool).await.context("running database migrations")?;
+    Ok(())
+}
+
+/// A URL fit for logs and error messages: no password.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// True when a database error is a unique-constraint violation (a lost race on a stream version or
+/// a reservation).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation() || db.message().contains("UNIQUE constraint failed")
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,131 @@
+//! Boot the real app on 127.0.0.1:0 with its own database file and talk HTTP/WebSocket to it.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use server::config::{DatabaseArgs, ServeArgs};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: server::AppState,
+    pub database_url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn args(database_url: &str) -> ServeArgs {
+    ServeArgs {
+        addr: "127.0.0.1:0".parse().expect("address"),
+        db: DatabaseArgs { database_url: database_url.to_string(), durable: true, read_pool: 4, write_pool: 4 },
+        demo: false,
+        poll_ms: 250,
+        request_timeout_secs: 30,
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+    let path: PathBuf = dir.path().join("tally.db");
+    spawn_on(path.to_string_lossy().as_ref(), dir).await
+}
+
+async fn spawn_on(database_url: &str, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {
+    server::telemetry::init_tracing();
+    let tally = server::build(&args(database_url)).await.expect("app builds");
+    let addr = tally.local_addr().expect("bound");
+    let state = tally.state.clone();
+    let shutdown = tally.shutdown_token();
+    let task = tokio::spawn(tally.serve());
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        state,
+        database_url: database_url.to_string(),
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    /// Stop gracefully and start a new app on the same database.
+    pub async fn restart(self) -> TestApp {
+        let (url, dir) = (self.database_url.clone(), self._dir.clone());
+        self.stop().await;
+        spawn_on(&url, dir).await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        drop(self.state);
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+
+    pub async fn catch_up(&self) {
+        self.state.consumers.catch_up(Duration::from_secs(20)).await.expect("consumers catch up");
+    }
+
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Reply { status, headers, body }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(reqwest::Method::POST, path, Some(body), &[]).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(reqwest::Method::GET, path, None, &[]).await
+    }
+
+    pub async fn enroll(&self, id: &str, name: &str, email: &str) -> Reply {
+        let r = self.post("/api/members", json!({"member_id": id, "name": name, "email": email})).await;
+        assert_eq!(r.status, 201, "enroll {id}: {:?}", r.body);
+        r
+    }
+
+    pub async fn earn(&self, id: &str, points: i64) -> Reply {
+        self.post(&format!("/api/members/{id}/points/earn"), json!({"points": points})).await
+    }
+
+    /// The member's view once the projector has applied everything so far.
+    pub async fn view(&self, id: &str) -> Value {
+        self.catch_up().await;
+        let r = self.get(&format!("/api/members/{id}")).await;
+        assert_eq!(r.status, 200, "view of {id}: {:?}", r.body);
+        r.body
+    }
+}

@@ -1,0 +1,98 @@
+//! Acknowledged means durable: after a restart (graceful, or kill -9 of the real binary) every
+//! acknowledged command is in the views.
+
+mod common;
+
+use common::spawn_app;
+use serde_json::{json, Value};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn after_a_restart_every_acknowledged_command_is_in_the_views() {
+    let app = spawn_app().await;
+    for i in 0..20 {
+        app.enroll(&format!("m{i}"), &format!("Member {i}"), &format!("m{i}@example.com")).await;
+        assert_eq!(app.earn(&format!("m{i}"), 100 + i).await.status, 200);
+    }
+    let app = app.restart().await;
+    app.catch_up().await;
+    for i in 0..20 {
+        let view = app.view(&format!("m{i}")).await;
+        assert_eq!(view["points_balance"], 100 + i);
+    }
+    assert_eq!(app.get("/api/members?limit=100").await.body["items"].as_array().map(Vec::len), Some(20));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_binary(db: &str, port: u16) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--database-url", db])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tally starts");
+    Child(child)
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server at {base} never became healthy");
+}
+
+#[tokio::test]
+async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("tally.db").to_string_lossy().to_string();
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = start_binary(&db, port);
+    wait_healthy(&client, &base).await;
+
+    let post = |path: String, body: Value| {
+        let client = client.clone();
+        let url = format!("{base}{path}");
+        async move { client.post(url).json(&body).send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(post("/api/members".into(), json!({"member_id": "k", "name": "K", "email": "k@example.com"})).await.ok(), Some(201));
+    // Fire concurrent earns; count only the acknowledged ones, then kill -9 at once.
+    let earns = (0..200).map(|_| post("/api/members/k/points/earn".into(), json!({"points": 1})));
+    let acknowledged = futures::future::join_all(earns).await.into_iter().filter(|r| matches!(r, Ok(200))).count();
+    server.0.kill().expect("kill -9");
+    let _ = server.0.wait();
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let _server = start_binary(&db, port);
+    wait_healthy(&client, &base).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view: Value = client.get(format!("{base}/api/members/k?min_position=1")).send().await.unwrap().json().await.unwrap();
+        let balance = view["points_balance"].as_u64().unwrap_or(0) as usize;
+        if balance >= acknowledged {
+            assert_eq!(balance, acknowledged, "no more points than acknowledged commands");
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {balance} of {acknowledged} acknowledged earns survived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
