@@ -28,7 +28,8 @@ pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>,
     if member_id.is_empty() {
         return;
     }
-    let live = Rc::new(RefCell::new(Live { member_id, socket: None, _handlers: Vec::new(), retry_ms: 500, stopped: false }));
+    let live =
+        Rc::new(RefCell::new(Live { member_id, socket: None, _handlers: Vec::new(), retry_ms: 500, stopped: false }));
     CURRENT.with(|c| *c.borrow_mut() = Some(live.clone()));
     connect(live, pushed, connected);
 }

@@ -31,14 +31,31 @@ pub enum Command {
 /// What can be done to a member; the clock and the email owner are added by the writer.
 #[derive(Debug, Clone)]
 pub enum MemberAction {
-    Enroll { name: String, email: String },
-    UpdateProfile { name: Option<String>, email: Option<String> },
-    Earn { points: u64, reason: Option<String> },
-    Redeem { points: u64, reward: Option<String> },
-    Suspend { reason: Option<String> },
+    Enroll {
+        name: String,
+        email: String,
+    },
+    UpdateProfile {
+        name: Option<String>,
+        email: Option<String>,
+    },
+    Earn {
+        points: u64,
+        reason: Option<String>,
+    },
+    Redeem {
+        points: u64,
+        reward: Option<String>,
+    },
+    Suspend {
+        reason: Option<String>,
+    },
     Reactivate,
     /// Issued only by the loyalty policy, never over HTTP: points follow the tier at this moment.
-    EarnForPurchase { transaction_id: String, amount_cents: u64 },
+    EarnForPurchase {
+        transaction_id: String,
+        amount_cents: u64,
+    },
 }
 
 impl Command {
@@ -177,10 +194,7 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
 }
 
 fn position_of(answer: &Answer) -> i64 {
-    serde_json::from_str::<serde_json::Value>(&answer.body)
-        .ok()
-        .and_then(|v| v["position"].as_i64())
-        .unwrap_or(0)
+    serde_json::from_str::<serde_json::Value>(&answer.body).ok().and_then(|v| v["position"].as_i64()).unwrap_or(0)
 }
 
 type Reply = oneshot::Sender<Result<Answer, CommandError>>;
@@ -194,7 +208,10 @@ async fn commit_batch(store: &Store, batch: &mut Vec<Job>) -> Vec<(Reply, Result
         Ok(conn) => conn,
         Err(err) => {
             tracing::error!(error = %err, "cannot get a write connection");
-            return batch.drain(..).map(|j| (j.reply, Err(CommandError::Database(sqlx::Error::PoolTimedOut)))).collect();
+            return batch
+                .drain(..)
+                .map(|j| (j.reply, Err(CommandError::Database(sqlx::Error::PoolTimedOut))))
+                .collect();
         }
     };
     let mut tx = match conn.begin().await {
@@ -479,11 +496,12 @@ async fn email_owner(conn: &mut AnyConnection, key: &str) -> Result<Option<Strin
 
 async fn reserve_email(conn: &mut AnyConnection, key: &str, member_id: &str) -> Result<(), CommandError> {
     // Same member re-reserving (an email's case changed) is a no-op; another member's is a conflict.
-    let done = sqlx::query("INSERT INTO email_reservations (email, member_id) VALUES ($1, $2) ON CONFLICT (email) DO NOTHING")
-        .bind(key)
-        .bind(member_id)
-        .execute(&mut *conn)
-        .await?;
+    let done =
+        sqlx::query("INSERT INTO email_reservations (email, member_id) VALUES ($1, $2) ON CONFLICT (email) DO NOTHING")
+            .bind(key)
+            .bind(member_id)
+            .execute(&mut *conn)
+            .await?;
     if done.rows_affected() == 0 {
         let owner = email_owner(conn, key).await?;
         if owner.as_deref() != Some(member_id) {

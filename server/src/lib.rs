@@ -61,8 +61,12 @@ pub struct Tally {
 /// Open the store, start the writer and the consumers, bind the address, build the routes.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     let db = &args.db;
-    let store = store::Store::open(&db.database_url, &store::PoolSizes { read: db.read_pool, write: db.write_pool }, db.durable)
-        .await?;
+    let store = store::Store::open(
+        &db.database_url,
+        &store::PoolSizes { read: db.read_pool, write: db.write_pool },
+        db.durable,
+    )
+    .await?;
     let head = Arc::new(watch::Sender::new(store.head().await.context("reading the event store head")?));
     let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
     let hub = Arc::new(live::Hub::default());
@@ -78,14 +82,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     tasks.push(tokio::spawn(prune_keys(store.clone(), shutdown.clone())));
 
     let leptos_options = get_configuration(None).context("reading Leptos configuration")?.leptos_options;
-    let state = AppState {
-        store,
-        bus,
-        consumers,
-        hub,
-        metrics: telemetry::metrics(),
-        leptos_options: leptos_options.clone(),
-    };
+    let state =
+        AppState { store, bus, consumers, hub, metrics: telemetry::metrics(), leptos_options: leptos_options.clone() };
     if args.demo {
         seed::demo_if_empty(&state).await.context("seeding demo members")?;
     }

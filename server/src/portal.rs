@@ -79,14 +79,20 @@ impl Portal for ServerPortal {
             command,
             expected_version: None,
             idempotency: None,
-            meta: Meta { correlation_id: uuid::Uuid::new_v4().to_string(), causation_id: None, actor: "staff-console".into() },
+            meta: Meta {
+                correlation_id: uuid::Uuid::new_v4().to_string(),
+                causation_id: None,
+                actor: "staff-console".into(),
+            },
         };
         let member_id = match &envelope.command {
             crate::commands::Command::Member { member_id, .. } => Some(member_id.clone()),
             crate::commands::Command::RecordPurchase(_) => None,
         };
         let answer = self.state.bus.send(envelope).await.map_err(|e| match ApiError::from(e) {
-            ApiError::MemberNotFound(_) => ApiError::MemberNotFound(member_id.clone().unwrap_or_default()).to_app_error(),
+            ApiError::MemberNotFound(_) => {
+                ApiError::MemberNotFound(member_id.clone().unwrap_or_default()).to_app_error()
+            }
             other => other.to_app_error(),
         })?;
         let body: serde_json::Value = serde_json::from_str(&answer.body).map_err(|e| app_err(ApiError::internal(e)))?;

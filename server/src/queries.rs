@@ -51,7 +51,8 @@ pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<Member
         clauses.push(format!("status = ${}", args.len()));
     }
     if let Some(after) = query.after.as_deref().filter(|a| !a.is_empty()) {
-        let (sort_key, member_id) = decode_cursor(after).ok_or_else(|| QueryError::Invalid("bad cursor in 'after'".into()))?;
+        let (sort_key, member_id) =
+            decode_cursor(after).ok_or_else(|| QueryError::Invalid("bad cursor in 'after'".into()))?;
         args.push(sort_key);
         let a = args.len();
         args.push(member_id);

@@ -34,8 +34,10 @@ fn envelope(command: Command) -> Envelope {
     }
 }
 
-const FIRST: [&str; 12] = ["Ada", "Grace", "Alan", "Linus", "Barbara", "Edsger", "Margaret", "Dennis", "Frances", "Ken", "Radia", "Tim"];
-const LAST: [&str; 10] = ["Lovelace", "Hopper", "Turing", "Torvalds", "Liskov", "Dijkstra", "Hamilton", "Ritchie", "Allen", "Thompson"];
+const FIRST: [&str; 12] =
+    ["Ada", "Grace", "Alan", "Linus", "Barbara", "Edsger", "Margaret", "Dennis", "Frances", "Ken", "Radia", "Tim"];
+const LAST: [&str; 10] =
+    ["Lovelace", "Hopper", "Turing", "Torvalds", "Liskov", "Dijkstra", "Hamilton", "Ritchie", "Allen", "Thompson"];
 
 /// `tally seed --members N --purchases M`
 pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
@@ -57,11 +59,15 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
 
     let bar = ProgressBar::new(args.members).with_style(style.clone()).with_message("members");
     let ids: Vec<String> = (0..args.members).map(|i| format!("seed-{run_id}-{i}")).collect();
-    let refused = drive(&bus, &bar, ids.iter().enumerate().map(|(i, id)| {
-        let name = format!("{} {}", FIRST[i % FIRST.len()], LAST[(i / FIRST.len()) % LAST.len()]);
-        let email = format!("{}.{i}.{run_id}@example.com", name.to_lowercase().replace(' ', "."));
-        Command::Member { member_id: id.clone(), action: MemberAction::Enroll { name, email } }
-    }))
+    let refused = drive(
+        &bus,
+        &bar,
+        ids.iter().enumerate().map(|(i, id)| {
+            let name = format!("{} {}", FIRST[i % FIRST.len()], LAST[(i / FIRST.len()) % LAST.len()]);
+            let email = format!("{}.{i}.{run_id}@example.com", name.to_lowercase().replace(' ', "."));
+            Command::Member { member_id: id.clone(), action: MemberAction::Enroll { name, email } }
+        }),
+    )
     .await;
     bar.finish();
 
@@ -136,7 +142,8 @@ pub async fn demo_if_empty(state: &AppState) -> anyhow::Result<()> {
     let send = |command| state.bus.send(envelope(command));
     for (id, name, email) in DEMO_MEMBERS {
         let member_id = id.to_string();
-        send(Command::Member { member_id, action: MemberAction::Enroll { name: name.into(), email: email.into() } }).await?;
+        send(Command::Member { member_id, action: MemberAction::Enroll { name: name.into(), email: email.into() } })
+            .await?;
     }
     let earn = |id: &str, points, reason: &str| Command::Member {
         member_id: id.into(),
@@ -145,8 +152,11 @@ pub async fn demo_if_empty(state: &AppState) -> anyhow::Result<()> {
     send(earn("ada", 850, "Welcome bonus")).await?;
     send(earn("grace", 4_200, "Welcome bonus")).await?;
     send(earn("alan", 19_500, "Welcome bonus")).await?;
-    send(Command::Member { member_id: "grace".into(), action: MemberAction::Redeem { points: 300, reward: Some("Coffee mug".into()) } })
-        .await?;
+    send(Command::Member {
+        member_id: "grace".into(),
+        action: MemberAction::Redeem { points: 300, reward: Some("Coffee mug".into()) },
+    })
+    .await?;
     send(Command::RecordPurchase(Purchase {
         transaction_id: "demo-1".into(),
         member_id: Some("ada".into()),

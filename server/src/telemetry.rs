@@ -5,8 +5,7 @@ use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
     // A second init (tests build many apps in one process) is harmless.
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
 }

@@ -88,7 +88,9 @@ async fn profile_update_changes_the_view_and_moves_the_email_reservation() {
     app.enroll("m2", "Bob", "bob@example.com").await;
     let r = app.send(Method::PATCH, "/api/members/m1", Some(json!({"email": "bob@example.com"})), &[]).await;
     assert_eq!((r.status, r.code()), (409, "email_taken"));
-    let r = app.send(Method::PATCH, "/api/members/m1", Some(json!({"name": "Ada L.", "email": "ada.l@example.com"})), &[]).await;
+    let r = app
+        .send(Method::PATCH, "/api/members/m1", Some(json!({"name": "Ada L.", "email": "ada.l@example.com"})), &[])
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["version"], 2);
     let view = app.view("m1").await;
@@ -176,7 +178,9 @@ async fn the_same_idempotency_key_replays_the_first_answer_and_appends_nothing()
     assert_eq!(a.body, b.body);
 
     let long = "k".repeat(201);
-    let r = app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("Idempotency-Key", &long)]).await;
+    let r = app
+        .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("Idempotency-Key", &long)])
+        .await;
     assert_eq!((r.status, r.code()), (400, "invalid_request"));
 }
 
@@ -185,14 +189,20 @@ async fn if_match_with_a_stale_version_is_409_and_appends_nothing() {
     let app = spawn_app().await;
     app.enroll("m1", "Ada", "ada@example.com").await;
     app.earn("m1", 10).await;
-    let r = app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "1")]).await;
+    let r =
+        app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "1")]).await;
     assert_eq!((r.status, r.code()), (409, "version_conflict"));
-    let r = app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "2")]).await;
+    let r =
+        app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "2")]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["version"], 3);
-    let r = app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "\"3\"")]).await;
+    let r = app
+        .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "\"3\"")])
+        .await;
     assert_eq!(r.status, 200, "an ETag-style quoted version works too");
-    let r = app.send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "soon")]).await;
+    let r = app
+        .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 5})), &[("If-Match", "soon")])
+        .await;
     assert_eq!((r.status, r.code()), (400, "invalid_request"));
     assert_eq!(app.view("m1").await["points_balance"], 20);
 }
@@ -257,7 +267,8 @@ async fn a_purchase_earns_points_exactly_once() {
     assert_eq!(view["points_balance"], 123);
     assert_eq!(view["recent_activity"][0]["description"], "Purchase t-1");
     let events = app.get("/api/members/m1/events").await.body;
-    let earned: Vec<_> = events["items"].as_array().expect("items").iter().filter(|e| e["event_type"] == "PointsEarned").collect();
+    let earned: Vec<_> =
+        events["items"].as_array().expect("items").iter().filter(|e| e["event_type"] == "PointsEarned").collect();
     assert_eq!(earned.len(), 1);
     assert_eq!(earned[0]["data"]["reason"], "t-1");
     assert_eq!(earned[0]["metadata"]["idempotency_key"], "t-1");
@@ -275,19 +286,30 @@ async fn purchases_that_earn_nothing_are_still_closed() {
     app.earn("gold", 5_000).await;
     app.enroll("sus", "Sus", "sus@example.com").await;
     app.post("/api/members/sus/suspend", json!({})).await;
-    let buy = |id: &str, member: Option<&str>| {
-        json!({"transaction_id": id, "member_id": member, "amount_cents": 1_000, "currency": "EUR", "channel": "ecommerce"})
-    };
-    for (id, member) in [("t-anon", None), ("t-ghost", Some("ghost")), ("t-sus", Some("sus")), ("t-gold", Some("gold"))] {
+    let buy = |id: &str, member: Option<&str>| json!({"transaction_id": id, "member_id": member, "amount_cents": 1_000, "currency": "EUR", "channel": "ecommerce"});
+    for (id, member) in [("t-anon", None), ("t-ghost", Some("ghost")), ("t-sus", Some("sus")), ("t-gold", Some("gold"))]
+    {
         assert_eq!(app.post("/api/transactions", buy(id, member)).await.status, 202);
     }
     app.catch_up().await;
     let closing = |events: Vec<server::store::StoredEvent>| (events[1].event_type.clone(), events[1].data.clone());
     let store = &app.state.store;
-    assert_eq!(closing(store.read_stream("transaction-t-anon").await.unwrap()), ("TransactionNotRewarded".into(), json!({"reason": "no_member"})));
-    assert_eq!(closing(store.read_stream("transaction-t-ghost").await.unwrap()), ("TransactionNotRewarded".into(), json!({"reason": "unknown_member"})));
-    assert_eq!(closing(store.read_stream("transaction-t-sus").await.unwrap()), ("TransactionNotRewarded".into(), json!({"reason": "account_suspended"})));
-    assert_eq!(closing(store.read_stream("transaction-t-gold").await.unwrap()), ("TransactionRewarded".into(), json!({"member_id": "gold", "points": 15})));
+    assert_eq!(
+        closing(store.read_stream("transaction-t-anon").await.unwrap()),
+        ("TransactionNotRewarded".into(), json!({"reason": "no_member"}))
+    );
+    assert_eq!(
+        closing(store.read_stream("transaction-t-ghost").await.unwrap()),
+        ("TransactionNotRewarded".into(), json!({"reason": "unknown_member"}))
+    );
+    assert_eq!(
+        closing(store.read_stream("transaction-t-sus").await.unwrap()),
+        ("TransactionNotRewarded".into(), json!({"reason": "account_suspended"}))
+    );
+    assert_eq!(
+        closing(store.read_stream("transaction-t-gold").await.unwrap()),
+        ("TransactionRewarded".into(), json!({"member_id": "gold", "points": 15}))
+    );
     assert_eq!(app.view("gold").await["points_balance"], 5_015);
     assert_eq!(app.view("sus").await["points_balance"], 0);
 
@@ -316,7 +338,8 @@ async fn search_filters_and_pages_through_members() {
     let page = app.get("/api/members?q=ALICE&limit=2").await;
     assert_eq!(page.status, 200);
     assert!(page.header("x-view-position").is_some());
-    let names: Vec<_> = page.body["items"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<_> =
+        page.body["items"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["Alice 0", "Alice 1"]);
     let mut seen = names;
     let mut next = page.body["next"].as_str().map(str::to_string);
@@ -345,11 +368,19 @@ async fn search_filters_and_pages_through_members() {
 #[tokio::test]
 async fn the_audit_trail_lists_stored_events_oldest_first() {
     let app = spawn_app().await;
-    app.send(Method::POST, "/api/members", Some(json!({"member_id": "m1", "name": "Ada", "email": "ada@example.com"})), &[("X-Request-Id", "req-42")]).await;
+    app.send(
+        Method::POST,
+        "/api/members",
+        Some(json!({"member_id": "m1", "name": "Ada", "email": "ada@example.com"})),
+        &[("X-Request-Id", "req-42")],
+    )
+    .await;
     app.earn("m1", 5).await;
     let items = app.get("/api/members/m1/events").await.body["items"].clone();
     let first = &items[0];
-    for field in ["position", "stream_id", "stream_version", "event_type", "schema_version", "data", "metadata", "recorded_at"] {
+    for field in
+        ["position", "stream_id", "stream_version", "event_type", "schema_version", "data", "metadata", "recorded_at"]
+    {
         assert!(!first[field].is_null(), "{field} missing");
     }
     assert_eq!(first["stream_id"], "member-m1");
@@ -370,7 +401,10 @@ async fn operations_endpoints_report_health_consumers_and_metrics() {
     let names: Vec<_> = items.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["membership_view", "member_search", "loyalty_policy"]);
     for item in items.as_array().unwrap() {
-        assert_eq!((item["position"].as_i64(), item["head"].as_i64(), item["lag"].as_i64()), (Some(1), Some(1), Some(0)));
+        assert_eq!(
+            (item["position"].as_i64(), item["head"].as_i64(), item["lag"].as_i64()),
+            (Some(1), Some(1), Some(0))
+        );
         assert_eq!(item["state"], "running");
     }
     let metrics = app.client.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();

@@ -73,7 +73,10 @@ async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
         let url = format!("{base}{path}");
         async move { client.post(url).json(&body).send().await.map(|r| r.status().as_u16()) }
     };
-    assert_eq!(post("/api/members".into(), json!({"member_id": "k", "name": "K", "email": "k@example.com"})).await.ok(), Some(201));
+    assert_eq!(
+        post("/api/members".into(), json!({"member_id": "k", "name": "K", "email": "k@example.com"})).await.ok(),
+        Some(201)
+    );
     // Fire concurrent earns; count only the acknowledged ones, then kill -9 at once.
     let earns = (0..200).map(|_| post("/api/members/k/points/earn".into(), json!({"points": 1})));
     let acknowledged = futures::future::join_all(earns).await.into_iter().filter(|r| matches!(r, Ok(200))).count();
@@ -86,7 +89,8 @@ async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
     wait_healthy(&client, &base).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let view: Value = client.get(format!("{base}/api/members/k?min_position=1")).send().await.unwrap().json().await.unwrap();
+        let view: Value =
+            client.get(format!("{base}/api/members/k?min_position=1")).send().await.unwrap().json().await.unwrap();
         let balance = view["points_balance"].as_u64().unwrap_or(0) as usize;
         if balance >= acknowledged {
             assert_eq!(balance, acknowledged, "no more points than acknowledged commands");

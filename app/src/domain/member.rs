@@ -134,12 +134,6 @@ pub struct Member {
     pub tier: Tier,
 }
 
-impl Default for Tier {
-    fn default() -> Self {
-        Tier::Bronze
-    }
-}
-
 pub const DEFAULT_EARN_REASON: &str = "Points credited";
 pub const DEFAULT_REWARD: &str = "Reward";
 pub const DEFAULT_SUSPEND_REASON: &str = "Suspended by staff";
@@ -259,9 +253,7 @@ pub fn decide(state: &Member, command: MemberCommand) -> Result<Vec<MemberEvent>
         }
         MemberCommand::Suspend { reason } => {
             require_active(state)?;
-            Ok(vec![MemberEvent::AccountSuspended {
-                reason: reason.unwrap_or_else(|| DEFAULT_SUSPEND_REASON.into()),
-            }])
+            Ok(vec![MemberEvent::AccountSuspended { reason: reason.unwrap_or_else(|| DEFAULT_SUSPEND_REASON.into()) }])
         }
         MemberCommand::Reactivate => {
             if !state.enrolled {
@@ -351,9 +343,7 @@ mod tests {
 
     #[test]
     fn enroll_is_rejected_when_the_member_exists() {
-        given::<MemberAggregate>(vec![enrolled()])
-            .when(enroll(None))
-            .then_err(MemberError::MemberExists("m1".into()));
+        given::<MemberAggregate>(vec![enrolled()]).when(enroll(None)).then_err(MemberError::MemberExists("m1".into()));
     }
 
     #[test]
@@ -419,10 +409,7 @@ mod tests {
     fn earn_that_crosses_a_threshold_changes_the_tier_in_the_same_decision() {
         given::<MemberAggregate>(vec![enrolled(), earned(900, 900, 900)])
             .when(earn(4_200))
-            .then(vec![
-                earned(4_200, 5_100, 5_100),
-                MemberEvent::TierChanged { from: Tier::Bronze, to: Tier::Gold },
-            ]);
+            .then(vec![earned(4_200, 5_100, 5_100), MemberEvent::TierChanged { from: Tier::Bronze, to: Tier::Gold }]);
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
+    #[default]
     Bronze,
     Silver,
     Gold,
@@ -13,30 +14,17 @@ pub enum Tier {
 }
 
 /// Every tier with the lifetime points it starts at, lowest first.
-pub const TIERS: [(Tier, u64); 4] = [
-    (Tier::Bronze, 0),
-    (Tier::Silver, 1_000),
-    (Tier::Gold, 5_000),
-    (Tier::Platinum, 20_000),
-];
+pub const TIERS: [(Tier, u64); 4] =
+    [(Tier::Bronze, 0), (Tier::Silver, 1_000), (Tier::Gold, 5_000), (Tier::Platinum, 20_000)];
 
 impl Tier {
     /// The tier a member holds with this many lifetime points (tiers are never lost).
     pub fn for_lifetime(lifetime: u64) -> Tier {
-        TIERS
-            .iter()
-            .rev()
-            .find(|(_, threshold)| lifetime >= *threshold)
-            .map(|(tier, _)| *tier)
-            .unwrap_or(Tier::Bronze)
+        TIERS.iter().rev().find(|(_, threshold)| lifetime >= *threshold).map(|(tier, _)| *tier).unwrap_or(Tier::Bronze)
     }
 
     pub fn threshold(self) -> u64 {
-        TIERS
-            .iter()
-            .find(|(tier, _)| *tier == self)
-            .map(|(_, t)| *t)
-            .unwrap_or(0)
+        TIERS.iter().find(|(tier, _)| *tier == self).map(|(_, t)| *t).unwrap_or(0)
     }
 
     pub fn next(self) -> Option<Tier> {

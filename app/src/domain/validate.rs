@@ -41,8 +41,7 @@ pub fn email(raw: &str) -> Result<String, String> {
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && !domain.contains("..");
-    if local.is_empty() || !domain_ok || email.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
+    if local.is_empty() || !domain_ok || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return bad();
     }
     Ok(email.to_string())
@@ -55,9 +54,7 @@ pub fn email_key(email: &str) -> String {
 
 pub fn points(points: i64) -> Result<u64, String> {
     if points < MIN_POINTS as i64 || points > MAX_POINTS as i64 {
-        return Err(format!(
-            "points must be between {MIN_POINTS} and {MAX_POINTS}, got {points}"
-        ));
+        return Err(format!("points must be between {MIN_POINTS} and {MAX_POINTS}, got {points}"));
     }
     Ok(points as u64)
 }
@@ -66,15 +63,11 @@ pub fn points(points: i64) -> Result<u64, String> {
 pub fn id(kind: &str, raw: &str) -> Result<String, String> {
     let ok = !raw.is_empty()
         && raw.len() <= MAX_ID_CHARS
-        && raw
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && raw.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(raw.to_string())
     } else {
-        Err(format!(
-            "{kind} must be 1-{MAX_ID_CHARS} characters of letters, digits, '-' or '_'"
-        ))
+        Err(format!("{kind} must be 1-{MAX_ID_CHARS} characters of letters, digits, '-' or '_'"))
     }
 }
 
@@ -82,9 +75,9 @@ pub fn id(kind: &str, raw: &str) -> Result<String, String> {
 pub fn text(field: &str, raw: Option<&str>) -> Result<Option<String>, String> {
     match raw.map(str::trim) {
         None | Some("") => Ok(None),
-        Some(t) if t.chars().count() > MAX_TEXT_CHARS => Err(format!(
-            "{field} must be at most {MAX_TEXT_CHARS} characters"
-        )),
+        Some(t) if t.chars().count() > MAX_TEXT_CHARS => {
+            Err(format!("{field} must be at most {MAX_TEXT_CHARS} characters"))
+        }
         Some(t) => Ok(Some(t.to_string())),
     }
 }
@@ -94,9 +87,7 @@ pub fn currency(raw: &str) -> Result<String, String> {
     if raw.len() == 3 && raw.chars().all(|c| c.is_ascii_uppercase()) {
         Ok(raw.to_string())
     } else {
-        Err(format!(
-            "currency must be three upper-case letters (like EUR), got '{raw}'"
-        ))
+        Err(format!("currency must be three upper-case letters (like EUR), got '{raw}'"))
     }
 }
 
@@ -108,7 +99,9 @@ mod tests {
     fn emails_need_a_local_part_and_a_dotted_domain() {
         assert!(email("ada@example.com").is_ok());
         assert!(email("  Ada.Lovelace+x@mail.example.org ").is_ok());
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "a@b@c.com", "ada@.com", "ada@x..com"] {
+        for bad in
+            ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "a@b@c.com", "ada@.com", "ada@x..com"]
+        {
             assert!(email(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -44,14 +44,14 @@ pub fn AdminPage() -> impl IntoView {
                 <ConsumerPanel changes=Signal::derive(move || format!("{:?}", changes()))/>
             </div>
             <div class="admin-actions">
-                <ActionCard title="Enroll a member" result=enroll.value().into()>
+                <ActionCard title="Enroll a member" result=Signal::derive(move || enroll.value().get())>
                     <ActionForm action=enroll attr:class="form">
                         <Field label="Name" name="name" placeholder="Ada Lovelace"/>
                         <Field label="Email" name="email" kind="email" placeholder="ada@example.com"/>
                         <button type="submit">"Enroll"</button>
                     </ActionForm>
                 </ActionCard>
-                <ActionCard title="Earn points" result=earn.value().into()>
+                <ActionCard title="Earn points" result=Signal::derive(move || earn.value().get())>
                     <ActionForm action=earn attr:class="form">
                         <Field label="Member id" name="member_id"/>
                         <Field label="Points" name="points" kind="number"/>
@@ -59,7 +59,7 @@ pub fn AdminPage() -> impl IntoView {
                         <button type="submit">"Earn"</button>
                     </ActionForm>
                 </ActionCard>
-                <ActionCard title="Redeem points" result=redeem.value().into()>
+                <ActionCard title="Redeem points" result=Signal::derive(move || redeem.value().get())>
                     <ActionForm action=redeem attr:class="form">
                         <Field label="Member id" name="member_id"/>
                         <Field label="Points" name="points" kind="number"/>
@@ -67,7 +67,7 @@ pub fn AdminPage() -> impl IntoView {
                         <button type="submit">"Redeem"</button>
                     </ActionForm>
                 </ActionCard>
-                <ActionCard title="Record a purchase" result=purchase.value().into()>
+                <ActionCard title="Record a purchase" result=Signal::derive(move || purchase.value().get())>
                     <ActionForm action=purchase attr:class="form">
                         <Field label="Member id (empty: anonymous)" name="member_id" required=false/>
                         <Field label="Amount" name="amount" placeholder="49.99"/>
@@ -82,14 +82,14 @@ pub fn AdminPage() -> impl IntoView {
                         <button type="submit">"Record purchase"</button>
                     </ActionForm>
                 </ActionCard>
-                <ActionCard title="Suspend an account" result=suspend.value().into()>
+                <ActionCard title="Suspend an account" result=Signal::derive(move || suspend.value().get())>
                     <ActionForm action=suspend attr:class="form">
                         <Field label="Member id" name="member_id"/>
                         <Field label="Reason" name="reason" required=false/>
                         <button type="submit" class="danger">"Suspend"</button>
                     </ActionForm>
                 </ActionCard>
-                <ActionCard title="Reactivate an account" result=reactivate.value().into()>
+                <ActionCard title="Reactivate an account" result=Signal::derive(move || reactivate.value().get())>
                     <ActionForm action=reactivate attr:class="form">
                         <Field label="Member id" name="member_id"/>
                         <button type="submit">"Reactivate"</button>
@@ -253,7 +253,9 @@ fn ConsumerPanel(changes: Signal<String>) -> impl IntoView {
     #[cfg(feature = "hydrate")]
     {
         // Refresh the status every two seconds while the console is open.
-        if let Ok(handle) = set_interval_with_handle(move || tick.update(|t| *t += 1), std::time::Duration::from_secs(2)) {
+        if let Ok(handle) =
+            set_interval_with_handle(move || tick.update(|t| *t += 1), std::time::Duration::from_secs(2))
+        {
             on_cleanup(move || handle.clear());
         }
     }

@@ -83,7 +83,8 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T,
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
-    let typed = serde_json::from_value(value.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
+    let typed =
+        serde_json::from_value(value.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
     Ok((typed, value))
 }
 
@@ -96,7 +97,12 @@ fn member_id(raw: &str) -> Result<String, ApiError> {
 }
 
 /// Build the envelope from headers: idempotency key (with the canonical request), If-Match, ids.
-pub fn envelope(info: &RequestInfo, body: &serde_json::Value, command: Command, actor: &str) -> Result<Envelope, ApiError> {
+pub fn envelope(
+    info: &RequestInfo,
+    body: &serde_json::Value,
+    command: Command,
+    actor: &str,
+) -> Result<Envelope, ApiError> {
     let header = |name: &str| info.headers.get(name).map(|v| v.to_str().map(str::trim));
     let expected_version = match header("if-match") {
         None => None,
@@ -115,13 +121,7 @@ pub fn envelope(info: &RequestInfo, body: &serde_json::Value, command: Command, 
             scope: "api".into(),
             key: key.to_string(),
             // serde_json sorts object keys, so the same body in another layout is the same request.
-            request: format!(
-                "{} {} if-match={:?} {}",
-                info.method,
-                info.uri.path(),
-                expected_version,
-                body
-            ),
+            request: format!("{} {} if-match={:?} {}", info.method, info.uri.path(), expected_version, body),
         }),
         Some(_) => return Err(invalid("Idempotency-Key must be 1 to 200 visible characters".into())),
     };
@@ -129,7 +129,12 @@ pub fn envelope(info: &RequestInfo, body: &serde_json::Value, command: Command, 
         Some(Ok(id)) if !id.is_empty() && id.len() <= 200 => id.to_string(),
         _ => uuid::Uuid::new_v4().to_string(),
     };
-    Ok(Envelope { command, expected_version, idempotency, meta: Meta { correlation_id, causation_id: None, actor: actor.into() } })
+    Ok(Envelope {
+        command,
+        expected_version,
+        idempotency,
+        meta: Meta { correlation_id, causation_id: None, actor: actor.into() },
+    })
 }
 
 /// Send to the bus and turn the answer into the HTTP response (the stored one, on a replay).
@@ -143,15 +148,20 @@ pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, 
         other => other,
     })?;
     let status = StatusCode::from_u16(answer.status).map_err(ApiError::internal)?;
-    let mut response = (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], answer.body)
-        .into_response();
+    let mut response =
+        (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], answer.body).into_response();
     if answer.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
 }
 
-async fn run(state: &AppState, info: RequestInfo, body: serde_json::Value, command: Command) -> Result<Response, ApiError> {
+async fn run(
+    state: &AppState,
+    info: RequestInfo,
+    body: serde_json::Value,
+    command: Command,
+) -> Result<Response, ApiError> {
     let envelope = envelope(&info, &body, command, "api")?;
     dispatch(state, envelope).await
 }

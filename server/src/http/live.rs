@@ -76,7 +76,8 @@ async fn handle(text: &str, hub: &Hub, store: &Store, mailbox: &Arc<Mailbox>, to
     let message = match serde_json::from_str::<ClientMessage>(text) {
         Ok(m) => m,
         Err(_) => {
-            let hint = r#"expected {"subscribe": "member:<id>"}, {"unsubscribe": "member:<id>"} or {"subscribe": "members"}"#;
+            let hint =
+                r#"expected {"subscribe": "member:<id>"}, {"unsubscribe": "member:<id>"} or {"subscribe": "members"}"#;
             mailbox.put_error(error_frame("invalid_request", hint));
             return;
         }
@@ -91,7 +92,9 @@ async fn handle(text: &str, hub: &Hub, store: &Store, mailbox: &Arc<Mailbox>, to
             topics.insert(topic.clone());
             if let Some(id) = member_id {
                 match queries::member_view(store, &id).await {
-                    Ok(Some((json, position))) => mailbox.put(&topic, view_frame(&topic, position.max(0) as u64, &json)),
+                    Ok(Some((json, position))) => {
+                        mailbox.put(&topic, view_frame(&topic, position.max(0) as u64, &json))
+                    }
                     // Not enrolled yet: the view is sent the moment it exists.
                     Ok(None) => {}
                     Err(err) => {

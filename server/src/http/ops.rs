@@ -32,11 +32,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         }
     }
     metrics::gauge!("tally_ws_subscriptions").set(state.hub.subscriber_count() as f64);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 
 pub async fn api_not_found(uri: axum::http::Uri) -> ApiError {

@@ -52,7 +52,9 @@ pub async fn get_member(
     // Read the applied position before the row: the row is then at least that fresh.
     let position = state.consumers.view_position();
     let response = match queries::member_view(&state.store, &id).await? {
-        Some((json, _)) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),
+        Some((json, _)) => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
+        }
         None => ApiError::MemberNotFound(id).into_response(),
     };
     Ok(with_view_headers(response, position, stale))

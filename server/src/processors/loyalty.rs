@@ -56,7 +56,8 @@ impl Consumer for LoyaltyPolicy {
             "idempotency_key": purchase.transaction_id,
             "actor": NAME,
         });
-        let done = commands::run::<TransactionAggregate>(conn, &stream_id, None, |_| Ok(close), &metadata, &now).await?;
+        let done =
+            commands::run::<TransactionAggregate>(conn, &stream_id, None, |_| Ok(close), &metadata, &now).await?;
         effects.appended = effects.appended.max(done.position);
         Ok(())
     }

@@ -17,13 +17,19 @@ impl Consumer for MemberSearchProjection {
         NAME
     }
 
-    async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, _effects: &mut Effects) -> anyhow::Result<()> {
+    async fn handle(
+        &self,
+        conn: &mut AnyConnection,
+        event: &StoredEvent,
+        _effects: &mut Effects,
+    ) -> anyhow::Result<()> {
         let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else {
             return Ok(());
         };
         let position = event.position;
         // Every update is guarded by the row's position, so a replayed event changes nothing.
-        let update = |set: &str| format!("UPDATE member_search SET {set}, position = $2 WHERE member_id = $1 AND position < $2");
+        let update =
+            |set: &str| format!("UPDATE member_search SET {set}, position = $2 WHERE member_id = $1 AND position < $2");
         match event.decode::<MemberEvent>()? {
             MemberEvent::MemberEnrolled { name, email, enrolled_at, .. } => {
                 sqlx::query(

@@ -11,7 +11,7 @@ pub mod membership_view;
 
 use crate::clock;
 use crate::live::Hub;
-use crate::store::{StoredEvent, Store};
+use crate::store::{Store, StoredEvent};
 use anyhow::Context;
 use app::views::{ConsumerStatus, MembershipView};
 use async_trait::async_trait;
@@ -102,7 +102,8 @@ impl ConsumerHandle {
         match self.state.lock() {
             Ok(s) => {
                 let now = Instant::now();
-                let n: u64 = s.recent.iter().filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW).map(|(_, n)| n).sum();
+                let n: u64 =
+                    s.recent.iter().filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW).map(|(_, n)| n).sum();
                 (s.label, s.last_error.clone(), n as f64 / RATE_WINDOW.as_secs_f64())
             }
             Err(_) => ("unknown", None, 0.0),
@@ -288,10 +289,9 @@ impl Runner {
         let mut conn = self.store.write.acquire().await?;
         let mut tx = conn.begin().await?;
         for event in &events {
-            self.consumer
-                .handle(&mut tx, event, &mut effects)
-                .await
-                .with_context(|| format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position))?;
+            self.consumer.handle(&mut tx, event, &mut effects).await.with_context(|| {
+                format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
+            })?;
         }
         save_checkpoint(&mut tx, self.consumer.name(), last).await?;
         tx.commit().await?;
@@ -314,10 +314,8 @@ impl Runner {
 }
 
 async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&store.read)
-        .await?;
+    let row =
+        sqlx::query("SELECT position FROM checkpoints WHERE name = $1").bind(name).fetch_optional(&store.read).await?;
     row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
 }
 

@@ -107,10 +107,8 @@ impl Store {
         let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
         let synchronous = if durable { "FULL" } else { "NORMAL" };
         let options = |max: u32| {
-            AnyPoolOptions::new()
-                .max_connections(max)
-                .acquire_timeout(Duration::from_secs(30))
-                .after_connect(move |conn, _meta| {
+            AnyPoolOptions::new().max_connections(max).acquire_timeout(Duration::from_secs(30)).after_connect(
+                move |conn, _meta| {
                     Box::pin(async move {
                         if conn.backend_name().eq_ignore_ascii_case("sqlite") {
                             // WAL: readers never block the writer. synchronous=FULL: a commit is on
@@ -121,7 +119,8 @@ impl Store {
                         }
                         Ok(())
                     })
-                })
+                },
+            )
         };
         let write_size = match backend {
             Backend::Sqlite => 1,
@@ -141,9 +140,7 @@ impl Store {
 
     /// The position of the newest committed event (0 when empty).
     pub async fn head(&self) -> Result<i64, sqlx::Error> {
-        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events")
-            .fetch_one(&self.read)
-            .await?;
+        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events").fetch_one(&self.read).await?;
         row.try_get::<i64, _>("head")
     }
 
@@ -199,9 +196,7 @@ pub fn redact(url: &str) -> String {
 /// a reservation).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::Database(db) => {
-            db.is_unique_violation() || db.message().contains("UNIQUE constraint failed")
-        }
+        sqlx::Error::Database(db) => db.is_unique_violation() || db.message().contains("UNIQUE constraint failed"),
         _ => false,
     }
 }
