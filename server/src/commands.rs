@@ -214,7 +214,12 @@ async fn commit_batch(store: &Store, batch: &mut Vec<Job>) -> Vec<(Reply, Result
                 .collect();
         }
     };
-    let mut tx = match conn.begin().await {
+    let begin = async {
+        let mut tx = conn.begin().await?;
+        store.lock_appends(&mut tx).await?;
+        Ok::<_, sqlx::Error>(tx)
+    };
+    let mut tx = match begin.await {
         Ok(tx) => tx,
         Err(err) => {
             tracing::error!(error = %err, "cannot begin a write transaction");

@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Safety-net poll interval of the consumers, in milliseconds (they also wake on every append).
     #[arg(long, env = "TALLY_POLL_MS", default_value_t = 1000)]
     pub poll_ms: u64,
+    /// PostgreSQL: how often a standby node tries to take over the consumers (ms). A dead
+    /// leader's lock is free as soon as PostgreSQL notices its session is gone.
+    #[arg(long, env = "TALLY_LEADER_RETRY_MS", default_value_t = 500)]
+    pub leader_retry_ms: u64,
     /// Time limit for one HTTP request, in seconds (WebSockets excepted).
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,

@@ -3,7 +3,9 @@
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod fanout;
 pub mod http;
+pub mod leader;
 pub mod live;
 pub mod portal;
 pub mod processors;
@@ -38,6 +40,7 @@ pub struct AppState {
     pub store: store::Store,
     pub bus: commands::CommandBus,
     pub consumers: Arc<projector::Consumers>,
+    pub feed: Arc<fanout::ViewFeed>,
     pub hub: Arc<live::Hub>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub leptos_options: LeptosOptions,
@@ -71,19 +74,37 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
     let hub = Arc::new(live::Hub::default());
     let shutdown = CancellationToken::new();
-    let (consumers, mut tasks) = projector::Consumers::start(
+    let feed = Arc::new(fanout::ViewFeed::new(hub.clone(), store.backend, view_checkpoint(&store).await?));
+    let consumers = projector::Consumers::new(
         store.clone(),
         head.clone(),
-        hub.clone(),
+        feed.clone(),
         Duration::from_millis(args.poll_ms.max(10)),
-        shutdown.clone(),
     );
-    tasks.push(writer);
-    tasks.push(tokio::spawn(prune_keys(store.clone(), shutdown.clone())));
+    let mut tasks = vec![writer, tokio::spawn(prune_keys(store.clone(), shutdown.clone()))];
+    match store.backend {
+        // One node: run the consumers here, now.
+        store::Backend::Sqlite => tasks.extend(consumers.run(shutdown.clone())),
+        // Many nodes: run them only while this node holds the leader lock; hear every node's
+        // view changes.
+        store::Backend::Postgres => {
+            let url = store::normalize_url(&db.database_url);
+            let retry = Duration::from_millis(args.leader_retry_ms.max(50));
+            tasks.push(tokio::spawn(leader::lead(url.clone(), consumers.clone(), shutdown.clone(), retry)));
+            tasks.push(tokio::spawn(feed.clone().listen(url, store.clone(), shutdown.clone())));
+        }
+    }
 
     let leptos_options = get_configuration(None).context("reading Leptos configuration")?.leptos_options;
-    let state =
-        AppState { store, bus, consumers, hub, metrics: telemetry::metrics(), leptos_options: leptos_options.clone() };
+    let state = AppState {
+        store,
+        bus,
+        consumers,
+        feed,
+        hub,
+        metrics: telemetry::metrics(),
+        leptos_options: leptos_options.clone(),
+    };
     if args.demo {
         seed::demo_if_empty(&state).await.context("seeding demo members")?;
     }
@@ -146,6 +167,18 @@ impl Tally {
         }
         Ok(())
     }
+}
+
+/// Where the membership view stands at start-up (read-your-writes starts from here).
+async fn view_checkpoint(store: &store::Store) -> anyhow::Result<i64> {
+    let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
+        .bind(projector::membership_view::NAME)
+        .fetch_optional(&store.read)
+        .await?;
+    Ok(match row {
+        Some(row) => sqlx::Row::try_get::<i64, _>(&row, "position")?,
+        None => 0,
+    })
 }
 
 /// Idempotency keys are kept 7 days (API.md promises at least 24 hours).

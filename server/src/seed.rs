@@ -45,13 +45,15 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
     let head = Arc::new(watch::Sender::new(store.head().await?));
     let (bus, writer) = CommandBus::start(store.clone(), head.clone());
     let shutdown = CancellationToken::new();
-    let (consumers, tasks) = projector::Consumers::start(
-        store.clone(),
-        head,
-        Arc::new(crate::live::Hub::default()),
-        Duration::from_millis(200),
-        shutdown.clone(),
-    );
+    // Seeding runs the consumers itself; on PostgreSQL stop any running server first, or let
+    // it do the projecting (both at once are safe: batches lock their checkpoint).
+    let feed = Arc::new(crate::fanout::ViewFeed::new(Arc::new(crate::live::Hub::default()), store.backend, 0));
+    let consumers = projector::Consumers::new(store.clone(), head, feed.clone(), Duration::from_millis(200));
+    let mut tasks = consumers.run(shutdown.clone());
+    if store.backend == store::Backend::Postgres {
+        let url = store::normalize_url(&args.db.database_url);
+        tasks.push(tokio::spawn(feed.listen(url, store.clone(), shutdown.clone())));
+    }
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let style = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
         .context("progress bar template")?

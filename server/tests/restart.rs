@@ -60,8 +60,7 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
 
 #[tokio::test]
 async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("tally.db").to_string_lossy().to_string();
+    let (db, _dir) = common::fresh_database().await;
     let client = reqwest::Client::new();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");

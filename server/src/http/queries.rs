@@ -47,10 +47,10 @@ pub async fn get_member(
     let mut stale = false;
     if let Some(min) = params.min_position {
         let wait = params.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS);
-        stale = !state.consumers.wait_for_view(min, Duration::from_millis(wait)).await;
+        stale = !state.feed.wait_for(min, Duration::from_millis(wait)).await;
     }
     // Read the applied position before the row: the row is then at least that fresh.
-    let position = state.consumers.view_position();
+    let position = state.feed.position();
     let response = match queries::member_view(&state.store, &id).await? {
         Some((json, _)) => {
             ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
@@ -66,7 +66,7 @@ pub async fn list_members(
     params: Result<Query<MemberQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let query = query_params(params)?;
-    let position = state.consumers.view_position();
+    let position = state.feed.position();
     let page = queries::search_members(&state.store, &query).await?;
     Ok(with_view_headers(Json(page).into_response(), position, false))
 }

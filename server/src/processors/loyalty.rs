@@ -25,6 +25,10 @@ impl Consumer for LoyaltyPolicy {
         NAME
     }
 
+    fn appends(&self) -> bool {
+        true
+    }
+
     async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
         if event.event_type != "TransactionPerformed" {
             return Ok(());

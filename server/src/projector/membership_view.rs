@@ -20,6 +20,10 @@ impl Consumer for MembershipViewProjection {
         NAME
     }
 
+    fn feeds_views(&self) -> bool {
+        true
+    }
+
     async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
         let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else {
             return Ok(());

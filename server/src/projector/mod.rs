@@ -10,7 +10,7 @@ pub mod member_search;
 pub mod membership_view;
 
 use crate::clock;
-use crate::live::Hub;
+use crate::fanout::ViewFeed;
 use crate::store::{Store, StoredEvent};
 use anyhow::Context;
 use app::views::{ConsumerStatus, MembershipView};
@@ -40,6 +40,14 @@ pub trait Consumer: Send + Sync + 'static {
     /// Apply one event inside the batch's transaction. Must ignore events it already applied
     /// (rows remember their position) so a replay is harmless.
     async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()>;
+    /// True for processors that append events (they take the append lock).
+    fn appends(&self) -> bool {
+        false
+    }
+    /// True for the projection whose views are pushed live and awaited by `min_position`.
+    fn feeds_views(&self) -> bool {
+        false
+    }
 }
 
 /// The consumers this server runs, in one list.
@@ -113,86 +121,97 @@ impl ConsumerHandle {
 
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
-/// All consumers of this server, and the tasks that run them.
+/// All consumers of this server. Their tasks run while this node is the active one (always on
+/// SQLite; on PostgreSQL while it holds the leader lock, see `leader.rs`).
 pub struct Consumers {
     store: Store,
+    head: Arc<watch::Sender<i64>>,
+    feed: Arc<ViewFeed>,
+    poll: Duration,
+    consumers: Vec<Arc<dyn Consumer>>,
     handles: Vec<Arc<ConsumerHandle>>,
 }
 
 impl Consumers {
-    pub fn start(
-        store: Store,
-        head: Arc<watch::Sender<i64>>,
-        hub: Arc<Hub>,
-        poll: Duration,
-        shutdown: CancellationToken,
-    ) -> (Arc<Consumers>, Vec<tokio::task::JoinHandle<()>>) {
-        let mut handles = Vec::new();
-        let mut tasks = Vec::new();
-        for consumer in all() {
-            let handle = Arc::new(ConsumerHandle::new(consumer.name()));
-            handles.push(handle.clone());
-            let runner = Runner {
-                store: store.clone(),
-                consumer,
-                handle,
-                head: head.clone(),
-                hub: hub.clone(),
-                poll,
-                shutdown: shutdown.clone(),
-            };
-            tasks.push(tokio::spawn(runner.run()));
-        }
-        (Arc::new(Consumers { store, handles }), tasks)
+    pub fn new(store: Store, head: Arc<watch::Sender<i64>>, feed: Arc<ViewFeed>, poll: Duration) -> Arc<Consumers> {
+        let consumers = all();
+        let handles = consumers.iter().map(|c| Arc::new(ConsumerHandle::new(c.name()))).collect();
+        Arc::new(Consumers { store, head, feed, poll, consumers, handles })
+    }
+
+    /// Start one task per consumer; they stop when `stop` is cancelled.
+    pub fn run(&self, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        self.consumers
+            .iter()
+            .zip(&self.handles)
+            .map(|(consumer, handle)| {
+                let runner = Runner {
+                    store: self.store.clone(),
+                    consumer: consumer.clone(),
+                    handle: handle.clone(),
+                    head: self.head.clone(),
+                    feed: self.feed.clone(),
+                    poll: self.poll,
+                    shutdown: stop.clone(),
+                };
+                tokio::spawn(runner.run())
+            })
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<ConsumerHandle>> {
         self.handles.iter().find(|h| h.name == name)
     }
 
-    /// The position up to which member views are current (`X-View-Position`).
-    pub fn view_position(&self) -> i64 {
-        self.get(membership_view::NAME).map(|h| h.applied()).unwrap_or(0)
-    }
-
-    /// Wait until the membership view has applied `position`, at most `wait`. True if it has.
-    pub async fn wait_for_view(&self, position: i64, wait: Duration) -> bool {
-        let Some(handle) = self.get(membership_view::NAME) else { return false };
-        let mut rx = handle.subscribe();
-        tokio::time::timeout(wait, rx.wait_for(|p| *p >= position)).await.is_ok_and(|r| r.is_ok())
-    }
-
     /// Drive every consumer to the current head, including events the processors append on the
-    /// way. Tests use it to make the read side deterministic.
+    /// way. Tests use it to make the read side deterministic. Works on any node: it watches the
+    /// checkpoints in the database, wherever the consumers run.
     pub async fn catch_up(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             let head = self.store.head().await?;
-            for handle in &self.handles {
-                let mut rx = handle.subscribe();
-                let left = deadline.saturating_duration_since(Instant::now());
-                tokio::time::timeout(left, rx.wait_for(|p| *p >= head))
-                    .await
-                    .with_context(|| format!("{} did not reach position {head} in time", handle.name))??;
+            loop {
+                let checkpoints = self.checkpoints().await?;
+                let behind = self.handles.iter().find(|h| checkpoints.get(h.name).map(|c| c.0).unwrap_or(0) < head);
+                let Some(behind) = behind else { break };
+                if Instant::now() > deadline {
+                    anyhow::bail!("{} did not reach position {head} in time", behind.name);
+                }
+                let mut rx = behind.subscribe();
+                // Wake on local progress, or re-check soon when the consumers run elsewhere.
+                let _ = tokio::time::timeout(Duration::from_millis(20), rx.wait_for(|p| *p >= head)).await;
             }
-            if self.store.head().await? == head {
+            if self.store.head().await? == head && self.feed.wait_for(head, within).await {
                 return Ok(());
             }
         }
     }
 
+    async fn checkpoints(&self) -> Result<std::collections::HashMap<String, (i64, Option<String>)>, sqlx::Error> {
+        let rows =
+            sqlx::query("SELECT name, position, last_error FROM checkpoints").fetch_all(&self.store.read).await?;
+        rows.iter().map(|r| Ok((r.try_get("name")?, (r.try_get("position")?, r.try_get("last_error")?)))).collect()
+    }
+
+    /// `GET /api/projections`: positions from the checkpoints (valid on every node); state and
+    /// throughput from this node when it runs the consumers.
     pub async fn statuses(&self) -> anyhow::Result<Vec<ConsumerStatus>> {
         let head = self.store.head().await?.max(0) as u64;
+        let checkpoints = self.checkpoints().await?;
         Ok(self
             .handles
             .iter()
             .map(|h| {
-                let position = h.applied().max(0) as u64;
+                let (position, stored_error) = checkpoints.get(h.name).cloned().unwrap_or((0, None));
+                let position = position.max(0) as u64;
                 let (label, last_error, rate) = h.snapshot();
                 let lag = head.saturating_sub(position);
-                let state = match label {
-                    "running" if lag > 0 => "catching_up",
-                    other => other,
+                let state = match (label, &stored_error) {
+                    // Not running here: another node is the active one; judge by its checkpoint.
+                    ("starting" | "stopped", Some(_)) => "failing",
+                    ("starting" | "stopped", None) | ("running", _) if lag > 0 => "catching_up",
+                    ("starting" | "stopped", None) => "running",
+                    (other, _) => other,
                 };
                 ConsumerStatus {
                     name: h.name.to_string(),
@@ -200,7 +219,7 @@ impl Consumers {
                     head,
                     lag,
                     state: state.to_string(),
-                    last_error,
+                    last_error: last_error.or(stored_error),
                     events_per_second: (rate * 10.0).round() / 10.0,
                 }
             })
@@ -213,7 +232,7 @@ struct Runner {
     consumer: Arc<dyn Consumer>,
     handle: Arc<ConsumerHandle>,
     head: Arc<watch::Sender<i64>>,
-    hub: Arc<Hub>,
+    feed: Arc<ViewFeed>,
     poll: Duration,
     shutdown: CancellationToken,
 }
@@ -222,7 +241,7 @@ impl Runner {
     async fn run(self) {
         let name = self.consumer.name();
         let mut position = loop {
-            match load_checkpoint(&self.store, name).await {
+            match init_checkpoint(&self.store, name).await {
                 Ok(p) => break p,
                 Err(err) => {
                     tracing::error!(consumer = name, error = %err, "cannot read checkpoint; retrying");
@@ -259,11 +278,15 @@ impl Runner {
                     tracing::error!(consumer = name, position, error = %message, "consumer failed; will retry");
                     metrics::counter!("tally_consumer_errors_total", "consumer" => name).increment(1);
                     self.handle.set("failing", Some(message.clone()));
-                    let _ = record_error(&self.store, name, position, &message).await;
+                    let _ = record_error(&self.store, name, &message).await;
                     if self.sleep(backoff).await {
                         break;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    // Another node may have moved the checkpoint meanwhile.
+                    if let Ok(p) = load_checkpoint(&self.store, name).await {
+                        position = p;
+                    }
                 }
             }
         }
@@ -279,25 +302,37 @@ impl Runner {
         }
     }
 
+    /// One batch: returns the new position, or None when there was nothing to do.
     #[tracing::instrument(skip(self), fields(consumer = self.consumer.name()), err(Debug))]
     async fn step(&self, position: i64) -> anyhow::Result<Option<i64>> {
         let events = self.store.read_all(position, BATCH).await?;
         let Some(last) = events.last().map(|e| e.position) else {
             return Ok(None);
         };
+        let name = self.consumer.name();
         let mut effects = Effects::default();
         let mut conn = self.store.write.acquire().await?;
         let mut tx = conn.begin().await?;
+        if self.consumer.appends() {
+            self.store.lock_appends(&mut tx).await?;
+        }
+        let checkpoint = self.store.lock_checkpoint(&mut tx, name).await?;
+        if checkpoint != position {
+            // Someone else applied these (a node that briefly believed it led): start from theirs.
+            return Ok(Some(checkpoint));
+        }
         for event in &events {
             self.consumer.handle(&mut tx, event, &mut effects).await.with_context(|| {
                 format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
             })?;
         }
-        save_checkpoint(&mut tx, self.consumer.name(), last).await?;
+        save_checkpoint(&mut tx, name, last).await?;
+        if self.consumer.feeds_views() {
+            self.feed.in_transaction(&mut tx, &effects.views, last).await?;
+        }
         tx.commit().await?;
         drop(conn);
 
-        let name = self.consumer.name();
         self.handle.record(events.len() as u64);
         metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
         metrics::gauge!("tally_consumer_position", "consumer" => name).set(last as f64);
@@ -308,9 +343,23 @@ impl Runner {
                 moved
             });
         }
-        self.hub.publish_views(effects.views);
+        if self.consumer.feeds_views() {
+            self.feed.after_commit(effects.views, last);
+        }
         Ok(Some(last))
     }
+}
+
+/// Make sure the consumer's row exists (it is locked for every batch), and read it.
+async fn init_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO checkpoints (name, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name)
+    .bind(clock::now())
+    .execute(&store.write)
+    .await?;
+    load_checkpoint(store, name).await
 }
 
 async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
@@ -332,16 +381,12 @@ async fn save_checkpoint(conn: &mut AnyConnection, name: &str, position: i64) ->
     Ok(())
 }
 
-async fn record_error(store: &Store, name: &str, position: i64, message: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO checkpoints (name, position, updated_at, last_error) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at, last_error = excluded.last_error",
-    )
-    .bind(name)
-    .bind(position)
-    .bind(clock::now())
-    .bind(message)
-    .execute(&store.write)
-    .await?;
+async fn record_error(store: &Store, name: &str, message: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE checkpoints SET updated_at = $2, last_error = $3 WHERE name = $1")
+        .bind(name)
+        .bind(clock::now())
+        .bind(message)
+        .execute(&store.write)
+        .await?;
     Ok(())
 }

@@ -14,7 +14,7 @@ pub use append::{append, load_stream, LoadedStream, NewEvent};
 use anyhow::Context;
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +189,38 @@ pub fn redact(url: &str) -> String {
             format!("{}://***{}", &url[..scheme_end], &url[at..])
         }
         _ => url.to_string(),
+    }
+}
+
+/// Advisory lock keys (PostgreSQL). Arbitrary constants, unique to Tally.
+pub const APPEND_LOCK: i64 = 0x7a11_0001;
+pub const CONSUMER_LEADER_LOCK: i64 = 0x7a11_0002;
+
+impl Store {
+    /// Take the append lock for the rest of the caller's transaction.
+    ///
+    /// PostgreSQL hands out sequence values at insert time but makes them visible at commit, so
+    /// with concurrent writers position 11 can become visible after 12, and a consumer that had
+    /// read up to 12 would skip 11 forever. Holding one transaction-level advisory lock from
+    /// before the first insert until commit makes appends commit in position order (cost: appends
+    /// from all nodes are serialized, one lock per group-committed batch). SQLite needs nothing:
+    /// it has one writer, and our write pool has one connection.
+    pub async fn lock_appends(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    /// A consumer's checkpoint, locked until the caller's transaction ends, so two nodes that
+    /// both believe they run the consumers can never apply the same batch twice.
+    pub async fn lock_checkpoint(&self, conn: &mut AnyConnection, name: &str) -> Result<i64, sqlx::Error> {
+        let sql = match self.backend {
+            Backend::Postgres => "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE",
+            Backend::Sqlite => "SELECT position FROM checkpoints WHERE name = $1",
+        };
+        let row = sqlx::query(sql).bind(name).fetch_optional(&mut *conn).await?;
+        row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
     }
 }
 

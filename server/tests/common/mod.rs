@@ -40,14 +40,34 @@ pub fn args(database_url: &str) -> ServeArgs {
         db: DatabaseArgs { database_url: database_url.to_string(), durable: true, read_pool: 4, write_pool: 4 },
         demo: false,
         poll_ms: 250,
+        leader_retry_ms: 100,
         request_timeout_secs: 30,
     }
 }
 
-pub async fn spawn_app() -> TestApp {
+/// The store the suite runs against: a fresh SQLite file, or (with `TALLY_TEST_POSTGRES` set to a
+/// server URL such as `postgres://postgres@127.0.0.1:5432/test`) a fresh PostgreSQL database.
+pub async fn fresh_database() -> (String, std::sync::Arc<tempfile::TempDir>) {
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
-    let path: PathBuf = dir.path().join("tally.db");
-    spawn_on(path.to_string_lossy().as_ref(), dir).await
+    match std::env::var("TALLY_TEST_POSTGRES") {
+        Ok(admin_url) if !admin_url.is_empty() => {
+            use sqlx::Connection;
+            let name = format!("tally_t_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("PostgreSQL reachable");
+            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+            let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin_url);
+            (format!("{base}/{name}"), dir)
+        }
+        _ => {
+            let path: PathBuf = dir.path().join("tally.db");
+            (path.to_string_lossy().to_string(), dir)
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let (url, dir) = fresh_database().await;
+    spawn_on(&url, dir).await
 }
 
 async fn spawn_on(database_url: &str, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {

@@ -1,0 +1,133 @@
+//! How view changes leave the projector: to this node's live hub and read-your-writes waiters,
+//! and on PostgreSQL to every node.
+//!
+//! - SQLite (one node): after the projector commits, changed views go straight to the hub and the
+//!   applied position to the `min_position` waiters.
+//! - PostgreSQL (many nodes): the projector sends `NOTIFY tally_views, '<position>|<id>,<id>…'`
+//!   inside its transaction, so the notice goes out exactly when the views commit. Every node
+//!   (the projector's own included) LISTENs, reads the changed rows once per change (never per
+//!   client) and feeds its hub and waiters. A node that lost its listener connection reconnects,
+//!   and re-reads the projector's checkpoint so waiters never hang.
+
+use crate::live::Hub;
+use crate::store::{Backend, Store};
+use app::views::{member_topic, MembershipView};
+use sqlx::{AnyConnection, Row};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub const CHANNEL: &str = "tally_views";
+/// NOTIFY payloads must stay under 8000 bytes: send ids in chunks.
+const IDS_PER_NOTICE: usize = 100;
+
+pub struct ViewFeed {
+    hub: Arc<Hub>,
+    backend: Backend,
+    /// Position up to which membership views are current on this node.
+    position: watch::Sender<i64>,
+}
+
+impl ViewFeed {
+    pub fn new(hub: Arc<Hub>, backend: Backend, start: i64) -> Self {
+        ViewFeed { hub, backend, position: watch::Sender::new(start) }
+    }
+
+    pub fn position(&self) -> i64 {
+        *self.position.borrow()
+    }
+
+    /// Wait until views are current up to `position`, at most `wait`. True if they are.
+    pub async fn wait_for(&self, position: i64, wait: Duration) -> bool {
+        let mut rx = self.position.subscribe();
+        tokio::time::timeout(wait, rx.wait_for(|p| *p >= position)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    fn advance(&self, position: i64) {
+        self.position.send_if_modified(|p| {
+            let moved = position > *p;
+            *p = (*p).max(position);
+            moved
+        });
+    }
+
+    /// Inside the projector's transaction (PostgreSQL: the notices commit with the views).
+    pub async fn in_transaction(
+        &self,
+        conn: &mut AnyConnection,
+        views: &[MembershipView],
+        applied: i64,
+    ) -> Result<(), sqlx::Error> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let ids: Vec<&str> = views.iter().map(|v| v.member_id.as_str()).collect();
+        let mut chunks: Vec<&[&str]> = ids.chunks(IDS_PER_NOTICE).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]); // still announce the position: read-your-writes waits on it
+        }
+        for chunk in chunks {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(format!("{applied}|{}", chunk.join(",")))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// After the projector's commit (SQLite: deliver locally; PostgreSQL: the listener does).
+    pub fn after_commit(&self, views: Vec<MembershipView>, applied: i64) {
+        if self.backend == Backend::Postgres {
+            return;
+        }
+        self.hub.publish_views(views);
+        self.advance(applied);
+    }
+
+    /// PostgreSQL only: receive every node's view changes until shut down.
+    pub async fn listen(self: Arc<Self>, url: String, store: Store, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.listen_once(&url, &store, &shutdown).await {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!(error = %err, "view listener lost its connection; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn listen_once(&self, url: &str, store: &Store, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen(CHANNEL).await?;
+        // Whatever was announced while we were not listening: catch up the position.
+        let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
+            .bind(crate::projector::membership_view::NAME)
+            .fetch_optional(&store.read)
+            .await?;
+        if let Some(row) = row {
+            self.advance(row.try_get::<i64, _>("position")?);
+        }
+        loop {
+            let notice = tokio::select! {
+                n = listener.recv() => n?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let Some((position, ids)) = notice.payload().split_once('|') else { continue };
+            let Ok(position) = position.parse::<i64>() else { continue };
+            for id in ids.split(',').filter(|id| !id.is_empty()) {
+                if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
+                    self.hub.publish(&member_topic(id), view_position.max(0) as u64, &json);
+                }
+            }
+            self.advance(position);
+        }
+    }
+}
