@@ -63,6 +63,8 @@ pub struct Tally {
 
 /// Open the store, start the writer and the consumers, bind the address, build the routes.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
+    // Install the metrics recorder before any task records a value.
+    let metrics = telemetry::metrics();
     let db = &args.db;
     let store = store::Store::open(
         &db.database_url,
@@ -102,7 +104,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         consumers,
         feed,
         hub,
-        metrics: telemetry::metrics(),
+        metrics,
         leptos_options: leptos_options.clone(),
     };
     if args.demo {
