@@ -237,6 +237,10 @@ async fn commit_batch(store: &Store, batch: &mut Vec<Job>) -> Vec<(Reply, Result
             .increment(1);
         out.push((job.reply, result));
     }
+    let newest = out.iter().filter_map(|(_, r)| r.as_ref().ok()).map(position_of).max().unwrap_or(0);
+    if let Err(err) = crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest).await {
+        tracing::warn!(error = %err, "could not announce the append to other nodes");
+    }
     if let Err(err) = tx.commit().await {
         tracing::error!(error = %err, "group commit failed");
         return out

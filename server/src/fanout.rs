@@ -19,6 +19,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub const CHANNEL: &str = "tally_views";
+/// Writers announce their commits here, so the leader's consumers wake for appends made on any
+/// node, not only its own.
+pub const APPENDS_CHANNEL: &str = "tally_appends";
 /// NOTIFY payloads must stay under 8000 bytes: send ids in chunks.
 const IDS_PER_NOTICE: usize = 100;
 
@@ -27,11 +30,25 @@ pub struct ViewFeed {
     backend: Backend,
     /// Position up to which membership views are current on this node.
     position: watch::Sender<i64>,
+    /// The event store head as this node knows it (wakes the consumers).
+    head: Arc<watch::Sender<i64>>,
 }
 
 impl ViewFeed {
-    pub fn new(hub: Arc<Hub>, backend: Backend, start: i64) -> Self {
-        ViewFeed { hub, backend, position: watch::Sender::new(start) }
+    pub fn new(hub: Arc<Hub>, backend: Backend, start: i64, head: Arc<watch::Sender<i64>>) -> Self {
+        ViewFeed { hub, backend, position: watch::Sender::new(start), head }
+    }
+
+    /// Inside a writer's transaction (PostgreSQL): tell every node the head moved.
+    pub async fn announce_append(backend: Backend, conn: &mut AnyConnection, position: i64) -> Result<(), sqlx::Error> {
+        if backend == Backend::Postgres && position > 0 {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(APPENDS_CHANNEL)
+                .bind(position.to_string())
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn position(&self) -> i64 {
@@ -106,7 +123,7 @@ impl ViewFeed {
 
     async fn listen_once(&self, url: &str, store: &Store, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-        listener.listen(CHANNEL).await?;
+        listener.listen_all([CHANNEL, APPENDS_CHANNEL]).await?;
         // Whatever was announced while we were not listening: catch up the position.
         let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
             .bind(crate::projector::membership_view::NAME)
@@ -120,6 +137,16 @@ impl ViewFeed {
                 n = listener.recv() => n?,
                 _ = shutdown.cancelled() => return Ok(()),
             };
+            if notice.channel() == APPENDS_CHANNEL {
+                if let Ok(position) = notice.payload().parse::<i64>() {
+                    self.head.send_if_modified(|h| {
+                        let moved = position > *h;
+                        *h = (*h).max(position);
+                        moved
+                    });
+                }
+                continue;
+            }
             let Some((position, ids)) = notice.payload().split_once('|') else { continue };
             let Ok(position) = position.parse::<i64>() else { continue };
             for id in ids.split(',').filter(|id| !id.is_empty()) {

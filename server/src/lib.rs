@@ -76,7 +76,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
     let hub = Arc::new(live::Hub::default());
     let shutdown = CancellationToken::new();
-    let feed = Arc::new(fanout::ViewFeed::new(hub.clone(), store.backend, view_checkpoint(&store).await?));
+    let feed =
+        Arc::new(fanout::ViewFeed::new(hub.clone(), store.backend, view_checkpoint(&store).await?, head.clone()));
     let consumers = projector::Consumers::new(
         store.clone(),
         head.clone(),
@@ -98,15 +99,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     }
 
     let leptos_options = get_configuration(None).context("reading Leptos configuration")?.leptos_options;
-    let state = AppState {
-        store,
-        bus,
-        consumers,
-        feed,
-        hub,
-        metrics,
-        leptos_options: leptos_options.clone(),
-    };
+    let state = AppState { store, bus, consumers, feed, hub, metrics, leptos_options: leptos_options.clone() };
     if args.demo {
         seed::demo_if_empty(&state).await.context("seeding demo members")?;
     }

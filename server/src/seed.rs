@@ -47,7 +47,8 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // Seeding runs the consumers itself; on PostgreSQL stop any running server first, or let
     // it do the projecting (both at once are safe: batches lock their checkpoint).
-    let feed = Arc::new(crate::fanout::ViewFeed::new(Arc::new(crate::live::Hub::default()), store.backend, 0));
+    let feed =
+        Arc::new(crate::fanout::ViewFeed::new(Arc::new(crate::live::Hub::default()), store.backend, 0, head.clone()));
     let consumers = projector::Consumers::new(store.clone(), head, feed.clone(), Duration::from_millis(200));
     let mut tasks = consumers.run(shutdown.clone());
     if store.backend == store::Backend::Postgres {

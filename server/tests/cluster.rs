@@ -61,7 +61,6 @@ async fn start_node(db: &str, client: &reqwest::Client) -> Node {
         .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--database-url", db])
         .env("RUST_LOG", "warn")
         .env("TALLY_LEADER_RETRY_MS", "200")
-        .env("TALLY_POLL_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -93,7 +92,8 @@ async fn is_leader(client: &reqwest::Client, node: &Node) -> bool {
 async fn settle(client: &reqwest::Client, node: &Node) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status: Value = client.get(format!("{}/api/projections", node.base)).send().await.unwrap().json().await.unwrap();
+        let status: Value =
+            client.get(format!("{}/api/projections", node.base)).send().await.unwrap().json().await.unwrap();
         let items = status["items"].as_array().cloned().unwrap_or_default();
         if !items.is_empty() && items.iter().all(|i| i["lag"] == 0) {
             return;
@@ -153,7 +153,8 @@ async fn three_nodes_write_concurrently_and_every_event_is_applied_exactly_once(
     let members = 30;
     for i in 0..members {
         let node = &nodes[i % 3];
-        let body = json!({"member_id": format!("m{i}"), "name": format!("Member {i}"), "email": format!("m{i}@example.com")});
+        let body =
+            json!({"member_id": format!("m{i}"), "name": format!("Member {i}"), "email": format!("m{i}@example.com")});
         assert_eq!(post(&client, format!("{}/api/members", node.base), body).await, 201);
     }
     // 900 concurrent commands through all three nodes: earns, redeems and purchases.
@@ -182,7 +183,8 @@ async fn three_nodes_write_concurrently_and_every_event_is_applied_exactly_once(
 async fn when_the_consumer_node_is_killed_another_takes_over_within_two_seconds() {
     let Some(db) = fresh_database().await else { return };
     let client = reqwest::Client::new();
-    let mut nodes = vec![start_node(&db, &client).await, start_node(&db, &client).await, start_node(&db, &client).await];
+    let mut nodes =
+        vec![start_node(&db, &client).await, start_node(&db, &client).await, start_node(&db, &client).await];
     for i in 0..10 {
         let body = json!({"member_id": format!("f{i}"), "name": "F", "email": format!("f{i}@example.com")});
         assert_eq!(post(&client, format!("{}/api/members", nodes[0].base), body).await, 201);
@@ -249,20 +251,23 @@ async fn a_socket_on_one_node_sees_a_change_made_through_another() {
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", b.port)).await.expect("ws");
     socket.send(Message::Text(json!({"subscribe": "member:x"}).to_string().into())).await.unwrap();
     let mut next = async || loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), socket.next()).await.expect("message").unwrap().unwrap();
+        let msg =
+            tokio::time::timeout(Duration::from_secs(10), socket.next()).await.expect("message").unwrap().unwrap();
         if let Message::Text(t) = msg {
             return serde_json::from_str::<Value>(&t).unwrap();
         }
     };
     assert_eq!(next().await["view"]["points_balance"], 0);
-    let earned = client.post(format!("{}/api/members/x/points/earn", a.base)).json(&json!({"points": 77})).send().await.unwrap();
+    let earned =
+        client.post(format!("{}/api/members/x/points/earn", a.base)).json(&json!({"points": 77})).send().await.unwrap();
     let position = earned.json::<Value>().await.unwrap()["position"].as_i64().unwrap();
     let pushed = next().await;
     assert_eq!(pushed["view"]["points_balance"], 77);
     assert_eq!(pushed["position"], position);
 
     // Read-your-writes through the other node.
-    let earned = client.post(format!("{}/api/members/x/points/earn", a.base)).json(&json!({"points": 3})).send().await.unwrap();
+    let earned =
+        client.post(format!("{}/api/members/x/points/earn", a.base)).json(&json!({"points": 3})).send().await.unwrap();
     let position = earned.json::<Value>().await.unwrap()["position"].as_i64().unwrap();
     let view = client.get(format!("{}/api/members/x?min_position={position}", b.base)).send().await.unwrap();
     assert!(view.headers().get("x-view-stale").is_none());

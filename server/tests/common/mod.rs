@@ -45,12 +45,17 @@ pub fn args(database_url: &str) -> ServeArgs {
     }
 }
 
-/// The store the suite runs against: a fresh SQLite file, or (with `TALLY_TEST_POSTGRES` set to a
-/// server URL such as `postgres://postgres@127.0.0.1:5432/test`) a fresh PostgreSQL database.
+/// The store the suite runs against: a fresh SQLite file, or with `TALLY_TEST_STORE=postgres` a
+/// fresh PostgreSQL database on the server at `TALLY_TEST_POSTGRES`
+/// (default `postgres://postgres@127.0.0.1:5432/test`).
 pub async fn fresh_database() -> (String, std::sync::Arc<tempfile::TempDir>) {
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
-    match std::env::var("TALLY_TEST_POSTGRES") {
-        Ok(admin_url) if !admin_url.is_empty() => {
+    match std::env::var("TALLY_TEST_STORE").as_deref() {
+        Ok("postgres") => {
+            let admin_url = std::env::var("TALLY_TEST_POSTGRES")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
             use sqlx::Connection;
             let name = format!("tally_t_{}", uuid::Uuid::new_v4().simple());
             let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("PostgreSQL reachable");
@@ -58,6 +63,7 @@ pub async fn fresh_database() -> (String, std::sync::Arc<tempfile::TempDir>) {
             let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin_url);
             (format!("{base}/{name}"), dir)
         }
+        Ok(other) if other != "sqlite" => panic!("TALLY_TEST_STORE must be sqlite or postgres, not {other}"),
         _ => {
             let path: PathBuf = dir.path().join("tally.db");
             (path.to_string_lossy().to_string(), dir)
