@@ -20,6 +20,8 @@ pub enum Commands {
     Serve(ServeArgs),
     /// Create or upgrade the database schema, then exit.
     Migrate(DatabaseArgs),
+    /// Rebuild every view from the event log (offline: stop the servers first).
+    Rebuild(DatabaseArgs),
     /// Enroll demo members and record demo purchases through the real command path.
     Seed(SeedArgs),
 }

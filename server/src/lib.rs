@@ -11,6 +11,7 @@ pub mod portal;
 pub mod processors;
 pub mod projector;
 pub mod queries;
+pub mod rebuild;
 pub mod seed;
 pub mod store;
 pub mod telemetry;

@@ -10,6 +10,14 @@ async fn main() -> anyhow::Result<()> {
         Some(Commands::Serve(args)) => serve(args).await,
         Some(Commands::Migrate(db)) => server::seed::migrate(&db).await,
         Some(Commands::Seed(args)) => server::seed::run(&args).await,
+        Some(Commands::Rebuild(db)) => {
+            let report = server::rebuild::run(&db).await?;
+            println!(
+                "rebuilt {} member views from {} events (up to position {}) in {:.2?} read+fold, {:.2?} write: {:.0} events/s",
+                report.members, report.events, report.position, report.read_and_fold, report.write, report.events_per_second
+            );
+            Ok(())
+        }
     }
 }
 

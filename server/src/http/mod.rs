@@ -28,6 +28,7 @@ pub fn api_routes() -> Router<AppState> {
         .route("/api/{*rest}", any(ops::api_not_found))
         .route("/api", any(ops::api_not_found))
         .route("/healthz", get(ops::healthz))
+        .route("/livez", get(ops::livez))
         .route("/metrics", get(ops::metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }

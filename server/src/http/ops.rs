@@ -17,6 +17,11 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Liveness: the process answers HTTP. Touches nothing else (also the benchmark's ceiling).
+pub async fn livez() -> &'static str {
+    "ok"
+}
+
 pub async fn projections(State(state): State<AppState>) -> Result<Response, ApiError> {
     let items = state.consumers.statuses().await.map_err(ApiError::Internal)?;
     Ok(Json(serde_json::json!({ "items": items })).into_response())

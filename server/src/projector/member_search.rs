@@ -107,3 +107,26 @@ impl Consumer for MemberSearchProjection {
 fn search_text(name: &str, email: &str) -> String {
     format!("{} {}", name.to_lowercase(), email.to_lowercase())
 }
+
+/// A whole row from a finished view (used by `tally rebuild`): the same columns the incremental
+/// updates above maintain.
+pub async fn insert_row(conn: &mut AnyConnection, view: &app::views::MembershipView) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO member_search (member_id, name, email, search_text, sort_key, tier, status, \
+         points_balance, lifetime_points, member_since, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(&view.member_id)
+    .bind(&view.name)
+    .bind(&view.email)
+    .bind(search_text(&view.name, &view.email))
+    .bind(view.name.to_lowercase())
+    .bind(view.tier.as_str())
+    .bind(view.status.as_str())
+    .bind(view.points_balance as i64)
+    .bind(view.lifetime_points as i64)
+    .bind(&view.member_since)
+    .bind(view.position as i64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

@@ -53,7 +53,7 @@ pub async fn load(conn: &mut AnyConnection, member_id: &str) -> anyhow::Result<O
     }
 }
 
-async fn save(conn: &mut AnyConnection, view: &MembershipView) -> anyhow::Result<()> {
+pub async fn save(conn: &mut AnyConnection, view: &MembershipView) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO membership_view (member_id, version, position, view) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (member_id) DO UPDATE SET version = excluded.version, position = excluded.position, view = excluded.view \

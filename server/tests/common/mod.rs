@@ -103,6 +103,11 @@ impl TestApp {
         spawn_on(&url, dir).await
     }
 
+    /// Keep the database files after `stop` for as long as the returned guard lives.
+    pub fn keep_files(&self) -> std::sync::Arc<tempfile::TempDir> {
+        self._dir.clone()
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         drop(self.state);
