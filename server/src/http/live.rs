@@ -16,7 +16,19 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use std::collections::HashSet;
 use std::sync::Arc;
 
+/// Per-socket buffers. Clients send only tiny subscribe messages and receive views of a few KiB;
+/// the library defaults (128 KiB each way) would cost far more memory per idle socket than the
+/// socket's actual traffic needs.
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 8 * 1024;
+const MAX_INCOMING: usize = 16 * 1024;
+
 pub async fn ws(upgrade: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    let upgrade = upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(MAX_INCOMING)
+        .max_frame_size(MAX_INCOMING);
     upgrade.on_upgrade(move |socket: WebSocket| {
         let (sink, stream) = socket.split();
         serve(sink, stream, state.hub.clone(), state.store.clone())

@@ -1,0 +1,195 @@
+//! WebSocket measures: freshness under load (P4) and fan-out to many clients (P5).
+
+use crate::load::{self, histogram};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// Position of a `view` message, read without parsing the whole view.
+fn position_of(text: &str) -> Option<u64> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    v["position"].as_u64()
+}
+
+/// Connect, subscribe to `topic`, and report (client, position, arrival) for every view received.
+async fn subscriber(
+    ws_url: String,
+    topic: String,
+    client: usize,
+    out: mpsc::UnboundedSender<(usize, u64, Instant)>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await?;
+    socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await?;
+    loop {
+        let message = tokio::select! {
+            m = socket.next() => m,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let at = Instant::now();
+                if let Some(p) = position_of(&text) {
+                    let _ = out.send((client, p, at));
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+    }
+}
+
+async fn earn(client: &reqwest::Client, base: &str, member: &str) -> anyhow::Result<(u64, Instant)> {
+    let resp =
+        client.post(format!("{base}/api/members/{member}/points/earn")).json(&json!({"points": 1})).send().await?;
+    let body: Value = resp.json().await?;
+    let at = Instant::now();
+    let position = body["position"].as_u64().ok_or_else(|| anyhow::anyhow!("no position in {body}"))?;
+    Ok((position, at))
+}
+
+pub struct Freshness {
+    pub hist: Histogram<u64>,
+    pub background_rate: f64,
+    pub subscribers: usize,
+}
+
+/// P4: ack of a command → a subscribed client holds the new view, with `clients` other sockets
+/// subscribed and background commands at `rate` per second.
+pub async fn freshness(
+    base: &str,
+    members: &[String],
+    clients: usize,
+    rate: f64,
+    samples: usize,
+) -> anyhow::Result<Freshness> {
+    let ws_url = base.replacen("http://", "ws://", 1) + "/ws";
+    let stop = CancellationToken::new();
+    let (sink, _drain) = mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let topic = format!("member:{}", members[rand::rng().random_range(0..members.len())]);
+        tasks.push(tokio::spawn(subscriber(ws_url.clone(), topic, i, sink.clone(), stop.clone())));
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let probe = members[0].clone();
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
+    tasks.push(tokio::spawn(subscriber(ws_url.clone(), format!("member:{probe}"), usize::MAX, probe_tx, stop.clone())));
+    tokio::time::timeout(Duration::from_secs(10), probe_rx.recv())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+
+    let others: Arc<Vec<String>> = Arc::new(members[1..].to_vec());
+    let make: load::MakeRequest = Arc::new(move |_, _| {
+        let m = &others[rand::rng().random_range(0..others.len())];
+        (reqwest::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 1})))
+    });
+    let background = tokio::spawn(load::paced(base.to_string(), 64, rate, make, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let client = load::client(2);
+    let mut hist = histogram();
+    for _ in 0..samples {
+        let (position, acked) = earn(&client, base, &probe).await?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, probe_rx.recv()).await {
+                Ok(Some((_, p, at))) if p >= position => {
+                    let _ = hist.record((at.saturating_duration_since(acked).as_micros() as u64).max(1));
+                    break;
+                }
+                Ok(Some(_)) => continue,
+                _ => anyhow::bail!("the probe view at position {position} never arrived"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    let (_, background_rate) = background.await?;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(Freshness { hist, background_rate, subscribers: clients })
+}
+
+pub struct Fanout {
+    pub hist: Histogram<u64>,
+    pub clients: usize,
+    pub connected: usize,
+    pub missing: usize,
+    pub rss_per_connection_kib: f64,
+}
+
+/// P5: `clients` sockets on one topic; each change must reach all of them.
+pub async fn fanout(
+    base: &str,
+    server_pid: u32,
+    member: &str,
+    clients: usize,
+    rounds: usize,
+) -> anyhow::Result<Fanout> {
+    let ws_url = base.replacen("http://", "ws://", 1) + "/ws";
+    let stop = CancellationToken::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let before = crate::proc::sample(server_pid);
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        tasks.push(tokio::spawn(subscriber(ws_url.clone(), format!("member:{member}"), i, tx.clone(), stop.clone())));
+        if i % 250 == 249 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    drop(tx);
+    // Every client first receives the current view.
+    let mut greeted = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while greeted.len() < clients && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some((c, _, _))) => {
+                greeted.insert(c);
+            }
+            _ => break,
+        }
+    }
+    let connected = greeted.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = crate::proc::sample(server_pid);
+    let rss_per_connection_kib = after.rss_kib.saturating_sub(before.rss_kib) as f64 / connected.max(1) as f64;
+
+    let client = load::client(1);
+    let mut hist = histogram();
+    let mut missing = 0;
+    for _ in 0..rounds {
+        let (position, acked) = earn(&client, base, member).await?;
+        let mut got = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < connected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some((c, p, at))) if p >= position => {
+                    if got.insert(c) {
+                        let _ = hist.record((at.saturating_duration_since(acked).as_micros() as u64).max(1));
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        missing += connected - got.len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(Fanout { hist, clients, connected, missing, rss_per_connection_kib })
+}

@@ -1,0 +1,567 @@
+//! `tally-bench`: measure the CQRS promise on this machine, in one run, on a fresh database.
+//!
+//! Starts the `tally` binary that sits next to this one as a separate process, seeds it over HTTP
+//! through the real command path, then runs P1–P7 (see BENCHMARKS.md) and prints a table (also
+//! written as JSON). The load is generated in this process.
+
+mod compose;
+mod live;
+mod load;
+mod proc;
+
+use clap::{Args, Parser};
+use futures::StreamExt;
+use load::MakeRequest;
+use rand::Rng;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "tally-bench", about = "Benchmarks for Tally (see BENCHMARKS.md)")]
+enum Cli {
+    /// Run every measure once on a fresh database and print the table.
+    Run(RunArgs),
+    /// (internal) One upstream service of the API-composition baseline.
+    #[command(hide = true)]
+    Upstream {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// (internal) The API-composition gateway.
+    #[command(hide = true)]
+    Compose {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        points: String,
+        #[arg(long)]
+        statement: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[arg(long, default_value_t = 10_000)]
+    members: usize,
+    #[arg(long, default_value_t = 200_000)]
+    purchases: usize,
+    /// Seconds per throughput measure.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// P4: sockets subscribed while freshness is measured.
+    #[arg(long, default_value_t = 1_000)]
+    fresh_clients: usize,
+    /// P4: background commands per second.
+    #[arg(long, default_value_t = 5_000.0)]
+    fresh_rate: f64,
+    #[arg(long, default_value_t = 300)]
+    fresh_samples: usize,
+    /// P5: sockets on one topic.
+    #[arg(long, default_value_t = 10_000)]
+    fanout_clients: usize,
+    #[arg(long, default_value_t = 5)]
+    fanout_rounds: usize,
+    /// P6: events in the log before rebuilding (topped up with earn commands).
+    #[arg(long, default_value_t = 1_000_000)]
+    rebuild_events: i64,
+    #[arg(long, default_value_t = 3)]
+    rebuild_runs: usize,
+    /// P7: the release WASM bundle (build it with `cargo leptos build --release`).
+    #[arg(long, default_value = "target/site/pkg/tally.wasm")]
+    wasm: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results/latest.json")]
+    out: PathBuf,
+    /// Tiny sizes, for the test suite's smoke run (the figures mean nothing).
+    #[arg(long)]
+    smoke: bool,
+}
+
+impl RunArgs {
+    fn smoke(mut self) -> Self {
+        if self.smoke {
+            self.members = 40;
+            self.purchases = 200;
+            self.seconds = 1;
+            self.connections = 8;
+            self.fresh_clients = 20;
+            self.fresh_rate = 200.0;
+            self.fresh_samples = 10;
+            self.fanout_clients = 50;
+            self.fanout_rounds = 2;
+            self.rebuild_events = 2_000;
+            self.rebuild_runs = 1;
+        }
+        self
+    }
+}
+
+/// One row of the table.
+#[derive(serde::Serialize, Clone)]
+struct Row {
+    id: &'static str,
+    measure: String,
+    result: String,
+    target: &'static str,
+    met: Option<bool>,
+    server_cpu_percent: Option<f64>,
+    server_rss_mib: Option<f64>,
+    figures: Value,
+}
+
+struct Server {
+    proc: proc::Proc,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+    fn base(&self) -> &str {
+        &self.proc.base
+    }
+}
+
+/// Run `f` and report the server's CPU (percent of one core) and memory while it ran.
+async fn with_usage<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (T, f64, f64) {
+    let before = proc::sample(pid);
+    let out = f.await;
+    let after = proc::sample(pid);
+    (out, proc::cpu_percent(&before, &after), after.rss_kib as f64 / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse() {
+        Cli::Run(args) => run(args.smoke()).await,
+        Cli::Upstream { role, db, addr, latency_ms } => compose::serve_upstream(&role, &db, &addr, latency_ms).await,
+        Cli::Compose { addr, profile, points, statement } => {
+            compose::serve_gateway(&addr, profile, points, statement).await
+        }
+    }
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(path.exists(), "{} not found: build it first (cargo build --release --bins)", path.display());
+    Ok(path)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let tally = sibling("tally")?;
+    let me = std::env::current_exe()?;
+    let work = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
+    let db = work.path().join("bench.db");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    eprintln!("tally-bench: {cores} cores; work dir {}", work.path().display());
+
+    let server = start_server(&tally, &db, work.path()).await?;
+    let mut rows = Vec::new();
+    let members: Arc<Vec<String>> = Arc::new((0..args.members).map(|i| format!("b{i}")).collect());
+
+    // Seed through the real command path, over HTTP.
+    let seeding = Instant::now();
+    let enrolled = send_all(server.base(), args.connections, (0..args.members).map(|i| {
+        ("/api/members".to_string(), json!({"member_id": format!("b{i}"), "name": format!("Bench Member {i}"), "email": format!("b{i}@bench.example")}))
+    }))
+    .await;
+    let purchases = {
+        let mut rng = rand::rng();
+        (0..args.purchases)
+            .map(|i| {
+                let member = members[rng.random_range(0..members.len())].clone();
+                let amount: u64 = rng.random_range(100..20_000);
+                ("/api/transactions".to_string(), json!({"transaction_id": format!("bt{i}"), "member_id": member, "amount_cents": amount, "currency": "EUR", "channel": "pos"}))
+            })
+            .collect::<Vec<_>>()
+    };
+    let recorded = send_all(server.base(), args.connections, purchases.into_iter()).await;
+    let seed_secs = seeding.elapsed().as_secs_f64();
+    let projecting = Instant::now();
+    let head = wait_caught_up(server.base()).await?;
+    let project_secs = projecting.elapsed().as_secs_f64();
+    eprintln!(
+        "seeded {enrolled} members and {recorded} purchases in {seed_secs:.1}s; consumers caught up {project_secs:.1}s later at position {head}"
+    );
+
+    // P1: the materialized view vs a trivial route of the same server.
+    let secs = Duration::from_secs(args.seconds);
+    let (ceiling, cpu_c, rss_c) =
+        with_usage(server.pid(), load::run(server.base(), args.connections, secs, get_path("/livez"))).await;
+    let view_load = view_request(members.clone());
+    let (view, cpu_v, rss_v) =
+        with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone())).await;
+    let ratio = view.rps() / ceiling.rps().max(1e-9);
+    rows.push(Row {
+        id: "P1",
+        measure: format!("GET /api/members/{{id}}, {} connections, random members", args.connections),
+        result: format!(
+            "{:.0} req/s (ceiling /livez {:.0} req/s, ratio {:.2}), p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            view.rps(), ceiling.rps(), ratio, view.ms(0.5), view.ms(0.99), view.errors
+        ),
+        target: "≥ 0.7 × ceiling, p99 ≤ 2 ms",
+        met: Some(ratio >= 0.7 && view.ms(0.99) <= 2.0),
+        server_cpu_percent: Some(cpu_v),
+        server_rss_mib: Some(rss_v),
+        figures: json!({"view_rps": view.rps(), "ceiling_rps": ceiling.rps(), "ratio": ratio, "p50_ms": view.ms(0.5),
+            "p99_ms": view.ms(0.99), "errors": view.errors, "ceiling_p99_ms": ceiling.ms(0.99), "ceiling_cpu_percent": cpu_c, "ceiling_rss_mib": rss_c}),
+    });
+
+    // P2: API composition over three upstream services.
+    compose::prepare(&db, work.path()).await?;
+    let p2 = composition(&me, work.path(), &args, &members, &server, view.rps(), view_load.clone()).await?;
+    rows.extend(p2);
+
+    // P3: durable commands over HTTP.
+    let command_load: MakeRequest = {
+        let members = members.clone();
+        Arc::new(move |worker, n| {
+            let m = &members[(worker * 7919 + (n as usize / 2) * 64) % members.len()];
+            if n % 2 == 0 {
+                (reqwest::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 10})))
+            } else {
+                (reqwest::Method::POST, format!("/api/members/{m}/points/redeem"), Some(json!({"points": 5})))
+            }
+        })
+    };
+    let (cmds, cpu, rss) =
+        with_usage(server.pid(), load::run(server.base(), args.connections, secs, command_load.clone())).await;
+    rows.push(Row {
+        id: "P3",
+        measure: format!("durable commands over HTTP (earn/redeem 1:1), {} connections", args.connections),
+        result: format!(
+            "{:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            cmds.rps(),
+            cmds.ms(0.5),
+            cmds.ms(0.99),
+            cmds.errors
+        ),
+        target: "≥ 25,000/s, p99 ≤ 10 ms",
+        met: Some(cmds.rps() >= 25_000.0 && cmds.ms(0.99) <= 10.0),
+        server_cpu_percent: Some(cpu),
+        server_rss_mib: Some(rss),
+        figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99), "errors": cmds.errors}),
+    });
+    wait_caught_up(server.base()).await?;
+
+    // P4: freshness under load.
+    let (fresh, cpu, rss) = with_usage(
+        server.pid(),
+        live::freshness(server.base(), &members, args.fresh_clients, args.fresh_rate, args.fresh_samples),
+    )
+    .await;
+    let fresh = fresh?;
+    let (p50, p99) =
+        (fresh.hist.value_at_quantile(0.5) as f64 / 1000.0, fresh.hist.value_at_quantile(0.99) as f64 / 1000.0);
+    rows.push(Row {
+        id: "P4",
+        measure: format!(
+            "ack → subscribed client holds the new view ({} sockets, background {:.0} commands/s achieved)",
+            fresh.subscribers, fresh.background_rate
+        ),
+        result: format!("p50 {p50:.2} ms, p99 {p99:.2} ms over {} samples", fresh.hist.len()),
+        target: "p50 ≤ 5 ms, p99 ≤ 25 ms",
+        met: Some(p50 <= 5.0 && p99 <= 25.0),
+        server_cpu_percent: Some(cpu),
+        server_rss_mib: Some(rss),
+        figures: json!({"p50_ms": p50, "p99_ms": p99, "samples": fresh.hist.len(), "background_rate": fresh.background_rate, "target_rate": args.fresh_rate}),
+    });
+    wait_caught_up(server.base()).await?;
+
+    // P5: fan-out to many sockets on one topic.
+    let (fan, cpu, rss) = with_usage(
+        server.pid(),
+        live::fanout(server.base(), server.pid(), &members[1], args.fanout_clients, args.fanout_rounds),
+    )
+    .await;
+    let fan = fan?;
+    let p99 = fan.hist.value_at_quantile(0.99) as f64 / 1000.0;
+    rows.push(Row {
+        id: "P5",
+        measure: format!("one change to a topic watched by {} sockets ({} connected)", fan.clients, fan.connected),
+        result: format!(
+            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {}; server memory {:.1} KiB per connection",
+            fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib
+        ),
+        target: "p99 ≤ 100 ms; ≤ 16 KiB per connection",
+        met: Some(p99 <= 100.0 && fan.rss_per_connection_kib <= 16.0 && fan.missing == 0 && fan.connected == fan.clients),
+        server_cpu_percent: Some(cpu),
+        server_rss_mib: Some(rss),
+        figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
+            "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib}),
+    });
+
+    // P6: top the log up, stop the server, rebuild offline.
+    let head = top_up(server.base(), args.rebuild_events, args.connections, command_load).await?;
+    server.proc.stop();
+    let mut rates = Vec::new();
+    for _ in 0..args.rebuild_runs {
+        let output = std::process::Command::new(&tally)
+            .args(["rebuild", "--database-url", &db.to_string_lossy()])
+            .env("RUST_LOG", "warn")
+            .output()?;
+        anyhow::ensure!(output.status.success(), "tally rebuild failed: {}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        let rate: f64 = text
+            .rsplit_once(": ")
+            .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unexpected rebuild output: {text}"))?;
+        eprintln!("{}", text.trim());
+        rates.push(rate);
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    rows.push(Row {
+        id: "P6",
+        measure: format!("offline rebuild of every view from {head} events (tally rebuild, median of {})", rates.len()),
+        result: format!(
+            "{median:.0} events/s (runs: {})",
+            rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+        ),
+        target: "≥ 300,000 events/s",
+        met: Some(median >= 300_000.0),
+        server_cpu_percent: None,
+        server_rss_mib: None,
+        figures: json!({"events": head, "events_per_second": median, "runs": rates}),
+    });
+
+    // P7: the release WASM bundle.
+    rows.push(wasm_row(&args.wasm));
+
+    print_table(&rows, cores);
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let report = json!({"cores": cores, "members": args.members, "purchases": args.purchases, "seconds": args.seconds,
+        "connections": args.connections, "seed_seconds": seed_secs, "catch_up_seconds": project_secs, "rows": rows});
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("results written to {}", args.out.display());
+    Ok(())
+}
+
+async fn start_server(tally: &Path, db: &Path, work: &Path) -> anyhow::Result<Server> {
+    let args = vec![
+        "serve".into(),
+        "--addr".into(),
+        "127.0.0.1:{port}".into(),
+        "--database-url".into(),
+        db.to_string_lossy().to_string(),
+    ];
+    let proc = proc::spawn("tally", tally, &args, &[("RUST_LOG", "warn".into())], &work.join("server.log"), "/healthz")
+        .await?;
+    Ok(Server { proc })
+}
+
+fn get_path(path: &'static str) -> MakeRequest {
+    Arc::new(move |_, _| (reqwest::Method::GET, path.to_string(), None))
+}
+
+fn view_request(members: Arc<Vec<String>>) -> MakeRequest {
+    Arc::new(move |_, _| {
+        let m = &members[rand::rng().random_range(0..members.len())];
+        (reqwest::Method::GET, format!("/api/members/{m}"), None)
+    })
+}
+
+/// POST every body, `connections` at a time; returns how many were accepted (2xx).
+async fn send_all(base: &str, connections: usize, requests: impl Iterator<Item = (String, Value)>) -> usize {
+    let client = load::client(connections);
+    futures::stream::iter(requests)
+        .map(|(path, body)| {
+            let client = client.clone();
+            let url = format!("{base}{path}");
+            async move { client.post(url).json(&body).send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .buffer_unordered(connections)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await
+}
+
+/// Wait until every consumer has caught up; returns the head.
+async fn wait_caught_up(base: &str) -> anyhow::Result<u64> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let status: Value = client.get(format!("{base}/api/projections")).send().await?.json().await?;
+        let items = status["items"].as_array().cloned().unwrap_or_default();
+        if !items.is_empty() && items.iter().all(|i| i["lag"] == 0) {
+            return Ok(items[0]["head"].as_u64().unwrap_or(0));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "consumers did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Append commands until the log holds `target` events.
+async fn top_up(base: &str, target: i64, connections: usize, make: MakeRequest) -> anyhow::Result<u64> {
+    loop {
+        let head = wait_caught_up(base).await?;
+        if head as i64 >= target {
+            return Ok(head);
+        }
+        let _ = load::run(base, connections, Duration::from_secs(5), make.clone()).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn composition(
+    me: &Path,
+    work: &Path,
+    args: &RunArgs,
+    members: &Arc<Vec<String>>,
+    server: &Server,
+    view_rps: f64,
+    view_load: MakeRequest,
+) -> anyhow::Result<Vec<Row>> {
+    let secs = Duration::from_secs(args.seconds);
+    let mut rows = Vec::new();
+    for latency in [0u64, 5] {
+        let mut upstreams = Vec::new();
+        for role in compose::ROLES {
+            let a = vec![
+                "upstream".into(),
+                "--role".into(),
+                role.into(),
+                "--db".into(),
+                work.join(format!("{role}.db")).to_string_lossy().to_string(),
+                "--addr".into(),
+                "127.0.0.1:{port}".into(),
+                "--latency-ms".into(),
+                latency.to_string(),
+            ];
+            upstreams.push(proc::spawn(role, me, &a, &[], &work.join(format!("{role}.log")), "/livez").await?);
+        }
+        let a = vec![
+            "compose".into(),
+            "--addr".into(),
+            "127.0.0.1:{port}".into(),
+            "--profile".into(),
+            upstreams[0].base.clone(),
+            "--points".into(),
+            upstreams[1].base.clone(),
+            "--statement".into(),
+            upstreams[2].base.clone(),
+        ];
+        let gateway = proc::spawn("gateway", me, &a, &[], &work.join("gateway.log"), "/livez").await?;
+        let members = members.clone();
+        let request: MakeRequest = Arc::new(move |_, _| {
+            let m = &members[rand::rng().random_range(0..members.len())];
+            (reqwest::Method::GET, format!("/members/{m}"), None)
+        });
+        let composed = load::run(&gateway.base, args.connections, secs, request.clone()).await;
+        let (view, cpu, rss) = if latency == 0 {
+            (None, None, None)
+        } else {
+            let (v, cpu, rss) =
+                with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone())).await;
+            (Some(v), Some(cpu), Some(rss))
+        };
+        let view_rps_now = view.as_ref().map(|v| v.rps()).unwrap_or(view_rps);
+        let ratio = view_rps_now / composed.rps().max(1e-9);
+        rows.push(Row {
+            id: "P2",
+            measure: format!("same page data by API composition (3 upstreams, {latency} ms injected latency)"),
+            result: format!(
+                "composition {:.0} req/s (p99 {:.2} ms, errors {}) vs view {:.0} req/s{}: view = {ratio:.1} × composition",
+                composed.rps(), composed.ms(0.99), composed.errors, view_rps_now,
+                view.as_ref().map(|v| format!(" (p99 {:.2} ms)", v.ms(0.99))).unwrap_or_default()
+            ),
+            target: "view ≥ 5 × composition",
+            met: Some(ratio >= 5.0),
+            server_cpu_percent: cpu,
+            server_rss_mib: rss,
+            figures: json!({"latency_ms": latency, "composition_rps": composed.rps(), "composition_p99_ms": composed.ms(0.99),
+                "composition_errors": composed.errors, "view_rps": view_rps_now, "ratio": ratio}),
+        });
+        if latency == 5 {
+            // One upstream down: what each side answers.
+            let statement = upstreams.pop();
+            drop(statement);
+            let composed = load::run(&gateway.base, args.connections, secs, request).await;
+            let view = load::run(server.base(), args.connections, secs, view_load.clone()).await;
+            rows.push(Row {
+                id: "P2",
+                measure: "statement service down".into(),
+                result: format!(
+                    "composition: {} of {} requests failed ({:.0} req/s); view: {} of {} failed ({:.0} req/s)",
+                    composed.errors,
+                    composed.requests,
+                    composed.rps(),
+                    view.errors,
+                    view.requests,
+                    view.rps()
+                ),
+                target: "(report)",
+                met: None,
+                server_cpu_percent: None,
+                server_rss_mib: None,
+                figures: json!({"composition_errors": composed.errors, "composition_requests": composed.requests,
+                    "view_errors": view.errors, "view_requests": view.requests}),
+            });
+        }
+        drop(gateway);
+        drop(upstreams);
+    }
+    Ok(rows)
+}
+
+fn wasm_row(path: &Path) -> Row {
+    use std::io::Write;
+    let measured = std::fs::read(path).ok().map(|bytes| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let _ = gz.write_all(&bytes);
+        let gzipped = gz.finish().map(|v| v.len()).unwrap_or(0);
+        (bytes.len(), gzipped)
+    });
+    match measured {
+        Some((raw, gz)) => Row {
+            id: "P7",
+            measure: format!("WASM bundle {}", path.display()),
+            result: format!("{:.1} KiB raw, {:.1} KiB gzip", raw as f64 / 1024.0, gz as f64 / 1024.0),
+            target: "≤ 200 KiB gzip",
+            met: Some(gz as f64 / 1024.0 <= 200.0),
+            server_cpu_percent: None,
+            server_rss_mib: None,
+            figures: json!({"raw_bytes": raw, "gzip_bytes": gz}),
+        },
+        None => Row {
+            id: "P7",
+            measure: format!("WASM bundle {}", path.display()),
+            result: "not found: run `cargo leptos build --release` first".into(),
+            target: "≤ 200 KiB gzip",
+            met: None,
+            server_cpu_percent: None,
+            server_rss_mib: None,
+            figures: Value::Null,
+        },
+    }
+}
+
+fn print_table(rows: &[Row], cores: usize) {
+    println!("\nTally benchmarks on {cores} cores (server CPU in % of one core)\n");
+    println!("| # | measure | result | target | met | server CPU | server RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "–",
+        };
+        let cpu = r.server_cpu_percent.map(|c| format!("{c:.0}%")).unwrap_or_else(|| "–".into());
+        let rss = r.server_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "–".into());
+        println!("| {} | {} | {} | {} | {met} | {cpu} | {rss} |", r.id, r.measure, r.result, r.target);
+    }
+}
