@@ -7,7 +7,7 @@
 
 use crate::clock;
 use crate::store::{self, is_unique_violation, Store};
-use app::domain::member::{MemberAggregate, MemberCommand, MemberError, MemberEvent};
+use app::domain::member::{Member, MemberAggregate, MemberCommand, MemberError, MemberEvent};
 use app::domain::transaction::{Purchase, TransactionAggregate, TransactionCommand, TransactionError};
 use app::domain::validate::email_key;
 use app::domain::Aggregate;
@@ -168,10 +168,11 @@ impl CommandBus {
 
 async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut cache = StateCache::default();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let size = batch.len();
-        let replies = commit_batch(&store, &mut batch).await;
+        let replies = commit_batch(&store, &mut batch, &mut cache).await;
         let mut newest = 0;
         for (reply, result) in replies {
             if let Ok(answer) = &result {
@@ -201,7 +202,12 @@ type Reply = oneshot::Sender<Result<Answer, CommandError>>;
 
 /// Run a batch in one transaction. Failed commands are answered with their error; if the commit
 /// itself fails, every command that would have succeeded is answered with that failure instead.
-async fn commit_batch(store: &Store, batch: &mut Vec<Job>) -> Vec<(Reply, Result<Answer, CommandError>)> {
+async fn commit_batch(
+    store: &Store,
+    batch: &mut Vec<Job>,
+    cache: &mut StateCache,
+) -> Vec<(Reply, Result<Answer, CommandError>)> {
+    cache.discard();
     let now = clock::now();
     let mut out = Vec::with_capacity(batch.len());
     let mut conn = match store.write.acquire().await {
@@ -227,7 +233,7 @@ async fn commit_batch(store: &Store, batch: &mut Vec<Job>) -> Vec<(Reply, Result
         }
     };
     for job in batch.drain(..) {
-        let result = execute_isolated(&mut tx, &job.envelope, &now).await;
+        let result = execute_isolated(&mut tx, &job.envelope, &now, Some(cache)).await;
         let outcome = match &result {
             Ok(a) if a.replayed => "replayed",
             Ok(_) => "ok",
@@ -242,12 +248,14 @@ async fn commit_batch(store: &Store, batch: &mut Vec<Job>) -> Vec<(Reply, Result
         tracing::warn!(error = %err, "could not announce the append to other nodes");
     }
     if let Err(err) = tx.commit().await {
+        cache.discard();
         tracing::error!(error = %err, "group commit failed");
         return out
             .into_iter()
             .map(|(reply, result)| (reply, result.and_then(|_| Err(CommandError::Database(err_copy(&err))))))
             .collect();
     }
+    cache.commit();
     out
 }
 
@@ -260,17 +268,25 @@ pub async fn execute_isolated(
     conn: &mut AnyConnection,
     envelope: &Envelope,
     now: &str,
+    mut cache: Option<&mut StateCache>,
 ) -> Result<Answer, CommandError> {
     let mut attempt = 0;
     loop {
         let mut savepoint = conn.begin().await?;
-        match execute(&mut savepoint, envelope, now).await {
-            Ok(answer) => {
+        let cached = cache.as_deref().and_then(|c| c.get(&envelope.command));
+        match execute(&mut savepoint, envelope, now, cached).await {
+            Ok((answer, state)) => {
                 savepoint.commit().await?;
+                if let (Some(cache), Some((stream, state))) = (cache.as_deref_mut(), state) {
+                    cache.pending.insert(stream, state);
+                }
                 return Ok(answer);
             }
             Err(err) => {
                 savepoint.rollback().await?;
+                if let Some(cache) = cache.as_deref_mut() {
+                    cache.forget(&envelope.command);
+                }
                 let retry = matches!(err, CommandError::Race) && envelope.expected_version.is_none();
                 attempt += 1;
                 if !retry || attempt > RACE_RETRIES {
@@ -285,7 +301,12 @@ pub async fn execute_isolated(
 }
 
 /// Idempotency check, the command itself, then the key's record: all in the caller's transaction.
-async fn execute(conn: &mut AnyConnection, envelope: &Envelope, now: &str) -> Result<Answer, CommandError> {
+async fn execute(
+    conn: &mut AnyConnection,
+    envelope: &Envelope,
+    now: &str,
+    cached: Option<Cached>,
+) -> Result<(Answer, Option<(String, Cached)>), CommandError> {
     if let Some(idem) = &envelope.idempotency {
         let found = sqlx::query("SELECT request, status, response FROM idempotency_keys WHERE scope = $1 AND key = $2")
             .bind(&idem.scope)
@@ -297,11 +318,12 @@ async fn execute(conn: &mut AnyConnection, envelope: &Envelope, now: &str) -> Re
             if request != idem.request {
                 return Err(CommandError::IdempotencyKeyReused);
             }
-            return Ok(Answer {
+            let answer = Answer {
                 status: row.try_get::<i64, _>("status")? as u16,
                 body: row.try_get("response")?,
                 replayed: true,
-            });
+            };
+            return Ok((answer, None));
         }
     }
     let metadata = json!({
@@ -310,12 +332,14 @@ async fn execute(conn: &mut AnyConnection, envelope: &Envelope, now: &str) -> Re
         "idempotency_key": envelope.idempotency.as_ref().map(|i| &i.key),
         "actor": envelope.meta.actor,
     });
+    let mut new_state = None;
     let answer = match &envelope.command {
         Command::RecordPurchase(purchase) => {
             let stream_id = format!("{}{}", TransactionAggregate::STREAM_PREFIX, purchase.transaction_id);
             let done = run::<TransactionAggregate>(
                 conn,
                 &stream_id,
+                None,
                 None,
                 |_| Ok(TransactionCommand::Perform(purchase.clone())),
                 &metadata,
@@ -332,7 +356,16 @@ async fn execute(conn: &mut AnyConnection, envelope: &Envelope, now: &str) -> Re
         }
         Command::Member { member_id, action } => {
             let status = if matches!(action, MemberAction::Enroll { .. }) { 201 } else { 200 };
-            let done = run_member(conn, member_id, action, envelope.expected_version, &metadata, now).await?;
+            let done = run_member(conn, member_id, action, envelope.expected_version, &metadata, now, cached).await?;
+            new_state = Some((
+                member_stream(member_id),
+                Cached {
+                    state: done.state.clone(),
+                    version: done.version,
+                    last_position: done.position,
+                    first_position: done.first_position,
+                },
+            ));
             let mut body = json!({"member_id": member_id, "version": done.version, "position": done.position});
             if matches!(action, MemberAction::EarnForPurchase { .. }) {
                 body["points"] = json!(points_earned(&done.events));
@@ -353,11 +386,12 @@ async fn execute(conn: &mut AnyConnection, envelope: &Envelope, now: &str) -> Re
         .execute(&mut *conn)
         .await?;
     }
-    Ok(answer)
+    Ok((answer, new_state))
 }
 
 /// What a command did to its stream.
-pub struct Done<E> {
+pub struct Done<S, E> {
+    pub state: S,
     pub events: Vec<E>,
     pub version: i64,
     /// Position of the stream's last event after the command.
@@ -366,37 +400,43 @@ pub struct Done<E> {
     pub first_position: i64,
 }
 
-/// Load the stream, check `If-Match`, fold, decide with the command `build` makes from the state,
-/// append. Shared by the HTTP commands and the event processors.
+/// Load the stream (only what follows `cached`, if given), check `If-Match`, fold, decide with the
+/// command `build` makes from the state, append. Shared by the HTTP commands and the processors.
 pub async fn run<A: Aggregate>(
     conn: &mut AnyConnection,
     stream_id: &str,
     expected_version: Option<i64>,
+    cached: Option<Cached<A::State>>,
     build: impl FnOnce(&A::State) -> Result<A::Command, CommandError>,
     metadata: &serde_json::Value,
     now: &str,
-) -> Result<Done<A::Event>, CommandError>
+) -> Result<Done<A::State, A::Event>, CommandError>
 where
     CommandError: From<A::Error>,
 {
-    let loaded = store::load_stream(conn, stream_id).await?;
+    let start = cached.unwrap_or_default();
+    let loaded = store::load_stream_after(conn, stream_id, start.version).await?;
+    let (version, last_position) =
+        loaded.events.last().map(|e| (e.stream_version, e.position)).unwrap_or((start.version, start.last_position));
     if let Some(expected) = expected_version {
-        if expected != loaded.version {
-            return Err(CommandError::VersionConflict { expected, actual: loaded.version });
+        if expected != version {
+            return Err(CommandError::VersionConflict { expected, actual: version });
         }
     }
-    let mut state = A::State::default();
+    let mut state = start.state;
     for stored in &loaded.events {
         state = A::evolve(state, &stored.decode::<A::Event>()?);
     }
+    let first_position =
+        if start.version > 0 { Some(start.first_position) } else { loaded.events.first().map(|e| e.position) };
     let command = build(&state)?;
     let events = A::decide(&state, command)?;
-    let first_position = loaded.events.first().map(|e| e.position);
     if events.is_empty() {
         return Ok(Done {
+            state,
             events,
-            version: loaded.version,
-            position: loaded.last_position,
+            version,
+            position: last_position,
             first_position: first_position.unwrap_or(0),
         });
     }
@@ -408,9 +448,60 @@ where
             Ok(store::NewEvent { event_type, schema_version, data: tagged["data"].clone() })
         })
         .collect::<Result<Vec<_>, serde_json::Error>>()?;
-    let (version, position) = store::append(conn, stream_id, loaded.version, &new_events, metadata, now).await?;
+    let (version, position) = store::append(conn, stream_id, version, &new_events, metadata, now).await?;
     let first_position = first_position.unwrap_or(position - new_events.len() as i64 + 1);
-    Ok(Done { events, version, position, first_position })
+    let state = events.iter().fold(state, A::evolve);
+    Ok(Done { state, events, version, position, first_position })
+}
+
+/// A stream's state as of `version` (its last event at `last_position`).
+#[derive(Debug, Clone, Default)]
+pub struct Cached<S = Member> {
+    pub state: S,
+    pub version: i64,
+    pub last_position: i64,
+    pub first_position: i64,
+}
+
+/// Member states the writer has folded, so the next command on a member reads only the events
+/// appended since (by anyone: the loyalty policy and other nodes append too, which is why the
+/// cache is a starting point, never the answer). Entries from a batch count once it commits.
+#[derive(Default)]
+pub struct StateCache {
+    committed: std::collections::HashMap<String, Cached>,
+    pending: std::collections::HashMap<String, Cached>,
+}
+
+/// Members whose state the writer keeps (about 200 bytes each).
+const STATE_CACHE_ENTRIES: usize = 500_000;
+
+impl StateCache {
+    fn get(&self, command: &Command) -> Option<Cached> {
+        let Command::Member { member_id, .. } = command else { return None };
+        let stream = member_stream(member_id);
+        self.pending.get(&stream).or_else(|| self.committed.get(&stream)).cloned()
+    }
+
+    fn forget(&mut self, command: &Command) {
+        if let Command::Member { member_id, .. } = command {
+            self.pending.remove(&member_stream(member_id));
+        }
+    }
+
+    fn commit(&mut self) {
+        if self.committed.len() + self.pending.len() > STATE_CACHE_ENTRIES {
+            self.committed.clear();
+        }
+        self.committed.extend(self.pending.drain());
+    }
+
+    fn discard(&mut self) {
+        self.pending.clear();
+    }
+}
+
+fn member_stream(member_id: &str) -> String {
+    format!("{}{member_id}", MemberAggregate::STREAM_PREFIX)
 }
 
 /// Member commands: the email reservation is read before and written after `decide`, in the same
@@ -422,8 +513,9 @@ pub async fn run_member(
     expected_version: Option<i64>,
     metadata: &serde_json::Value,
     now: &str,
-) -> Result<Done<MemberEvent>, CommandError> {
-    let stream_id = format!("{}{member_id}", MemberAggregate::STREAM_PREFIX);
+    cached: Option<Cached>,
+) -> Result<Done<Member, MemberEvent>, CommandError> {
+    let stream_id = member_stream(member_id);
     let requested_email = match action {
         MemberAction::Enroll { email, .. } => Some(email.as_str()),
         MemberAction::UpdateProfile { email, .. } => email.as_deref(),
@@ -438,6 +530,7 @@ pub async fn run_member(
         conn,
         &stream_id,
         expected_version,
+        cached,
         |state| {
             previous_email = Some(state.email.clone());
             Ok(member_command(member_id, action, now, email_owner))

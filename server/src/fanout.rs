@@ -11,6 +11,7 @@
 
 use crate::live::Hub;
 use crate::store::{Backend, Store};
+use crate::view_cache::ViewCache;
 use app::views::{member_topic, MembershipView};
 use sqlx::{AnyConnection, Row};
 use std::sync::Arc;
@@ -24,9 +25,12 @@ pub const CHANNEL: &str = "tally_views";
 pub const APPENDS_CHANNEL: &str = "tally_appends";
 /// NOTIFY payloads must stay under 8000 bytes: send ids in chunks.
 const IDS_PER_NOTICE: usize = 100;
+/// Views kept in memory (about 2 KiB each).
+const VIEW_CACHE_ENTRIES: usize = 200_000;
 
 pub struct ViewFeed {
     hub: Arc<Hub>,
+    pub cache: ViewCache,
     backend: Backend,
     /// Position up to which membership views are current on this node.
     position: watch::Sender<i64>,
@@ -36,7 +40,10 @@ pub struct ViewFeed {
 
 impl ViewFeed {
     pub fn new(hub: Arc<Hub>, backend: Backend, start: i64, head: Arc<watch::Sender<i64>>) -> Self {
-        ViewFeed { hub, backend, position: watch::Sender::new(start), head }
+        // On PostgreSQL the cache is off until the listener is connected.
+        let cache = ViewCache::new(VIEW_CACHE_ENTRIES);
+        cache.set_enabled(backend != Backend::Postgres);
+        ViewFeed { hub, cache, backend, position: watch::Sender::new(start), head }
     }
 
     /// Inside a writer's transaction (PostgreSQL): tell every node the head moved.
@@ -99,15 +106,34 @@ impl ViewFeed {
         if self.backend == Backend::Postgres {
             return;
         }
-        self.hub.publish_views(views);
+        // Only the newest view per member matters; serialize each once for cache and sockets.
+        let mut newest: std::collections::HashMap<&str, &MembershipView> = std::collections::HashMap::new();
+        for view in &views {
+            if newest.get(view.member_id.as_str()).is_none_or(|v| v.position < view.position) {
+                newest.insert(&view.member_id, view);
+            }
+        }
+        for view in newest.into_values() {
+            let Ok(json) = serde_json::to_string(view) else { continue };
+            self.deliver(&view.member_id, view.position as i64, json.into());
+        }
         self.advance(applied);
+    }
+
+    /// A changed view: into the cache and out to the sockets.
+    fn deliver(&self, member_id: &str, position: i64, json: Arc<str>) {
+        self.cache.put(member_id, position, json.clone());
+        self.hub.publish(&member_topic(member_id), position.max(0) as u64, &json);
     }
 
     /// PostgreSQL only: receive every node's view changes until shut down.
     pub async fn listen(self: Arc<Self>, url: String, store: Store, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
-            match self.listen_once(&url, &store, &shutdown).await {
+            let result = self.listen_once(&url, &store, &shutdown).await;
+            // Changes may be missed until the listener is back: no cached views meanwhile.
+            self.cache.set_enabled(false);
+            match result {
                 Ok(()) => return,
                 Err(err) => {
                     tracing::warn!(error = %err, "view listener lost its connection; reconnecting");
@@ -124,6 +150,8 @@ impl ViewFeed {
     async fn listen_once(&self, url: &str, store: &Store, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut listener = sqlx::postgres::PgListener::connect(url).await?;
         listener.listen_all([CHANNEL, APPENDS_CHANNEL]).await?;
+        // Listening from here on: every later change will arrive, so caching is safe again.
+        self.cache.set_enabled(true);
         // Whatever was announced while we were not listening: catch up the position.
         let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
             .bind(crate::projector::membership_view::NAME)
@@ -151,7 +179,7 @@ impl ViewFeed {
             let Ok(position) = position.parse::<i64>() else { continue };
             for id in ids.split(',').filter(|id| !id.is_empty()) {
                 if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
-                    self.hub.publish(&member_topic(id), view_position.max(0) as u64, &json);
+                    self.deliver(id, view_position, json.into());
                 }
             }
             self.advance(position);

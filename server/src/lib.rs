@@ -15,6 +15,7 @@ pub mod rebuild;
 pub mod seed;
 pub mod store;
 pub mod telemetry;
+pub mod view_cache;
 
 use anyhow::Context;
 use app::{shell, App};

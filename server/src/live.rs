@@ -4,7 +4,7 @@
 //! the pending frame if the new one is newer, so a slow client gets the latest view and never a
 //! growing queue; frames are serialized once per change and shared by every subscriber.
 
-use app::views::{member_topic, MembershipView, MEMBERS_TOPIC};
+use app::views::MEMBERS_TOPIC;
 use axum::extract::ws::Utf8Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,28 +141,6 @@ impl Hub {
 
     pub fn subscriber_count(&self) -> usize {
         self.topics.lock().map(|t| t.values().map(HashMap::len).sum()).unwrap_or(0)
-    }
-
-    /// Push changed views to everyone watching them or watching all members.
-    pub fn publish_views(&self, views: Vec<MembershipView>) {
-        if views.is_empty() {
-            return;
-        }
-        // Only the newest view per member matters.
-        let mut newest: HashMap<String, MembershipView> = HashMap::new();
-        for view in views {
-            match newest.get(&view.member_id) {
-                Some(v) if v.position >= view.position => {}
-                _ => {
-                    newest.insert(view.member_id.clone(), view);
-                }
-            }
-        }
-        for view in newest.into_values() {
-            let Ok(json) = serde_json::to_string(&view) else { continue };
-            let topic = member_topic(&view.member_id);
-            self.publish(&topic, view.position, &json);
-        }
     }
 
     /// Push one view (already serialized) on its topic.

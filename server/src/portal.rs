@@ -34,7 +34,10 @@ impl Portal for ServerPortal {
         if app::domain::validate::id("member id", member_id).is_err() {
             return Ok(None);
         }
-        match queries::member_view(&self.state.store, member_id).await.map_err(app_err)? {
+        match queries::member_view_cached(&self.state.store, &self.state.feed.cache, member_id)
+            .await
+            .map_err(app_err)?
+        {
             Some((json, _)) => serde_json::from_str(&json).map(Some).map_err(|e| app_err(ApiError::internal(e))),
             None => Ok(None),
         }

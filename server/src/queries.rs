@@ -11,6 +11,22 @@ use sqlx::Row;
 pub const DEFAULT_LIMIT: u32 = 20;
 pub const MAX_LIMIT: u32 = 100;
 
+/// A member's view and its position: from the cache, else from the database (then cached).
+pub async fn member_view_cached(
+    store: &Store,
+    cache: &crate::view_cache::ViewCache,
+    member_id: &str,
+) -> Result<Option<(std::sync::Arc<str>, i64)>, sqlx::Error> {
+    if let Some(hit) = cache.get(member_id) {
+        return Ok(Some(hit));
+    }
+    Ok(member_view(store, member_id).await?.map(|(json, position)| {
+        let json: std::sync::Arc<str> = json.into();
+        cache.put(member_id, position, json.clone());
+        (json, position)
+    }))
+}
+
 /// The stored JSON of a member's view and its position.
 pub async fn member_view(store: &Store, member_id: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
     let row = sqlx::query("SELECT view, position FROM membership_view WHERE member_id = $1")

@@ -3,6 +3,7 @@
 //! Subscribe first, then send the current view: with the mailbox keeping only newer frames,
 //! nothing is missed between page render and socket connect, or across a reconnect.
 
+use crate::fanout::ViewFeed;
 use crate::live::{error_frame, view_frame, Hub, Mailbox};
 use crate::queries;
 use crate::store::Store;
@@ -31,12 +32,12 @@ pub async fn ws(upgrade: WebSocketUpgrade, State(state): State<AppState>) -> Res
         .max_frame_size(MAX_INCOMING);
     upgrade.on_upgrade(move |socket: WebSocket| {
         let (sink, stream) = socket.split();
-        serve(sink, stream, state.hub.clone(), state.store.clone())
+        serve(sink, stream, state.hub.clone(), state.store.clone(), state.feed.clone())
     })
 }
 
 /// One client: a receive loop (subscriptions) and a send loop (mailbox) until either ends.
-pub async fn serve<W, R>(mut sink: W, mut stream: R, hub: Arc<Hub>, store: Store)
+pub async fn serve<W, R>(mut sink: W, mut stream: R, hub: Arc<Hub>, store: Store, feed: Arc<ViewFeed>)
 where
     W: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
@@ -56,7 +57,7 @@ where
     let receive = async {
         while let Some(Ok(message)) = stream.next().await {
             match message {
-                Message::Text(text) => handle(text.as_str(), &hub, &store, &mailbox, &mut topics).await,
+                Message::Text(text) => handle(text.as_str(), &hub, &store, &feed, &mailbox, &mut topics).await,
                 Message::Binary(_) => mailbox.put_error(error_frame("invalid_request", "send JSON text messages")),
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => {}
@@ -84,7 +85,14 @@ fn parse_topic(topic: &str) -> Result<Option<&str>, String> {
     validate::id("member id", id).map(|_| Some(id))
 }
 
-async fn handle(text: &str, hub: &Hub, store: &Store, mailbox: &Arc<Mailbox>, topics: &mut HashSet<String>) {
+async fn handle(
+    text: &str,
+    hub: &Hub,
+    store: &Store,
+    feed: &ViewFeed,
+    mailbox: &Arc<Mailbox>,
+    topics: &mut HashSet<String>,
+) {
     let message = match serde_json::from_str::<ClientMessage>(text) {
         Ok(m) => m,
         Err(_) => {
@@ -103,7 +111,7 @@ async fn handle(text: &str, hub: &Hub, store: &Store, mailbox: &Arc<Mailbox>, to
             hub.subscribe(&topic, mailbox);
             topics.insert(topic.clone());
             if let Some(id) = member_id {
-                match queries::member_view(store, &id).await {
+                match queries::member_view_cached(store, &feed.cache, &id).await {
                     Ok(Some((json, position))) => {
                         mailbox.put(&topic, view_frame(&topic, position.max(0) as u64, &json))
                     }

@@ -61,7 +61,7 @@ impl Consumer for LoyaltyPolicy {
             "actor": NAME,
         });
         let done =
-            commands::run::<TransactionAggregate>(conn, &stream_id, None, |_| Ok(close), &metadata, &now).await?;
+            commands::run::<TransactionAggregate>(conn, &stream_id, None, None, |_| Ok(close), &metadata, &now).await?;
         effects.appended = effects.appended.max(done.position);
         Ok(())
     }
@@ -94,7 +94,7 @@ async fn earn(
         }),
         meta: meta.clone(),
     };
-    match commands::execute_isolated(conn, &envelope, now).await {
+    match commands::execute_isolated(conn, &envelope, now, None).await {
         Ok(answer) => {
             let body: serde_json::Value = serde_json::from_str(&answer.body)?;
             effects.appended = effects.appended.max(body["position"].as_i64().unwrap_or(0));

@@ -12,8 +12,19 @@ pub struct LoadedStream {
 }
 
 pub async fn load_stream(conn: &mut AnyConnection, stream_id: &str) -> Result<LoadedStream, sqlx::Error> {
-    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version");
-    let rows = sqlx::query(&sql).bind(stream_id).fetch_all(&mut *conn).await?;
+    load_stream_after(conn, stream_id, 0).await
+}
+
+/// The stream's events after `after_version` (all of them for 0).
+pub async fn load_stream_after(
+    conn: &mut AnyConnection,
+    stream_id: &str,
+    after_version: i64,
+) -> Result<LoadedStream, sqlx::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+    );
+    let rows = sqlx::query(&sql).bind(stream_id).bind(after_version).fetch_all(&mut *conn).await?;
     let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
     let (version, last_position) = events.last().map(|e| (e.stream_version, e.position)).unwrap_or((0, 0));
     Ok(LoadedStream { events, version, last_position })

@@ -9,7 +9,7 @@
 
 mod append;
 
-pub use append::{append, load_stream, LoadedStream, NewEvent};
+pub use append::{append, load_stream, load_stream_after, LoadedStream, NewEvent};
 
 use anyhow::Context;
 use serde::Serialize;
