@@ -13,7 +13,7 @@ pub mod views;
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::components::{Route, Router, Routes, A};
-use leptos_router::path;
+use leptos_router::{path, SsrMode};
 
 /// The HTML document around the app (server side only renders it).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
@@ -51,8 +51,10 @@ pub fn App() -> impl IntoView {
             <main class="container">
                 <Routes fallback=|| view! { <pages::not_found::NotFound/> }>
                     <Route path=path!("/") view=pages::home::HomePage/>
-                    <Route path=path!("/members/:id") view=pages::member::MemberPage/>
-                    <Route path=path!("/admin") view=pages::admin::AdminPage/>
+                    // Async: the server sends each page complete, so it reads and works without
+                    // JavaScript (streamed chunks would need a script to swap in).
+                    <Route path=path!("/members/:id") view=pages::member::MemberPage ssr=SsrMode::Async/>
+                    <Route path=path!("/admin") view=pages::admin::AdminPage ssr=SsrMode::Async/>
                 </Routes>
             </main>
             <footer class="footer">"Tally: live, event-sourced membership views"</footer>

@@ -43,6 +43,11 @@ impl Portal for ServerPortal {
         }
     }
 
+    async fn wait_for_position(&self, position: u64) {
+        let wait = std::time::Duration::from_millis(crate::http::queries::DEFAULT_WAIT_MS);
+        self.state.feed.wait_for(position.min(i64::MAX as u64) as i64, wait).await;
+    }
+
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError> {
         queries::search_members(&self.state.store, &query).await.map_err(app_err)
     }

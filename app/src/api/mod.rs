@@ -19,9 +19,15 @@ fn portal() -> Result<std::sync::Arc<dyn Portal>, AppError> {
         .ok_or_else(|| AppError::new("internal", "the server is not wired up (no Portal in context)"))
 }
 
+/// The member's view; with `min_position`, first wait (up to 2 s) until the projector has applied
+/// that position, so a page opened right after a command shows it (read-your-writes).
 #[server(prefix = "/_fn")]
-pub async fn get_member(member_id: String) -> Result<Option<MembershipView>, AppError> {
-    portal()?.member(&member_id).await
+pub async fn get_member(member_id: String, min_position: Option<u64>) -> Result<Option<MembershipView>, AppError> {
+    let portal = portal()?;
+    if let Some(position) = min_position {
+        portal.wait_for_position(position).await;
+    }
+    portal.member(&member_id).await
 }
 
 #[server(prefix = "/_fn")]

@@ -19,6 +19,8 @@ pub enum PortalCommand {
 pub trait Portal: Send + Sync + 'static {
     /// The membership view, or None for an unknown member.
     async fn member(&self, member_id: &str) -> Result<Option<MembershipView>, AppError>;
+    /// Wait (bounded) until the views have applied `position`.
+    async fn wait_for_position(&self, position: u64);
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError>;
     async fn consumers(&self) -> Result<Vec<ConsumerStatus>, AppError>;
     async fn execute(&self, command: PortalCommand) -> Result<CommandAck, AppError>;

@@ -149,7 +149,9 @@ fn Outcome(ack: CommandAck) -> impl IntoView {
     view! {
         <p class="form-ok" role="status">
             {text} " "
-            {ack.member_id.map(|id| view! { <a href=format!("/members/{id}")>"Open portal"</a> })}
+            {ack.member_id.map(|id| {
+                view! { <a href=format!("/members/{id}?min_position={}", ack.position)>"Open portal"</a> }
+            })}
         </p>
     }
 }

@@ -6,7 +6,7 @@ use crate::components::membership::MembershipCard;
 use crate::views::MembershipView;
 use leptos::prelude::*;
 use leptos_meta::Title;
-use leptos_router::hooks::use_params_map;
+use leptos_router::hooks::{use_params_map, use_query_map};
 
 /// Keep whichever view is newer: the one rendered with the page or the latest pushed one.
 fn newest(rendered: Option<MembershipView>, pushed: Option<MembershipView>) -> Option<MembershipView> {
@@ -20,7 +20,11 @@ fn newest(rendered: Option<MembershipView>, pushed: Option<MembershipView>) -> O
 pub fn MemberPage() -> impl IntoView {
     let params = use_params_map();
     let member_id = Memo::new(move |_| params.read().get("id").unwrap_or_default());
-    let initial = Resource::new_blocking(move || member_id.get(), get_member);
+    // `?min_position=P` (from a command's answer): show at least that fresh a view.
+    let query = use_query_map();
+    let min_position = Memo::new(move |_| query.read().get("min_position").and_then(|p| p.parse::<u64>().ok()));
+    let initial =
+        Resource::new_blocking(move || (member_id.get(), min_position.get()), |(id, min)| get_member(id, min));
     let pushed: RwSignal<Option<MembershipView>> = RwSignal::new(None);
     let connected = RwSignal::new(false);
 
