@@ -221,6 +221,7 @@ async fn commit_batch(
         }
     };
     let begin = async {
+        store.set_flush(&mut conn, true).await?;
         let mut tx = conn.begin().await?;
         store.lock_appends(&mut tx).await?;
         Ok::<_, sqlx::Error>(tx)

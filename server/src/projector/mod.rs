@@ -312,7 +312,13 @@ impl Runner {
         let name = self.consumer.name();
         let mut effects = Effects::default();
         let mut conn = self.store.write.acquire().await?;
+        if self.store.backend == crate::store::Backend::Sqlite {
+            self.store.set_flush(&mut conn, false).await?;
+        }
         let mut tx = conn.begin().await?;
+        if self.store.backend == crate::store::Backend::Postgres {
+            self.store.set_flush(&mut tx, false).await?;
+        }
         if self.consumer.appends() {
             self.store.lock_appends(&mut tx).await?;
         }
