@@ -51,9 +51,10 @@ pub async fn get_member(
     }
     // Read the applied position before the row: the row is then at least that fresh.
     let position = state.feed.position();
-    let response = match queries::member_view(&state.store, &id).await? {
+    let response = match queries::member_view_cached(&state.store, &state.feed.cache, &id).await? {
         Some((json, _)) => {
-            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
+            let body = axum::body::Body::from(axum::body::Bytes::copy_from_slice(json.as_bytes()));
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
         }
         None => ApiError::MemberNotFound(id).into_response(),
     };
