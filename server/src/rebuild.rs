@@ -4,7 +4,6 @@
 //! (so the result is byte for byte what the live projector writes), then replaces the view tables
 //! and their checkpoints in one transaction.
 
-use crate::clock;
 use crate::config::DatabaseArgs;
 use crate::projector::{member_search, membership_view};
 use crate::store::{PoolSizes, Store, StoredEvent};
@@ -87,15 +86,7 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
         member_search::insert_row(&mut tx, view).await?;
     }
     for name in [membership_view::NAME, member_search::NAME] {
-        sqlx::query(
-            "INSERT INTO checkpoints (name, position, updated_at, last_error) VALUES ($1, $2, $3, NULL) \
-             ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at, last_error = NULL",
-        )
-        .bind(name)
-        .bind(position)
-        .bind(clock::now())
-        .execute(&mut *tx)
-        .await?;
+        crate::projector::save_checkpoint(&mut tx, name, position).await?;
     }
     tx.commit().await?;
     let write = writing.elapsed();

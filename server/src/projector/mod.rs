@@ -374,7 +374,7 @@ async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> 
     row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
 }
 
-async fn save_checkpoint(conn: &mut AnyConnection, name: &str, position: i64) -> Result<(), sqlx::Error> {
+pub async fn save_checkpoint(conn: &mut AnyConnection, name: &str, position: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkpoints (name, position, updated_at, last_error) VALUES ($1, $2, $3, NULL) \
          ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at, last_error = NULL",
