@@ -106,6 +106,8 @@ pub struct Answer {
     pub status: u16,
     pub body: String,
     pub replayed: bool,
+    /// The position in `body` (of the stream's last event), kept to wake consumers.
+    pub position: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,41 +174,28 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let size = batch.len();
-        let replies = commit_batch(&store, &mut batch, &mut cache).await;
-        let mut newest = 0;
+        let (replies, newest) = commit_batch(&store, &mut batch, &mut cache).await;
         for (reply, result) in replies {
-            if let Ok(answer) = &result {
-                newest = newest.max(position_of(answer));
-            }
             // The caller may have gone away (client disconnected); the command stands regardless.
             let _ = reply.send(result);
         }
-        if newest > 0 {
-            head.send_if_modified(|h| {
-                let moved = newest > *h;
-                *h = (*h).max(newest);
-                moved
-            });
-        }
+        store::raise(&head, newest);
         metrics::histogram!("tally_command_batch_size").record(size as f64);
         metrics::histogram!("tally_command_batch_seconds").record(started.elapsed().as_secs_f64());
     }
     tracing::info!("command writer stopped");
 }
 
-fn position_of(answer: &Answer) -> i64 {
-    serde_json::from_str::<serde_json::Value>(&answer.body).ok().and_then(|v| v["position"].as_i64()).unwrap_or(0)
-}
-
 type Reply = oneshot::Sender<Result<Answer, CommandError>>;
 
 /// Run a batch in one transaction. Failed commands are answered with their error; if the commit
 /// itself fails, every command that would have succeeded is answered with that failure instead.
+/// Also returns the newest committed position (0 if nothing was committed).
 async fn commit_batch(
     store: &Store,
     batch: &mut Vec<Job>,
     cache: &mut StateCache,
-) -> Vec<(Reply, Result<Answer, CommandError>)> {
+) -> (Vec<(Reply, Result<Answer, CommandError>)>, i64) {
     cache.discard();
     let now = clock::now();
     let mut out = Vec::with_capacity(batch.len());
@@ -214,23 +203,16 @@ async fn commit_batch(
         Ok(conn) => conn,
         Err(err) => {
             tracing::error!(error = %err, "cannot get a write connection");
-            return batch
-                .drain(..)
-                .map(|j| (j.reply, Err(CommandError::Database(sqlx::Error::PoolTimedOut))))
-                .collect();
+            let replies = batch.drain(..).map(|j| (j.reply, Err(CommandError::Database(sqlx::Error::PoolTimedOut))));
+            return (replies.collect(), 0);
         }
     };
-    let begin = async {
-        store.set_flush(&mut conn, true).await?;
-        let mut tx = conn.begin().await?;
-        store.lock_appends(&mut tx).await?;
-        Ok::<_, sqlx::Error>(tx)
-    };
-    let mut tx = match begin.await {
+    let mut tx = match store.begin_commands(&mut conn).await {
         Ok(tx) => tx,
         Err(err) => {
             tracing::error!(error = %err, "cannot begin a write transaction");
-            return batch.drain(..).map(|j| (j.reply, Err(CommandError::Database(err_copy(&err))))).collect();
+            let replies = batch.drain(..).map(|j| (j.reply, Err(CommandError::Database(err_copy(&err)))));
+            return (replies.collect(), 0);
         }
     };
     for job in batch.drain(..) {
@@ -244,20 +226,20 @@ async fn commit_batch(
             .increment(1);
         out.push((job.reply, result));
     }
-    let newest = out.iter().filter_map(|(_, r)| r.as_ref().ok()).map(position_of).max().unwrap_or(0);
+    let newest = out.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0);
     if let Err(err) = crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest).await {
         tracing::warn!(error = %err, "could not announce the append to other nodes");
     }
     if let Err(err) = tx.commit().await {
         cache.discard();
         tracing::error!(error = %err, "group commit failed");
-        return out
+        let replies = out
             .into_iter()
-            .map(|(reply, result)| (reply, result.and_then(|_| Err(CommandError::Database(err_copy(&err))))))
-            .collect();
+            .map(|(reply, result)| (reply, result.and_then(|_| Err(CommandError::Database(err_copy(&err))))));
+        return (replies.collect(), 0);
     }
     cache.commit();
-    out
+    (out, newest)
 }
 
 fn err_copy(err: &sqlx::Error) -> sqlx::Error {
@@ -319,11 +301,9 @@ async fn execute(
             if request != idem.request {
                 return Err(CommandError::IdempotencyKeyReused);
             }
-            let answer = Answer {
-                status: row.try_get::<i64, _>("status")? as u16,
-                body: row.try_get("response")?,
-                replayed: true,
-            };
+            let body: String = row.try_get("response")?;
+            let position = serde_json::from_str::<serde_json::Value>(&body)?["position"].as_i64().unwrap_or(0);
+            let answer = Answer { status: row.try_get::<i64, _>("status")? as u16, body, replayed: true, position };
             return Ok((answer, None));
         }
     }
@@ -353,6 +333,7 @@ async fn execute(
                 status: 202,
                 body: json!({"transaction_id": purchase.transaction_id, "position": position}).to_string(),
                 replayed: false,
+                position,
             }
         }
         Command::Member { member_id, action } => {
@@ -371,7 +352,7 @@ async fn execute(
             if matches!(action, MemberAction::EarnForPurchase { .. }) {
                 body["points"] = json!(points_earned(&done.events));
             }
-            Answer { status, body: body.to_string(), replayed: false }
+            Answer { status, body: body.to_string(), replayed: false, position: done.position }
         }
     };
     if let Some(idem) = &envelope.idempotency {

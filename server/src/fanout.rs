@@ -13,7 +13,7 @@ use crate::live::Hub;
 use crate::store::{Backend, Store};
 use crate::view_cache::ViewCache;
 use app::views::{member_topic, MembershipView};
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -69,11 +69,7 @@ impl ViewFeed {
     }
 
     fn advance(&self, position: i64) {
-        self.position.send_if_modified(|p| {
-            let moved = position > *p;
-            *p = (*p).max(position);
-            moved
-        });
+        crate::store::raise(&self.position, position);
     }
 
     /// Inside the projector's transaction (PostgreSQL: the notices commit with the views).
@@ -153,13 +149,7 @@ impl ViewFeed {
         // Listening from here on: every later change will arrive, so caching is safe again.
         self.cache.set_enabled(true);
         // Whatever was announced while we were not listening: catch up the position.
-        let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
-            .bind(crate::projector::membership_view::NAME)
-            .fetch_optional(&store.read)
-            .await?;
-        if let Some(row) = row {
-            self.advance(row.try_get::<i64, _>("position")?);
-        }
+        self.advance(crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?);
         loop {
             let notice = tokio::select! {
                 n = listener.recv() => n?,
@@ -167,11 +157,7 @@ impl ViewFeed {
             };
             if notice.channel() == APPENDS_CHANNEL {
                 if let Ok(position) = notice.payload().parse::<i64>() {
-                    self.head.send_if_modified(|h| {
-                        let moved = position > *h;
-                        *h = (*h).max(position);
-                        moved
-                    });
+                    crate::store::raise(&self.head, position);
                 }
                 continue;
             }

@@ -78,8 +78,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
     let hub = Arc::new(live::Hub::default());
     let shutdown = CancellationToken::new();
-    let feed =
-        Arc::new(fanout::ViewFeed::new(hub.clone(), store.backend, view_checkpoint(&store).await?, head.clone()));
+    let feed = Arc::new(fanout::ViewFeed::new(
+        hub.clone(),
+        store.backend,
+        projector::load_checkpoint(&store, projector::membership_view::NAME).await?,
+        head.clone(),
+    ));
     let consumers = projector::Consumers::new(
         store.clone(),
         head.clone(),
@@ -164,18 +168,6 @@ impl Tally {
         }
         Ok(())
     }
-}
-
-/// Where the membership view stands at start-up (read-your-writes starts from here).
-async fn view_checkpoint(store: &store::Store) -> anyhow::Result<i64> {
-    let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1")
-        .bind(projector::membership_view::NAME)
-        .fetch_optional(&store.read)
-        .await?;
-    Ok(match row {
-        Some(row) => sqlx::Row::try_get::<i64, _>(&row, "position")?,
-        None => 0,
-    })
 }
 
 /// Idempotency keys are kept 7 days (API.md promises at least 24 hours).

@@ -93,16 +93,7 @@ impl Portal for ServerPortal {
                 actor: "staff-console".into(),
             },
         };
-        let member_id = match &envelope.command {
-            crate::commands::Command::Member { member_id, .. } => Some(member_id.clone()),
-            crate::commands::Command::RecordPurchase(_) => None,
-        };
-        let answer = self.state.bus.send(envelope).await.map_err(|e| match ApiError::from(e) {
-            ApiError::MemberNotFound(_) => {
-                ApiError::MemberNotFound(member_id.clone().unwrap_or_default()).to_app_error()
-            }
-            other => other.to_app_error(),
-        })?;
+        let answer = rest::send(&self.state, envelope).await.map_err(|e| e.to_app_error())?;
         let body: serde_json::Value = serde_json::from_str(&answer.body).map_err(|e| app_err(ApiError::internal(e)))?;
         Ok(CommandAck {
             member_id: body["member_id"].as_str().map(str::to_string),

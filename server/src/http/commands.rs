@@ -137,16 +137,21 @@ pub fn envelope(
     })
 }
 
-/// Send to the bus and turn the answer into the HTTP response (the stored one, on a replay).
-pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, ApiError> {
+/// Run a command on the bus; a refusal becomes the API error (naming the member, when unknown).
+pub async fn send(state: &AppState, envelope: Envelope) -> Result<crate::commands::Answer, ApiError> {
     let member = match &envelope.command {
         Command::Member { member_id, .. } => Some(member_id.clone()),
         Command::RecordPurchase(_) => None,
     };
-    let answer = state.bus.send(envelope).await.map_err(|e| match ApiError::from(e) {
-        ApiError::MemberNotFound(_) => ApiError::MemberNotFound(member.clone().unwrap_or_default()),
+    state.bus.send(envelope).await.map_err(|e| match ApiError::from(e) {
+        ApiError::MemberNotFound(_) => ApiError::MemberNotFound(member.unwrap_or_default()),
         other => other,
-    })?;
+    })
+}
+
+/// Send to the bus and turn the answer into the HTTP response (the stored one, on a replay).
+pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, ApiError> {
+    let answer = send(state, envelope).await?;
     let status = StatusCode::from_u16(answer.status).map_err(ApiError::internal)?;
     let mut response =
         (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], answer.body).into_response();

@@ -15,7 +15,7 @@ use crate::store::{Store, StoredEvent};
 use anyhow::Context;
 use app::views::{ConsumerStatus, MembershipView};
 use async_trait::async_trait;
-use sqlx::{Acquire, AnyConnection, Row};
+use sqlx::{AnyConnection, Row};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -312,16 +312,7 @@ impl Runner {
         let name = self.consumer.name();
         let mut effects = Effects::default();
         let mut conn = self.store.write.acquire().await?;
-        if self.store.backend == crate::store::Backend::Sqlite {
-            self.store.set_flush(&mut conn, false).await?;
-        }
-        let mut tx = conn.begin().await?;
-        if self.store.backend == crate::store::Backend::Postgres {
-            self.store.set_flush(&mut tx, false).await?;
-        }
-        if self.consumer.appends() {
-            self.store.lock_appends(&mut tx).await?;
-        }
+        let mut tx = self.store.begin_consumer(&mut conn, self.consumer.appends()).await?;
         let checkpoint = self.store.lock_checkpoint(&mut tx, name).await?;
         if checkpoint != position {
             // Someone else applied these (a node that briefly believed it led): start from theirs.
@@ -342,13 +333,7 @@ impl Runner {
         self.handle.record(events.len() as u64);
         metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
         metrics::gauge!("tally_consumer_position", "consumer" => name).set(last as f64);
-        if effects.appended > 0 {
-            self.head.send_if_modified(|h| {
-                let moved = effects.appended > *h;
-                *h = (*h).max(effects.appended);
-                moved
-            });
-        }
+        crate::store::raise(&self.head, effects.appended);
         if self.consumer.feeds_views() {
             self.feed.after_commit(effects.views, last);
         }
@@ -368,7 +353,7 @@ async fn init_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> 
     load_checkpoint(store, name).await
 }
 
-async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
+pub async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
     let row =
         sqlx::query("SELECT position FROM checkpoints WHERE name = $1").bind(name).fetch_optional(&store.read).await?;
     row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))

@@ -14,7 +14,7 @@ pub use append::{append, load_stream, load_stream_after, LoadedStream, NewEvent}
 use anyhow::Context;
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use sqlx::{Acquire, AnyConnection, AnyPool, Executor, Row};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub struct Store {
     pub write: AnyPool,
     pub read: AnyPool,
     pub backend: Backend,
-    /// Commands wait for the disk (SQLite synchronous=FULL); see `set_flush`.
+    /// Commands wait for the disk (SQLite synchronous=FULL); see `begin_consumer`.
     pub durable: bool,
 }
 
@@ -214,22 +214,47 @@ impl Store {
         Ok(())
     }
 
-    /// Whether commits on this connection wait for the disk. Commands always do (API.md:
-    /// acknowledged means durable). Consumers need not: their effects are derived from events and
-    /// committed with their checkpoint, and the write-ahead log is durable as a prefix of commit
-    /// order, so the next command's flush makes them durable too, and a crash can only lose a
-    /// suffix of consumer commits, which they then replay from their checkpoint. (A process crash
-    /// loses nothing either way; this matters only for power loss.) Saves one flush per consumer
-    /// batch, which is most of the flushes.
-    pub async fn set_flush(&self, conn: &mut AnyConnection, flush: bool) -> Result<(), sqlx::Error> {
-        let sql = match (self.backend, flush) {
-            (Backend::Sqlite, true) if self.durable => "PRAGMA synchronous = FULL",
-            (Backend::Sqlite, _) => "PRAGMA synchronous = NORMAL",
-            // Inside the consumer's transaction only.
-            (Backend::Postgres, false) => "SET LOCAL synchronous_commit = off",
-            (Backend::Postgres, true) => return Ok(()),
-        };
-        sqlx::query(sql).execute(&mut *conn).await.map(|_| ())
+    // Whether commits wait for the disk. Commands always do (API.md:
+    // acknowledged means durable). Consumers need not: their effects are derived from events and
+    // committed with their checkpoint, and the write-ahead log is durable as a prefix of commit
+    // order, so the next command's flush makes them durable too, and a crash can only lose a
+    // suffix of consumer commits, which they then replay from their checkpoint. (A process crash
+    // loses nothing either way; this matters only for power loss.) Saves one flush per consumer
+    // batch, which is most of the flushes.
+
+    /// A command batch's transaction: flushed on commit, append lock held.
+    pub async fn begin_commands<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
+        if self.backend == Backend::Sqlite {
+            let sync = if self.durable { "PRAGMA synchronous = FULL" } else { "PRAGMA synchronous = NORMAL" };
+            sqlx::query(sync).execute(&mut *conn).await?;
+        }
+        let mut tx = conn.begin().await?;
+        self.lock_appends(&mut tx).await?;
+        Ok(tx)
+    }
+
+    /// A consumer batch's transaction: not flushed on commit (see above); with the append lock
+    /// when the consumer appends events.
+    pub async fn begin_consumer<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+        appends: bool,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
+        // SQLite sets this per connection, before the transaction; PostgreSQL per transaction.
+        if self.backend == Backend::Sqlite {
+            sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+        }
+        let mut tx = conn.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+        }
+        if appends {
+            self.lock_appends(&mut tx).await?;
+        }
+        Ok(tx)
     }
 
     /// A consumer's checkpoint, locked until the caller's transaction ends, so two nodes that
@@ -242,6 +267,16 @@ impl Store {
         let row = sqlx::query(sql).bind(name).fetch_optional(&mut *conn).await?;
         row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
     }
+}
+
+/// Raise a position watch (head, applied position) to `position` if that is higher, waking its
+/// waiters only when it moved.
+pub fn raise(watch: &tokio::sync::watch::Sender<i64>, position: i64) {
+    watch.send_if_modified(|p| {
+        let moved = position > *p;
+        *p = (*p).max(position);
+        moved
+    });
 }
 
 /// True when a database error is a unique-constraint violation (a lost race on a stream version or
