@@ -4,8 +4,8 @@
 //! consumers and pings its connection; if the session is lost it stops them at once. When the
 //! holder dies (even by `kill -9`), PostgreSQL ends its session and frees the lock, and the next
 //! node to try (within `retry`) takes over from the checkpoints. Even a node that wrongly believed
-//! it led could not double-apply: every batch locks its consumer's checkpoint row (see
-//! `projector::Runner::step`).
+//! it led could not double-apply: every batch moves its consumer's checkpoint only from where the
+//! batch started, or rolls back (see `projector::advance_checkpoint`).
 
 use crate::projector::Consumers;
 use crate::store::CONSUMER_LEADER_LOCK;

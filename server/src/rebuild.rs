@@ -81,22 +81,16 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let mut tx = conn.begin().await?;
     sqlx::query("DELETE FROM membership_view").execute(&mut *tx).await?;
     sqlx::query("DELETE FROM member_search").execute(&mut *tx).await?;
-    for view in views.values() {
-        membership_view::save(&mut tx, view).await?;
-        member_search::insert_row(&mut tx, view).await?;
-    }
+    let views: Vec<MembershipView> = views.into_values().collect();
+    let members = views.len() as u64;
+    membership_view::save_many(&mut tx, &views).await?;
+    let rows: Vec<member_search::SearchRow> = views.iter().map(Into::into).collect();
+    member_search::save_many(&mut tx, &rows.iter().collect::<Vec<_>>()).await?;
     for name in [membership_view::NAME, member_search::NAME] {
         crate::projector::save_checkpoint(&mut tx, name, position).await?;
     }
     tx.commit().await?;
     let write = writing.elapsed();
     let total = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(RebuildReport {
-        events,
-        members: views.len() as u64,
-        position,
-        read_and_fold,
-        write,
-        events_per_second: events as f64 / total,
-    })
+    Ok(RebuildReport { events, members, position, read_and_fold, write, events_per_second: events as f64 / total })
 }

@@ -98,7 +98,7 @@ impl From<CommandError> for ApiError {
             CommandError::VersionConflict { expected, actual } if expected >= 0 => {
                 ApiError::VersionConflict(format!("the member is at version {actual}, not {expected}"))
             }
-            CommandError::VersionConflict { .. } | CommandError::Race => {
+            CommandError::VersionConflict { .. } => {
                 ApiError::VersionConflict("the member changed concurrently, try again".into())
             }
             CommandError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,

@@ -4,9 +4,10 @@
 //! earns exactly once however often the policy sees it. Rules: `app::domain::loyalty_policy`.
 
 use crate::clock;
-use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta};
+use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta, StateCache};
 use crate::projector::{Consumer, Effects};
 use crate::store::{self, StoredEvent};
+use anyhow::Context;
 use app::domain::loyalty_policy::{self, PolicyStep};
 use app::domain::member::{MemberCommand, MemberError};
 use app::domain::transaction::{TransactionAggregate, TransactionEvent};
@@ -29,6 +30,23 @@ impl Consumer for LoyaltyPolicy {
         true
     }
 
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        events: &[StoredEvent],
+        effects: &mut Effects,
+    ) -> anyhow::Result<()> {
+        for event in events.iter().filter(|e| e.event_type == "TransactionPerformed") {
+            self.handle(conn, event, effects).await.with_context(|| {
+                format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl LoyaltyPolicy {
+    /// One purchase: earn, then close it.
     async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
         if event.event_type != "TransactionPerformed" {
             return Ok(());
@@ -59,10 +77,10 @@ impl Consumer for LoyaltyPolicy {
             "causation_id": meta.causation_id,
             "idempotency_key": purchase.transaction_id,
             "actor": NAME,
-        });
-        let done =
-            commands::run::<TransactionAggregate>(conn, &stream_id, None, None, |_| Ok(close), &metadata, &now).await?;
-        effects.appended = effects.appended.max(done.position);
+        })
+        .to_string();
+        let position = commands::run::<TransactionAggregate>(conn, &stream_id, |_| close, &metadata, &now).await?;
+        effects.appended = effects.appended.max(position);
         Ok(())
     }
 }
@@ -94,10 +112,12 @@ async fn earn(
         }),
         meta: meta.clone(),
     };
-    match commands::execute_isolated(conn, &envelope, now, None).await {
+    // A batch of one, inside the runner's transaction; no cached states (the writer's are its own).
+    let mut results = commands::execute_batch(conn, &[&envelope], now, &mut StateCache::default()).await?;
+    match results.pop().unwrap_or(Err(CommandError::Unavailable)) {
         Ok(answer) => {
             let body: serde_json::Value = serde_json::from_str(&answer.body)?;
-            effects.appended = effects.appended.max(body["position"].as_i64().unwrap_or(0));
+            effects.appended = effects.appended.max(answer.position);
             Ok(Ok(body["points"].as_u64().unwrap_or(0)))
         }
         Err(CommandError::Member(refused)) => Ok(Err(refused)),

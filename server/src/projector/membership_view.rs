@@ -2,13 +2,15 @@
 //! stored by `GET /api/members/{id}`, the portal page and the `member:<id>` live topic.
 
 use super::{Consumer, Effects};
-use crate::store::StoredEvent;
+use crate::store::{self, StoredEvent};
+use anyhow::Context;
 use app::domain::member::{MemberAggregate, MemberEvent, Status};
 use app::domain::tier::Tier;
 use app::domain::Aggregate;
 use app::views::{Activity, MembershipView, NextTier, RECENT_ACTIVITY};
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
+use std::collections::HashMap;
 
 pub const NAME: &str = "membership_view";
 
@@ -24,47 +26,84 @@ impl Consumer for MembershipViewProjection {
         true
     }
 
-    async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
-        let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else {
+    /// Per batch: read the views of the members it touches (one query), fold in memory, write the
+    /// changed views back (one multi-row upsert), and hand them to the live feed.
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        events: &[StoredEvent],
+        effects: &mut Effects,
+    ) -> anyhow::Result<()> {
+        let mut ids: Vec<&str> = events.iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
             return Ok(());
-        };
-        let current = load(conn, member_id).await?;
-        if current.as_ref().is_some_and(|v| v.position >= event.position as u64) {
-            return Ok(()); // applied before: a replay changes nothing
         }
-        let domain_event: MemberEvent = event.decode()?;
-        let Some(view) = evolve(current, event, &domain_event) else {
-            return Ok(());
-        };
-        save(conn, &view).await?;
-        effects.views.push(view);
-        Ok(())
+        let mut views = load_many(conn, &ids).await?;
+        let mut changed: Vec<String> = Vec::new();
+        for event in events {
+            let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else { continue };
+            if views.get(member_id).is_some_and(|v| v.position >= event.position as u64) {
+                continue; // applied before: a replay changes nothing
+            }
+            let decoded: MemberEvent = event.decode().with_context(|| {
+                format!("event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
+            })?;
+            if let Some(view) = evolve(views.remove(member_id), event, &decoded) {
+                changed.push(member_id.to_string());
+                views.insert(member_id.to_string(), view);
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        effects.views = changed.iter().filter_map(|id| views.remove(id)).collect();
+        save_many(conn, &effects.views).await
     }
 }
 
-pub async fn load(conn: &mut AnyConnection, member_id: &str) -> anyhow::Result<Option<MembershipView>> {
-    let row = sqlx::query("SELECT view FROM membership_view WHERE member_id = $1")
-        .bind(member_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
-        Some(row) => Ok(Some(serde_json::from_str(&row.try_get::<String, _>("view")?)?)),
-        None => Ok(None),
+/// Rows per statement.
+const CHUNK: usize = 500;
+
+pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result<HashMap<String, MembershipView>> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT member_id, view FROM membership_view WHERE member_id IN ({})",
+            store::placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let view: MembershipView = serde_json::from_str(&row.try_get::<String, _>("view")?)?;
+            out.insert(row.try_get("member_id")?, view);
+        }
     }
+    Ok(out)
 }
 
-pub async fn save(conn: &mut AnyConnection, view: &MembershipView) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO membership_view (member_id, version, position, view) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (member_id) DO UPDATE SET version = excluded.version, position = excluded.position, view = excluded.view \
-         WHERE membership_view.position < excluded.position",
-    )
-    .bind(&view.member_id)
-    .bind(view.version as i64)
-    .bind(view.position as i64)
-    .bind(serde_json::to_string(view)?)
-    .execute(&mut *conn)
-    .await?;
+/// Insert or update the views (never over a row that has seen a later event).
+pub async fn save_many(conn: &mut AnyConnection, views: &[MembershipView]) -> anyhow::Result<()> {
+    for chunk in views.chunks(CHUNK) {
+        let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 4 + 1, 4))).collect::<Vec<_>>();
+        let sql = format!(
+            "INSERT INTO membership_view (member_id, version, position, view) VALUES {} \
+             ON CONFLICT (member_id) DO UPDATE SET version = excluded.version, position = excluded.position, \
+             view = excluded.view WHERE membership_view.position < excluded.position",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for view in chunk {
+            query = query
+                .bind(&view.member_id)
+                .bind(view.version as i64)
+                .bind(view.position as i64)
+                .bind(serde_json::to_string(view)?);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -12,7 +12,6 @@ pub mod membership_view;
 use crate::clock;
 use crate::fanout::ViewFeed;
 use crate::store::{Store, StoredEvent};
-use anyhow::Context;
 use app::views::{ConsumerStatus, MembershipView};
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
@@ -37,9 +36,14 @@ pub struct Effects {
 #[async_trait]
 pub trait Consumer: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Apply one event inside the batch's transaction. Must ignore events it already applied
-    /// (rows remember their position) so a replay is harmless.
-    async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()>;
+    /// Apply a batch of events (in position order) inside the batch's transaction. Must ignore
+    /// events it already applied (rows remember their position) so a replay is harmless.
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        events: &[StoredEvent],
+        effects: &mut Effects,
+    ) -> anyhow::Result<()>;
     /// True for processors that append events (they take the append lock).
     fn appends(&self) -> bool {
         false
@@ -313,19 +317,16 @@ impl Runner {
         let mut effects = Effects::default();
         let mut conn = self.store.write.acquire().await?;
         let mut tx = self.store.begin_consumer(&mut conn, self.consumer.appends()).await?;
-        let checkpoint = self.store.lock_checkpoint(&mut tx, name).await?;
-        if checkpoint != position {
-            // Someone else applied these (a node that briefly believed it led): start from theirs.
-            return Ok(Some(checkpoint));
-        }
-        for event in &events {
-            self.consumer.handle(&mut tx, event, &mut effects).await.with_context(|| {
-                format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
-            })?;
-        }
-        save_checkpoint(&mut tx, name, last).await?;
+        self.consumer.apply(&mut tx, &events, &mut effects).await?;
         if self.consumer.feeds_views() {
             self.feed.in_transaction(&mut tx, &effects.views, last).await?;
+        }
+        if !advance_checkpoint(&mut tx, name, position, last).await? {
+            // Someone else applied these (a node that briefly believed it led): drop ours, start
+            // from theirs.
+            tx.rollback().await?;
+            drop(conn);
+            return Ok(Some(load_checkpoint(&self.store, name).await?));
         }
         tx.commit().await?;
         drop(conn);
@@ -359,6 +360,24 @@ pub async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Err
     row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
 }
 
+/// Move the checkpoint from `from` to `to`, inside the batch's transaction; false (and nothing
+/// written) when it is no longer at `from`. On PostgreSQL the row lock this takes is held to the
+/// commit, and a second node running the same batch waits on it, then finds the checkpoint moved:
+/// so no batch is ever applied twice, whatever two nodes believe about who leads.
+async fn advance_checkpoint(conn: &mut AnyConnection, name: &str, from: i64, to: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE checkpoints SET position = $3, updated_at = $4, last_error = NULL WHERE name = $1 AND position = $2",
+    )
+    .bind(name)
+    .bind(from)
+    .bind(to)
+    .bind(clock::now())
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Set a checkpoint outright (`tally rebuild`).
 pub async fn save_checkpoint(conn: &mut AnyConnection, name: &str, position: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkpoints (name, position, updated_at, last_error) VALUES ($1, $2, $3, NULL) \

@@ -1,7 +1,13 @@
-//! Loading a stream and appending to it, inside a caller's transaction.
+//! Loading streams and appending to them, inside a caller's transaction.
+//!
+//! Both work on many streams at once: the command writer loads every stream a batch needs with one
+//! query and appends the whole batch with one multi-row `INSERT`. Per-statement cost (a round trip
+//! to PostgreSQL, a thread hand-off in the SQLite driver) is what limits command throughput, not
+//! the rows, so statements per batch, not per command, is what keeps it fast.
 
 use super::{StoredEvent, EVENT_COLUMNS};
 use sqlx::{AnyConnection, Row};
+use std::collections::HashMap;
 
 /// What a command needs of its stream: every event, the version and the last position.
 #[derive(Debug, Default)]
@@ -12,59 +18,96 @@ pub struct LoadedStream {
 }
 
 pub async fn load_stream(conn: &mut AnyConnection, stream_id: &str) -> Result<LoadedStream, sqlx::Error> {
-    load_stream_after(conn, stream_id, 0).await
-}
-
-/// The stream's events after `after_version` (all of them for 0).
-pub async fn load_stream_after(
-    conn: &mut AnyConnection,
-    stream_id: &str,
-    after_version: i64,
-) -> Result<LoadedStream, sqlx::Error> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
-    );
-    let rows = sqlx::query(&sql).bind(stream_id).bind(after_version).fetch_all(&mut *conn).await?;
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version");
+    let rows = sqlx::query(&sql).bind(stream_id).fetch_all(&mut *conn).await?;
     let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
     let (version, last_position) = events.last().map(|e| (e.stream_version, e.position)).unwrap_or((0, 0));
     Ok(LoadedStream { events, version, last_position })
 }
 
-pub struct NewEvent {
-    pub event_type: &'static str,
-    pub schema_version: u32,
-    pub data: serde_json::Value,
+/// Streams loaded per query (keeps the statement well under both databases' parameter limits).
+const STREAMS_PER_QUERY: usize = 500;
+
+/// Every event of each of these streams, oldest first; a stream with no events is absent.
+pub async fn load_streams(
+    conn: &mut AnyConnection,
+    stream_ids: &[&str],
+) -> Result<HashMap<String, Vec<StoredEvent>>, sqlx::Error> {
+    let mut out: HashMap<String, Vec<StoredEvent>> = HashMap::new();
+    for chunk in stream_ids.chunks(STREAMS_PER_QUERY) {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id IN ({}) ORDER BY position",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let event = StoredEvent::from_row(&row)?;
+            out.entry(event.stream_id.clone()).or_default().push(event);
+        }
+    }
+    Ok(out)
 }
 
-/// Append events after `version`; returns (new version, position of the last event).
-/// A concurrent writer that took the same version makes this fail with a unique violation.
-pub async fn append(
-    conn: &mut AnyConnection,
-    stream_id: &str,
-    version: i64,
-    events: &[NewEvent],
-    metadata: &serde_json::Value,
-    recorded_at: &str,
-) -> Result<(i64, i64), sqlx::Error> {
-    let metadata = metadata.to_string();
-    let mut v = version;
-    let mut position = 0;
-    for event in events {
-        v += 1;
-        let row = sqlx::query(
+/// One event to append, its stream version already decided.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub event_type: &'static str,
+    pub schema_version: u32,
+    /// The event's `data` as JSON text.
+    pub data: String,
+    /// The command's metadata as JSON text.
+    pub metadata: String,
+}
+
+/// Rows per `INSERT` (7 parameters each).
+const ROWS_PER_INSERT: usize = 500;
+
+/// Append the events, in order; returns each one's position. A stream version that another
+/// writer took first makes this fail with a unique violation (and the caller's transaction must
+/// then be rolled back: never a partial append).
+pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: &str) -> Result<Vec<i64>, sqlx::Error> {
+    let mut positions = Vec::with_capacity(events.len());
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        let values = (0..chunk.len()).map(|i| format!("({})", placeholders(i * 7 + 1, 7))).collect::<Vec<_>>();
+        let sql = format!(
             "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING position",
-        )
-        .bind(stream_id)
-        .bind(v)
-        .bind(event.event_type)
-        .bind(event.schema_version as i64)
-        .bind(event.data.to_string())
-        .bind(&metadata)
-        .bind(recorded_at)
-        .fetch_one(&mut *conn)
-        .await?;
-        position = row.try_get::<i64, _>("position")?;
+             VALUES {} RETURNING position, stream_id, stream_version",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for event in chunk {
+            query = query
+                .bind(&event.stream_id)
+                .bind(event.stream_version)
+                .bind(event.event_type)
+                .bind(event.schema_version as i64)
+                .bind(&event.data)
+                .bind(&event.metadata)
+                .bind(recorded_at);
+        }
+        // RETURNING's row order is not promised by SQL: match rows to events by stream and version.
+        let mut returned = HashMap::with_capacity(chunk.len());
+        for row in query.fetch_all(&mut *conn).await? {
+            let key: (String, i64) = (row.try_get("stream_id")?, row.try_get("stream_version")?);
+            returned.insert(key, row.try_get::<i64, _>("position")?);
+        }
+        for event in chunk {
+            let position = returned
+                .get(&(event.stream_id.clone(), event.stream_version))
+                .copied()
+                .ok_or_else(|| sqlx::Error::Protocol("an appended event's position was not returned".into()))?;
+            positions.push(position);
+        }
     }
-    Ok((v, position))
+    Ok(positions)
+}
+
+/// `$from, $from+1, …` (`count` of them).
+pub fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }

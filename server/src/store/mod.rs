@@ -9,7 +9,7 @@
 
 mod append;
 
-pub use append::{append, load_stream, load_stream_after, LoadedStream, NewEvent};
+pub use append::{append, load_stream, load_streams, placeholders, LoadedStream, NewEvent};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -255,17 +255,6 @@ impl Store {
             self.lock_appends(&mut tx).await?;
         }
         Ok(tx)
-    }
-
-    /// A consumer's checkpoint, locked until the caller's transaction ends, so two nodes that
-    /// both believe they run the consumers can never apply the same batch twice.
-    pub async fn lock_checkpoint(&self, conn: &mut AnyConnection, name: &str) -> Result<i64, sqlx::Error> {
-        let sql = match self.backend {
-            Backend::Postgres => "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE",
-            Backend::Sqlite => "SELECT position FROM checkpoints WHERE name = $1",
-        };
-        let row = sqlx::query(sql).bind(name).fetch_optional(&mut *conn).await?;
-        row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
     }
 }
 

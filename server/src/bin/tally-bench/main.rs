@@ -87,9 +87,17 @@ struct RunArgs {
     /// Tiny sizes, for the test suite's smoke run (the figures mean nothing).
     #[arg(long)]
     smoke: bool,
+    /// Run only these measures (e.g. `--only P3,P6`); all by default. P2 needs P1.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 impl RunArgs {
+    fn wants(&self, id: &str) -> bool {
+        self.only.is_empty()
+            || self.only.iter().any(|o| o.eq_ignore_ascii_case(id) || (id == "P1" && o.eq_ignore_ascii_case("P2")))
+    }
+
     fn smoke(mut self) -> Self {
         if self.smoke {
             self.members = 40;
@@ -196,15 +204,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "seeded {enrolled} members and {recorded} purchases in {seed_secs:.1}s; consumers caught up {project_secs:.1}s later at position {head}"
     );
 
-    // P1: the materialized view vs a trivial route of the same server.
     let secs = Duration::from_secs(args.seconds);
-    let (ceiling, cpu_c, rss_c) =
-        with_usage(server.pid(), load::run(server.base(), args.connections, secs, get_path("/livez"))).await;
     let view_load = view_request(members.clone());
-    let (view, cpu_v, rss_v) =
-        with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone())).await;
-    let ratio = view.rps() / ceiling.rps().max(1e-9);
-    rows.push(Row {
+    // P1: the materialized view vs a trivial route of the same server.
+    if args.wants("P1") {
+        let (ceiling, cpu_c, rss_c) =
+            with_usage(server.pid(), load::run(server.base(), args.connections, secs, get_path("/livez"))).await;
+        let (view, cpu_v, rss_v) =
+            with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone())).await;
+        let ratio = view.rps() / ceiling.rps().max(1e-9);
+        rows.push(Row {
         id: "P1",
         measure: format!("GET /api/members/{{id}}, {} connections, random members", args.connections),
         result: format!(
@@ -219,10 +228,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "p99_ms": view.ms(0.99), "errors": view.errors, "ceiling_p99_ms": ceiling.ms(0.99), "ceiling_cpu_percent": cpu_c, "ceiling_rss_mib": rss_c}),
     });
 
-    // P2: API composition over three upstream services.
-    compose::prepare(&db, work.path()).await?;
-    let p2 = composition(&me, work.path(), &args, &members, &server, view.rps(), view_load.clone()).await?;
-    rows.extend(p2);
+        // P2: API composition over three upstream services.
+        if args.wants("P2") {
+            compose::prepare(&db, work.path()).await?;
+            let p2 = composition(&me, work.path(), &args, &members, &server, view.rps(), view_load.clone()).await?;
+            rows.extend(p2);
+        }
+    }
 
     // P3: durable commands over HTTP.
     let command_load: MakeRequest = {
@@ -236,36 +248,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let (cmds, cpu, rss) =
-        with_usage(server.pid(), load::run(server.base(), args.connections, secs, command_load.clone())).await;
-    rows.push(Row {
-        id: "P3",
-        measure: format!("durable commands over HTTP (earn/redeem 1:1), {} connections", args.connections),
-        result: format!(
-            "{:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            cmds.rps(),
-            cmds.ms(0.5),
-            cmds.ms(0.99),
-            cmds.errors
-        ),
-        target: "≥ 25,000/s, p99 ≤ 10 ms",
-        met: Some(cmds.rps() >= 25_000.0 && cmds.ms(0.99) <= 10.0),
-        server_cpu_percent: Some(cpu),
-        server_rss_mib: Some(rss),
-        figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99), "errors": cmds.errors}),
-    });
-    wait_caught_up(server.base()).await?;
+    if args.wants("P3") {
+        let (cmds, cpu, rss) =
+            with_usage(server.pid(), load::run(server.base(), args.connections, secs, command_load.clone())).await;
+        rows.push(Row {
+            id: "P3",
+            measure: format!("durable commands over HTTP (earn/redeem 1:1), {} connections", args.connections),
+            result: format!(
+                "{:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                cmds.rps(),
+                cmds.ms(0.5),
+                cmds.ms(0.99),
+                cmds.errors
+            ),
+            target: "≥ 25,000/s, p99 ≤ 10 ms",
+            met: Some(cmds.rps() >= 25_000.0 && cmds.ms(0.99) <= 10.0),
+            server_cpu_percent: Some(cpu),
+            server_rss_mib: Some(rss),
+            figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99), "errors": cmds.errors}),
+        });
+        wait_caught_up(server.base()).await?;
+    }
 
     // P4: freshness under load.
-    let (fresh, cpu, rss) = with_usage(
-        server.pid(),
-        live::freshness(server.base(), &members, args.fresh_clients, args.fresh_rate, args.fresh_samples),
-    )
-    .await;
-    let fresh = fresh?;
-    let (p50, p99) =
-        (fresh.hist.value_at_quantile(0.5) as f64 / 1000.0, fresh.hist.value_at_quantile(0.99) as f64 / 1000.0);
-    rows.push(Row {
+    if args.wants("P4") {
+        let (fresh, cpu, rss) = with_usage(
+            server.pid(),
+            live::freshness(server.base(), &members, args.fresh_clients, args.fresh_rate, args.fresh_samples),
+        )
+        .await;
+        let fresh = fresh?;
+        let (p50, p99) =
+            (fresh.hist.value_at_quantile(0.5) as f64 / 1000.0, fresh.hist.value_at_quantile(0.99) as f64 / 1000.0);
+        rows.push(Row {
         id: "P4",
         measure: format!(
             "ack → subscribed client holds the new view ({} sockets, background {:.0} commands/s achieved)",
@@ -278,17 +293,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         server_rss_mib: Some(rss),
         figures: json!({"p50_ms": p50, "p99_ms": p99, "samples": fresh.hist.len(), "background_rate": fresh.background_rate, "target_rate": args.fresh_rate}),
     });
-    wait_caught_up(server.base()).await?;
+        wait_caught_up(server.base()).await?;
+    }
 
     // P5: fan-out to many sockets on one topic.
-    let (fan, cpu, rss) = with_usage(
-        server.pid(),
-        live::fanout(server.base(), server.pid(), &members[1], args.fanout_clients, args.fanout_rounds),
-    )
-    .await;
-    let fan = fan?;
-    let p99 = fan.hist.value_at_quantile(0.99) as f64 / 1000.0;
-    rows.push(Row {
+    if args.wants("P5") {
+        let (fan, cpu, rss) = with_usage(
+            server.pid(),
+            live::fanout(server.base(), server.pid(), &members[1], args.fanout_clients, args.fanout_rounds),
+        )
+        .await;
+        let fan = fan?;
+        let p99 = fan.hist.value_at_quantile(0.99) as f64 / 1000.0;
+        rows.push(Row {
         id: "P5",
         measure: format!("one change to a topic watched by {} sockets ({} connected)", fan.clients, fan.connected),
         result: format!(
@@ -302,43 +319,57 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
             "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib}),
     });
+    }
 
     // P6: top the log up, stop the server, rebuild offline.
-    let head = top_up(server.base(), args.rebuild_events, args.connections, command_load).await?;
-    server.proc.stop();
-    let mut rates = Vec::new();
-    for _ in 0..args.rebuild_runs {
-        let output = std::process::Command::new(&tally)
-            .args(["rebuild", "--database-url", &db.to_string_lossy()])
-            .env("RUST_LOG", "warn")
-            .output()?;
-        anyhow::ensure!(output.status.success(), "tally rebuild failed: {}", String::from_utf8_lossy(&output.stderr));
-        let text = String::from_utf8_lossy(&output.stdout).to_string();
-        let rate: f64 = text
-            .rsplit_once(": ")
-            .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("unexpected rebuild output: {text}"))?;
-        eprintln!("{}", text.trim());
-        rates.push(rate);
+    if args.wants("P6") {
+        let head = top_up(server.base(), args.rebuild_events, args.connections, command_load).await?;
+        server.proc.stop();
+        let mut rates = Vec::new();
+        for _ in 0..args.rebuild_runs {
+            let output = std::process::Command::new(&tally)
+                .args(["rebuild", "--database-url", &db.to_string_lossy()])
+                .env("RUST_LOG", "warn")
+                .output()?;
+            anyhow::ensure!(
+                output.status.success(),
+                "tally rebuild failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let text = String::from_utf8_lossy(&output.stdout).to_string();
+            let rate: f64 = text
+                .rsplit_once(": ")
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("unexpected rebuild output: {text}"))?;
+            eprintln!("{}", text.trim());
+            rates.push(rate);
+        }
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        rows.push(Row {
+            id: "P6",
+            measure: format!(
+                "offline rebuild of every view from {head} events (tally rebuild, median of {})",
+                rates.len()
+            ),
+            result: format!(
+                "{median:.0} events/s (runs: {})",
+                rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+            ),
+            target: "≥ 300,000 events/s",
+            met: Some(median >= 300_000.0),
+            server_cpu_percent: None,
+            server_rss_mib: None,
+            figures: json!({"events": head, "events_per_second": median, "runs": rates}),
+        });
+    } else {
+        server.proc.stop();
     }
-    rates.sort_by(f64::total_cmp);
-    let median = rates[rates.len() / 2];
-    rows.push(Row {
-        id: "P6",
-        measure: format!("offline rebuild of every view from {head} events (tally rebuild, median of {})", rates.len()),
-        result: format!(
-            "{median:.0} events/s (runs: {})",
-            rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
-        ),
-        target: "≥ 300,000 events/s",
-        met: Some(median >= 300_000.0),
-        server_cpu_percent: None,
-        server_rss_mib: None,
-        figures: json!({"events": head, "events_per_second": median, "runs": rates}),
-    });
 
     // P7: the release WASM bundle.
-    rows.push(wasm_row(&args.wasm));
+    if args.wants("P7") {
+        rows.push(wasm_row(&args.wasm));
+    }
 
     print_table(&rows, cores);
     if let Some(dir) = args.out.parent() {

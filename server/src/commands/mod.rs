@@ -1,0 +1,289 @@
+//! The write side: load stream → `decide` → append, for every command, with group commit.
+//!
+//! Handlers send an [`Envelope`] to the [`CommandBus`]. One writer task takes whatever commands are
+//! waiting, decides them all in memory and appends their events in one transaction (see
+//! [`batch`]), commits once, and only then answers every caller (API.md: acknowledged means
+//! durable). A refused command writes nothing, so it never spoils its batch; if the database
+//! fails a batch, each of its commands is retried alone, so one cannot fail the others.
+
+mod batch;
+
+pub use batch::{execute_batch, member_stream, Folded, StateCache};
+
+use crate::clock;
+use crate::store::{self, Store};
+use app::domain::member::{MemberError, MemberEvent};
+use app::domain::transaction::{Purchase, TransactionError};
+use app::domain::Aggregate;
+use sqlx::AnyConnection;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Largest number of commands committed together.
+pub const MAX_BATCH: usize = 512;
+
+/// A command as the outside asks for it, already validated at the edge.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Member { member_id: String, action: MemberAction },
+    RecordPurchase(Purchase),
+}
+
+/// What can be done to a member; the clock and the email owner are added by the writer.
+#[derive(Debug, Clone)]
+pub enum MemberAction {
+    Enroll {
+        name: String,
+        email: String,
+    },
+    UpdateProfile {
+        name: Option<String>,
+        email: Option<String>,
+    },
+    Earn {
+        points: u64,
+        reason: Option<String>,
+    },
+    Redeem {
+        points: u64,
+        reward: Option<String>,
+    },
+    Suspend {
+        reason: Option<String>,
+    },
+    Reactivate,
+    /// Issued only by the loyalty policy, never over HTTP: points follow the tier at this moment.
+    EarnForPurchase {
+        transaction_id: String,
+        amount_cents: u64,
+    },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Member { action, .. } => match action {
+                MemberAction::Enroll { .. } => "enroll",
+                MemberAction::UpdateProfile { .. } => "update_profile",
+                MemberAction::Earn { .. } => "earn",
+                MemberAction::Redeem { .. } => "redeem",
+                MemberAction::Suspend { .. } => "suspend",
+                MemberAction::Reactivate => "reactivate",
+                MemberAction::EarnForPurchase { .. } => "earn_for_purchase",
+            },
+            Command::RecordPurchase(_) => "record_purchase",
+        }
+    }
+}
+
+/// Who asked, and why: copied into every event's metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+    pub actor: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// `api` for the `Idempotency-Key` header; a consumer's name for the commands it issues.
+    pub scope: String,
+    pub key: String,
+    /// The canonical request the key stands for; the same key with another request is refused.
+    pub request: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub command: Command,
+    pub expected_version: Option<i64>,
+    pub idempotency: Option<Idempotency>,
+    pub meta: Meta,
+}
+
+/// A command's answer: HTTP status and JSON body, exactly what is replayed for its idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub replayed: bool,
+    /// The position in `body` (of the stream's last event), kept to wake consumers.
+    pub position: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    #[error(transparent)]
+    Transaction(#[from] TransactionError),
+    #[error("the member is at version {actual}, not {expected}")]
+    VersionConflict { expected: i64, actual: i64 },
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("the server is shutting down")]
+    Unavailable,
+    #[error("stored event cannot be read: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("database error: {0}")]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for CommandError {
+    fn from(err: sqlx::Error) -> Self {
+        CommandError::Database(err)
+    }
+}
+
+struct Job {
+    envelope: Envelope,
+    reply: oneshot::Sender<Result<Answer, CommandError>>,
+}
+
+/// The way into the write side. Cheap to clone.
+#[derive(Clone)]
+pub struct CommandBus {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl CommandBus {
+    /// Start the writer task. `head` is bumped after every commit so consumers wake up.
+    pub fn start(store: Store, head: std::sync::Arc<watch::Sender<i64>>) -> (CommandBus, tokio::task::JoinHandle<()>) {
+        let (jobs, rx) = mpsc::channel(16_384);
+        let task = tokio::spawn(writer(store, head, rx));
+        (CommandBus { jobs }, task)
+    }
+
+    /// Run one command; resolves once its events are committed (or it was refused).
+    pub async fn send(&self, envelope: Envelope) -> Result<Answer, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { envelope, reply }).await.map_err(|_| CommandError::Unavailable)?;
+        answer.await.map_err(|_| CommandError::Unavailable)?
+    }
+}
+
+async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut cache = StateCache::default();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let started = Instant::now();
+        let size = batch.len();
+        let (replies, newest) = commit_batch(&store, &mut batch, &mut cache).await;
+        for (reply, result) in replies {
+            // The caller may have gone away (client disconnected); the command stands regardless.
+            let _ = reply.send(result);
+        }
+        store::raise(&head, newest);
+        metrics::histogram!("tally_command_batch_size").record(size as f64);
+        metrics::histogram!("tally_command_batch_seconds").record(started.elapsed().as_secs_f64());
+    }
+    tracing::info!("command writer stopped");
+}
+
+type Reply = oneshot::Sender<Result<Answer, CommandError>>;
+
+/// Run a batch in one transaction and answer each command. If the database fails the batch,
+/// nothing of it stands; each command is then retried alone, so a command that breaks a
+/// constraint (a race with a writer outside this process) fails by itself. Also returns the
+/// newest committed position (0 if nothing was committed).
+async fn commit_batch(
+    store: &Store,
+    batch: &mut Vec<Job>,
+    cache: &mut StateCache,
+) -> (Vec<(Reply, Result<Answer, CommandError>)>, i64) {
+    let now = clock::now();
+    let jobs: Vec<Job> = std::mem::take(batch);
+    let envelopes: Vec<&Envelope> = jobs.iter().map(|j| &j.envelope).collect();
+    let results = match try_commit(store, &envelopes, &now, cache).await {
+        Ok(results) => results,
+        Err(err) => {
+            cache.clear();
+            tracing::warn!(error = %err, size = jobs.len(), "group commit failed; retrying its commands one by one");
+            let mut results = Vec::with_capacity(jobs.len());
+            for envelope in &envelopes {
+                let result = match try_commit(store, &[*envelope], &now, cache).await {
+                    Ok(mut alone) => alone.pop().unwrap_or(Err(CommandError::Unavailable)),
+                    Err(err) => {
+                        cache.clear();
+                        // Another writer took the stream version first: the client may retry.
+                        if store::is_unique_violation(&err) {
+                            Err(CommandError::VersionConflict { expected: -1, actual: -1 })
+                        } else {
+                            Err(CommandError::Database(err))
+                        }
+                    }
+                };
+                if let Ok(answer) = &result {
+                    cache.committed(answer.position);
+                }
+                results.push(result);
+            }
+            results
+        }
+    };
+    let newest = results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0);
+    cache.committed(newest);
+    let replies = jobs
+        .into_iter()
+        .zip(results)
+        .map(|(job, result)| {
+            let outcome = match &result {
+                Ok(a) if a.replayed => "replayed",
+                Ok(_) => "ok",
+                Err(_) => "refused",
+            };
+            metrics::counter!("tally_commands_total", "command" => job.envelope.command.name(), "outcome" => outcome)
+                .increment(1);
+            (job.reply, result)
+        })
+        .collect();
+    (replies, newest)
+}
+
+/// One transaction: the batch, the announcement to other nodes, the commit.
+async fn try_commit(
+    store: &Store,
+    envelopes: &[&Envelope],
+    now: &str,
+    cache: &mut StateCache,
+) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
+    let mut conn = store.write.acquire().await?;
+    let mut tx = store.begin_commands(&mut conn).await?;
+    let results = execute_batch(&mut tx, envelopes, now, cache).await?;
+    let newest = results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0);
+    crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest).await?;
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Load a stream, decide with the command `build` makes from its state, append: one command
+/// inside the caller's transaction (the loyalty policy closing a purchase). Returns the position
+/// of the stream's last event.
+pub async fn run<A: Aggregate>(
+    conn: &mut AnyConnection,
+    stream_id: &str,
+    build: impl FnOnce(&A::State) -> A::Command,
+    metadata: &str,
+    now: &str,
+) -> Result<i64, CommandError>
+where
+    CommandError: From<A::Error>,
+{
+    let loaded = store::load_stream(conn, stream_id).await?;
+    let folded = Folded::<A::State>::from_events::<A>(&loaded.events)?;
+    let events = A::decide(&folded.state, build(&folded.state))?;
+    let mut rows = Vec::with_capacity(events.len());
+    batch::queue::<A>(&mut rows, stream_id, folded.version, &events, metadata)?;
+    let positions = store::append(conn, &rows, now).await?;
+    Ok(positions.last().copied().unwrap_or(folded.last_position))
+}
+
+pub fn points_earned(events: &[MemberEvent]) -> u64 {
+    events
+        .iter()
+        .map(|e| match e {
+            MemberEvent::PointsEarned { points, .. } => *points,
+            _ => 0,
+        })
+        .sum()
+}

@@ -1,0 +1,177 @@
+//! Commands decided together in one group commit behave exactly as if they ran one after another:
+//! the batch executor is called directly here, so every command below is in the same batch.
+
+mod common;
+
+use app::domain::transaction::{Channel, Purchase};
+use server::commands::{
+    execute_batch, Answer, Command, CommandError, Envelope, Idempotency, MemberAction, Meta, StateCache,
+};
+use server::store::{PoolSizes, Store};
+use sqlx::Row;
+
+fn member(id: &str, action: MemberAction) -> Envelope {
+    Envelope {
+        command: Command::Member { member_id: id.into(), action },
+        expected_version: None,
+        idempotency: None,
+        meta: Meta { correlation_id: "test".into(), causation_id: None, actor: "test".into() },
+    }
+}
+
+fn enroll(id: &str, email: &str) -> Envelope {
+    member(id, MemberAction::Enroll { name: format!("Member {id}"), email: email.into() })
+}
+
+fn earn(id: &str, points: u64) -> Envelope {
+    member(id, MemberAction::Earn { points, reason: None })
+}
+
+fn keyed(mut envelope: Envelope, key: &str, request: &str) -> Envelope {
+    envelope.idempotency = Some(Idempotency { scope: "api".into(), key: key.into(), request: request.into() });
+    envelope
+}
+
+fn purchase(transaction_id: &str, member_id: &str) -> Envelope {
+    Envelope {
+        command: Command::RecordPurchase(Purchase {
+            transaction_id: transaction_id.into(),
+            member_id: Some(member_id.into()),
+            amount_cents: 1_000,
+            currency: "EUR".into(),
+            channel: Channel::Ecommerce,
+            performed_at: "2026-11-23T10:00:00Z".into(),
+        }),
+        ..earn(member_id, 1)
+    }
+}
+
+async fn open() -> (Store, std::sync::Arc<tempfile::TempDir>) {
+    let (url, dir) = common::fresh_database().await;
+    let store = Store::open(&url, &PoolSizes { read: 2, write: 2 }, true).await.expect("store");
+    (store, dir)
+}
+
+/// One batch in one transaction, committed.
+async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) -> Vec<Result<Answer, CommandError>> {
+    let mut conn = store.write.acquire().await.expect("connection");
+    let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
+    let refs: Vec<&Envelope> = envelopes.iter().collect();
+    let answers = execute_batch(&mut tx, &refs, "2026-11-23T10:00:00Z", cache).await.expect("batch");
+    tx.commit().await.expect("commit");
+    answers
+}
+
+async fn count(store: &Store, sql: &str) -> i64 {
+    sqlx::query(sql).fetch_one(&store.read).await.expect("count").try_get::<i64, _>(0).expect("number")
+}
+
+#[tokio::test]
+async fn later_commands_in_a_batch_see_what_earlier_ones_decided() {
+    let (store, _dir) = open().await;
+    let mut cache = StateCache::default();
+    let answers = batch(
+        &store,
+        &mut cache,
+        &[
+            enroll("m1", "ada@example.com"),
+            enroll("m2", "ADA@example.com"), // same email, other case: taken by m1 a moment ago
+            earn("m1", 30),
+            member("m1", MemberAction::Redeem { points: 20, reward: None }),
+            member("m1", MemberAction::Redeem { points: 20, reward: None }), // only 10 left
+            earn("nobody", 5),
+            member("m1", MemberAction::UpdateProfile { name: None, email: Some("ada@new.example".into()) }),
+            enroll("m3", "ada@example.com"), // released by m1's change just before
+        ],
+    )
+    .await;
+    let status = |i: usize| answers[i].as_ref().map(|a| a.status).map_err(|e| e.to_string());
+    assert_eq!(status(0), Ok(201));
+    assert!(matches!(answers[1], Err(CommandError::Member(_))), "second enrol with the same email is refused");
+    assert_eq!((status(2), status(3)), (Ok(200), Ok(200)));
+    assert!(matches!(answers[4], Err(CommandError::Member(_))), "no points left for the second redeem");
+    assert!(matches!(answers[5], Err(CommandError::Member(_))), "unknown member");
+    assert_eq!((status(6), status(7)), (Ok(200), Ok(201)));
+
+    // Every appended event has its own position, in order, and answers point at their own.
+    let positions: Vec<i64> = answers.iter().filter_map(|a| a.as_ref().ok()).map(|a| a.position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions grow: {positions:?}");
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM events").await, 5);
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM events WHERE stream_id = 'member-m1'").await, 4);
+    let owners: Vec<(String, String)> = sqlx::query("SELECT email, member_id FROM email_reservations ORDER BY email")
+        .fetch_all(&store.read)
+        .await
+        .expect("reservations")
+        .iter()
+        .map(|r| (r.get("email"), r.get("member_id")))
+        .collect();
+    assert_eq!(
+        owners,
+        vec![("ada@example.com".to_string(), "m3".to_string()), ("ada@new.example".to_string(), "m1".to_string())]
+    );
+
+    // The next batch starts from the cached states and agrees with the log.
+    let answers = batch(&store, &mut cache, &[earn("m1", 1)]).await;
+    let body: serde_json::Value = serde_json::from_str(&answers[0].as_ref().expect("earn").body).expect("json");
+    assert_eq!(body["version"], 5);
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_in_one_batch_replays_the_first_answer() {
+    let (store, _dir) = open().await;
+    let mut cache = StateCache::default();
+    batch(&store, &mut cache, &[enroll("m1", "ada@example.com")]).await;
+    let answers = batch(
+        &store,
+        &mut cache,
+        &[
+            keyed(earn("m1", 10), "k1", "earn 10"),
+            keyed(earn("m1", 10), "k1", "earn 10"),
+            keyed(earn("m1", 11), "k1", "earn 11"),
+            keyed(member("nobody", MemberAction::Earn { points: 1, reason: None }), "k2", "earn 1"),
+            keyed(enroll("nobody", "nobody@example.com"), "k2", "enroll"), // k2's first use was refused
+        ],
+    )
+    .await;
+    let first = answers[0].as_ref().expect("first earn");
+    let second = answers[1].as_ref().expect("replay");
+    assert_eq!((first.replayed, second.replayed), (false, true));
+    assert_eq!((&first.body, first.status), (&second.body, second.status));
+    assert!(matches!(answers[2], Err(CommandError::IdempotencyKeyReused)));
+    assert!(matches!(answers[3], Err(CommandError::Member(_))));
+    assert_eq!(answers[4].as_ref().map(|a| a.status).ok(), Some(201));
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM events WHERE event_type = 'PointsEarned'").await, 1);
+
+    // In a later batch the stored key replays the same answer.
+    let later = batch(&store, &mut cache, &[keyed(earn("m1", 10), "k1", "earn 10")]).await;
+    assert_eq!(later[0].as_ref().map(|a| (&a.body, a.replayed)).ok(), Some((&first.body, true)));
+}
+
+#[tokio::test]
+async fn a_purchase_recorded_twice_in_one_batch_answers_with_its_first_position() {
+    let (store, _dir) = open().await;
+    let mut cache = StateCache::default();
+    batch(&store, &mut cache, &[enroll("m1", "ada@example.com")]).await;
+    let answers =
+        batch(&store, &mut cache, &[purchase("t1", "m1"), earn("m1", 1), purchase("t1", "m1"), purchase("t2", "m1")])
+            .await;
+    let positions: Vec<i64> = answers.iter().map(|a| a.as_ref().expect("accepted").position).collect();
+    assert_eq!(positions[0], positions[2], "the repeat points at the first recording");
+    assert!(positions[3] > positions[1]);
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM events WHERE event_type = 'TransactionPerformed'").await, 2);
+}
+
+#[tokio::test]
+async fn states_cached_by_the_writer_follow_events_appended_by_others() {
+    let (store, _dir) = open().await;
+    let mut cache = StateCache::default();
+    batch(&store, &mut cache, &[enroll("m1", "ada@example.com"), earn("m1", 10)]).await;
+    // Someone else (another node, the loyalty policy) appends to m1 behind the writer's back.
+    let mut other = StateCache::default();
+    batch(&store, &mut other, &[earn("m1", 5), member("m1", MemberAction::Redeem { points: 15, reward: None })]).await;
+    let answers = batch(&store, &mut cache, &[member("m1", MemberAction::Redeem { points: 1, reward: None })]).await;
+    assert!(matches!(answers[0], Err(CommandError::Member(_))), "the balance is 0, not the cached 10");
+    let answers = batch(&store, &mut cache, &[earn("m1", 2)]).await;
+    let body: serde_json::Value = serde_json::from_str(&answers[0].as_ref().expect("earn").body).expect("json");
+    assert_eq!(body["version"], 5);
+}
