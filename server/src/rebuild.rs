@@ -14,9 +14,6 @@ use sqlx::{Acquire, Row};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Events read per query.
-const PAGE: i64 = 20_000;
-
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RebuildReport {
     pub events: u64,
@@ -32,25 +29,37 @@ pub async fn run(db: &DatabaseArgs) -> anyhow::Result<RebuildReport> {
     rebuild(&store).await
 }
 
+/// Events read per query.
+const PAGE: i64 = 20_000;
+
+async fn read_page(pool: sqlx::AnyPool, after: i64) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let sql = "SELECT position, stream_id, stream_version, event_type, \
+               CASE WHEN stream_id LIKE 'member-%' THEN data END AS data, recorded_at \
+               FROM events WHERE position > $1 ORDER BY position LIMIT $2";
+    sqlx::query(sql).bind(after).bind(PAGE).fetch_all(&pool).await
+}
+
 pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let started = Instant::now();
     let mut views: HashMap<String, MembershipView> = HashMap::new();
     let (mut position, mut events) = (0i64, 0u64);
-    // Only what the fold needs, member streams only, and each event decoded straight from its
-    // text (no intermediate JSON tree, no metadata): reading is most of the rebuild's time.
-    let sql = "SELECT position, stream_id, stream_version, event_type, data, recorded_at FROM events \
-               WHERE position > $1 ORDER BY position LIMIT $2";
+    // Pages of events, the next one read (on the driver's thread) while this one is folded. Only
+    // what the fold needs, `data` only for member streams, and each event decoded straight from
+    // its text (no intermediate JSON tree, no metadata): reading and decoding are most of the
+    // rebuild's time.
+    let mut next = tokio::spawn(read_page(store.read.clone(), 0));
     let mut wrapped = String::new();
     loop {
-        let rows = sqlx::query(sql).bind(position).bind(PAGE).fetch_all(&store.read).await?;
+        let rows = next.await??;
         let Some(last) = rows.last() else { break };
         position = last.try_get("position")?;
+        next = tokio::spawn(read_page(store.read.clone(), position));
         events += rows.len() as u64;
         for row in &rows {
+            let Some(data) = row.try_get::<Option<String>, _>("data")? else { continue };
             let stream_id: String = row.try_get("stream_id")?;
             let Some(member_id) = stream_id.strip_prefix(MemberAggregate::STREAM_PREFIX) else { continue };
             let event_type: String = row.try_get("event_type")?;
-            let data: String = row.try_get("data")?;
             wrapped.clear();
             wrapped.push_str(r#"{"event_type":""#);
             wrapped.push_str(&event_type);
