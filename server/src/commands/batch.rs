@@ -509,7 +509,7 @@ async fn load_email_owners(
     keys.sort();
     keys.dedup();
     let mut owners: HashMap<String, Option<String>> = keys.iter().map(|k| (k.clone(), None)).collect();
-    for chunk in keys.chunks(500) {
+    for chunk in keys.chunks(store::MAX_PARAMS) {
         let sql = format!(
             "SELECT email, member_id FROM email_reservations WHERE email IN ({})",
             store::placeholders(1, chunk.len())
@@ -549,7 +549,7 @@ async fn load_idempotency_keys(
     }
     let mut found = HashMap::new();
     for (scope, keys) in by_scope {
-        for chunk in keys.chunks(500) {
+        for chunk in keys.chunks(store::MAX_PARAMS - 1) {
             let sql = format!(
                 "SELECT key, request, status, response FROM idempotency_keys WHERE scope = $1 AND key IN ({})",
                 store::placeholders(2, chunk.len())
@@ -576,7 +576,7 @@ async fn save_idempotency_keys(
     records: &[(&Envelope, &Answer)],
     now: &str,
 ) -> Result<(), sqlx::Error> {
-    for chunk in records.chunks(500) {
+    for chunk in records.chunks(store::MAX_PARAMS / 6) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 6 + 1, 6))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES {}",

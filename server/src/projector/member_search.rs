@@ -134,12 +134,10 @@ pub fn evolve(row: Option<SearchRow>, member_id: &str, position: i64, event: &Me
 }
 
 const COLUMNS: &str = "member_id, name, email, tier, status, points_balance, lifetime_points, member_since, position";
-/// Rows per statement.
-const CHUNK: usize = 500;
 
 pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result<HashMap<String, SearchRow>> {
     let mut out = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
+    for chunk in ids.chunks(store::MAX_PARAMS) {
         let sql =
             format!("SELECT {COLUMNS} FROM member_search WHERE member_id IN ({})", store::placeholders(1, chunk.len()));
         let mut query = sqlx::query(&sql);
@@ -169,7 +167,7 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 
 /// Insert or update the rows (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, rows: &[&SearchRow]) -> anyhow::Result<()> {
-    for chunk in rows.chunks(CHUNK) {
+    for chunk in rows.chunks(store::MAX_PARAMS / 11) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 11 + 1, 11))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO member_search ({COLUMNS}, search_text, sort_key) VALUES {} \

@@ -62,12 +62,9 @@ impl Consumer for MembershipViewProjection {
     }
 }
 
-/// Rows per statement.
-const CHUNK: usize = 500;
-
 pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result<HashMap<String, MembershipView>> {
     let mut out = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
+    for chunk in ids.chunks(store::MAX_PARAMS) {
         let sql = format!(
             "SELECT member_id, view FROM membership_view WHERE member_id IN ({})",
             store::placeholders(1, chunk.len())
@@ -86,7 +83,7 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 
 /// Insert or update the views (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, views: &[MembershipView]) -> anyhow::Result<()> {
-    for chunk in views.chunks(CHUNK) {
+    for chunk in views.chunks(store::MAX_PARAMS / 4) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 4 + 1, 4))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO membership_view (member_id, version, position, view) VALUES {} \

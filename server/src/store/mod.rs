@@ -9,7 +9,7 @@
 
 mod append;
 
-pub use append::{append, load_stream, load_streams, placeholders, LoadedStream, NewEvent};
+pub use append::{append, load_stream, load_streams, placeholders, LoadedStream, NewEvent, MAX_PARAMS};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -30,6 +30,8 @@ pub struct Store {
     pub backend: Backend,
     /// Commands wait for the disk (SQLite synchronous=FULL); see `begin_consumer`.
     pub durable: bool,
+    /// The database file, on SQLite (for `tally rebuild`'s native reader).
+    pub sqlite_path: Option<std::path::PathBuf>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -137,7 +139,11 @@ impl Store {
             .connect(&url)
             .await
             .with_context(|| format!("cannot open the database at {}", redact(&url)))?;
-        Ok(Store { write, read, backend, durable })
+        let sqlite_path = match backend {
+            Backend::Sqlite => sqlite_file(&url),
+            Backend::Postgres => None,
+        };
+        Ok(Store { write, read, backend, durable, sqlite_path })
     }
 
     /// The position of the newest committed event (0 when empty).
@@ -182,6 +188,16 @@ async fn migrate(pool: &AnyPool, backend: Backend) -> anyhow::Result<()> {
     };
     migrator.run(pool).await.context("running database migrations")?;
     Ok(())
+}
+
+/// The file behind a normalized `sqlite://` URL; `None` for in-memory databases.
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || query.contains("mode=memory") {
+        return None;
+    }
+    Some(path.into())
 }
 
 /// A URL fit for logs and error messages: no password.
