@@ -10,9 +10,10 @@
 //!   and re-reads the projector's checkpoint so waiters never hang.
 
 use crate::live::Hub;
+use crate::projector::membership_view::ViewRow;
 use crate::store::{Backend, Store};
 use crate::view_cache::ViewCache;
-use app::views::{member_topic, MembershipView};
+use app::views::member_topic;
 use sqlx::AnyConnection;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +77,7 @@ impl ViewFeed {
     pub async fn in_transaction(
         &self,
         conn: &mut AnyConnection,
-        views: &[MembershipView],
+        views: &[ViewRow],
         applied: i64,
     ) -> Result<(), sqlx::Error> {
         if self.backend != Backend::Postgres {
@@ -98,20 +99,13 @@ impl ViewFeed {
     }
 
     /// After the projector's commit (SQLite: deliver locally; PostgreSQL: the listener does).
-    pub fn after_commit(&self, views: Vec<MembershipView>, applied: i64) {
+    /// The projection hands over each changed view once, already serialized.
+    pub fn after_commit(&self, views: Vec<ViewRow>, applied: i64) {
         if self.backend == Backend::Postgres {
             return;
         }
-        // Only the newest view per member matters; serialize each once for cache and sockets.
-        let mut newest: std::collections::HashMap<&str, &MembershipView> = std::collections::HashMap::new();
-        for view in &views {
-            if newest.get(view.member_id.as_str()).is_none_or(|v| v.position < view.position) {
-                newest.insert(&view.member_id, view);
-            }
-        }
-        for view in newest.into_values() {
-            let Ok(json) = serde_json::to_string(view) else { continue };
-            self.deliver(&view.member_id, view.position as i64, json.into());
+        for view in views {
+            self.deliver(&view.member_id, view.position, view.json);
         }
         self.advance(applied);
     }

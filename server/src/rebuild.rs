@@ -159,8 +159,9 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     sqlx::query("DELETE FROM member_search").execute(&mut *tx).await?;
     let views: Vec<MembershipView> = views.into_values().collect();
     let members = views.len() as u64;
-    membership_view::save_many(&mut tx, &views).await?;
-    let rows: Vec<member_search::SearchRow> = views.iter().map(Into::into).collect();
+    let rows = views.iter().map(membership_view::ViewRow::new).collect::<Result<Vec<_>, _>>()?;
+    membership_view::save_many(&mut tx, &rows).await?;
+    let rows: Vec<_> = views.iter().map(member_search::from_view).collect();
     member_search::save_many(&mut tx, &rows.iter().collect::<Vec<_>>()).await?;
     for name in [membership_view::NAME, member_search::NAME] {
         crate::projector::save_checkpoint(&mut tx, name, position).await?;

@@ -57,7 +57,7 @@ async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) ->
     let mut conn = store.write.acquire().await.expect("connection");
     let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
     let refs: Vec<&Envelope> = envelopes.iter().collect();
-    let answers = execute_batch(&mut tx, &refs, "2026-11-23T10:00:00Z", cache).await.expect("batch");
+    let answers = execute_batch(&mut tx, &refs, "2026-11-23T10:00:00Z", Some(cache)).await.expect("batch");
     tx.commit().await.expect("commit");
     answers
 }

@@ -43,7 +43,7 @@ pub fn close(member_id: &str, earned: &Result<u64, MemberError>) -> TransactionC
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::member::{decide, Member, MemberEvent, Status};
+    use crate::domain::member::{decide, points_earned, Member, Status};
     use crate::domain::tier::Tier;
     use crate::domain::transaction::Channel;
 
@@ -67,15 +67,7 @@ mod tests {
         match react(p) {
             PolicyStep::Close(c) => c,
             PolicyStep::Earn { member_id, command } => {
-                let earned = decide(m, command).map(|events| {
-                    events
-                        .iter()
-                        .map(|e| match e {
-                            MemberEvent::PointsEarned { points, .. } => *points,
-                            _ => 0,
-                        })
-                        .sum()
-                });
+                let earned = decide(m, command).map(|events| points_earned(&events));
                 close(&member_id, &earned)
             }
         }

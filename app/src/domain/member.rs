@@ -201,6 +201,17 @@ fn earn(state: &Member, points: u64, reason: String, transaction_id: Option<Stri
     events
 }
 
+/// Points these events credit (what an earn for a purchase answers with).
+pub fn points_earned(events: &[MemberEvent]) -> u64 {
+    events
+        .iter()
+        .map(|e| match e {
+            MemberEvent::PointsEarned { points, .. } => *points,
+            _ => 0,
+        })
+        .sum()
+}
+
 pub fn decide(state: &Member, command: MemberCommand) -> Result<Vec<MemberEvent>, MemberError> {
     match command {
         MemberCommand::Enroll { member_id, name, email, enrolled_at, email_owner } => {

@@ -11,9 +11,9 @@
 //! appended between the catch-up and the insert). An `Err` means the transaction must be rolled
 //! back and the cache cleared: nothing of the batch stands.
 
-use super::{points_earned, Answer, Command, CommandError, Envelope, MemberAction};
+use super::{Answer, Command, CommandError, Envelope, MemberAction};
 use crate::store::{self, NewEvent, StoredEvent, EVENT_COLUMNS};
-use app::domain::member::{Member, MemberAggregate, MemberCommand, MemberEvent};
+use app::domain::member::{points_earned, Member, MemberAggregate, MemberCommand, MemberEvent};
 use app::domain::transaction::{Transaction, TransactionAggregate, TransactionCommand};
 use app::domain::validate::email_key;
 use app::domain::Aggregate;
@@ -38,6 +38,14 @@ impl<S: Default + Clone> Folded<S> {
             folded.apply::<A>(event)?;
         }
         Ok(folded)
+    }
+
+    /// Fold events just decided (their positions are not known yet).
+    fn advance<A: Aggregate<State = S>>(&mut self, events: &[A::Event]) {
+        for event in events {
+            self.state = A::evolve(std::mem::take(&mut self.state), event);
+        }
+        self.version += events.len() as i64;
     }
 
     fn apply<A: Aggregate<State = S>>(&mut self, event: &StoredEvent) -> Result<(), serde_json::Error> {
@@ -145,14 +153,23 @@ enum At {
     Row(usize),
 }
 
-/// Run `envelopes` in order inside the caller's transaction; one answer per envelope.
+/// Run `envelopes` in order inside the caller's transaction; one answer per envelope. With a
+/// `cache` kept between batches (the command writer's), known members are not read again;
+/// without one, every stream is read for this batch only.
 pub async fn execute_batch(
     conn: &mut AnyConnection,
     envelopes: &[&Envelope],
     now: &str,
-    cache: &mut StateCache,
+    cache: Option<&mut StateCache>,
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
-    cache.catch_up(conn).await?;
+    let mut scratch = StateCache::default();
+    let cache = match cache {
+        Some(cache) => {
+            cache.catch_up(conn).await?;
+            cache
+        }
+        None => &mut scratch,
+    };
 
     // Everything the batch reads, one query per kind.
     let mut wanted: Vec<String> = Vec::new();
@@ -339,6 +356,14 @@ pub(super) fn queue<A: Aggregate>(
     Ok(())
 }
 
+/// A command on a stream whose stored events cannot be decoded is refused (the others go on).
+fn readable(stream: &str, unreadable: &HashMap<String, serde_json::Error>) -> Result<(), CommandError> {
+    match unreadable.get(stream) {
+        Some(err) => Err(CommandError::Corrupt(serde_json::Error::io(std::io::Error::other(err.to_string())))),
+        None => Ok(()),
+    }
+}
+
 /// The position of the stream's last event: appended by this batch, or as folded.
 fn last_at(stream: &str, last_row: &HashMap<String, usize>, last_position: i64) -> At {
     last_row.get(stream).map_or(At::Known(last_position), |r| At::Row(*r))
@@ -353,9 +378,7 @@ fn decide_purchase(
     rows: &mut Vec<NewEvent>,
     last_row: &HashMap<String, usize>,
 ) -> Decided {
-    if let Some(err) = unreadable.get(stream) {
-        return Err(CommandError::Corrupt(serde_json::Error::io(std::io::Error::other(err.to_string()))));
-    }
+    readable(stream, unreadable)?;
     let folded = purchases.entry(stream.to_string()).or_default();
     let events = TransactionAggregate::decide(&folded.state, TransactionCommand::Perform(purchase.clone()))?;
     let first = if folded.version > 0 {
@@ -369,10 +392,7 @@ fn decide_purchase(
         At::Row(rows.len())
     };
     queue::<TransactionAggregate>(rows, stream, folded.version, &events, metadata)?;
-    for event in &events {
-        folded.state = TransactionAggregate::evolve(std::mem::take(&mut folded.state), event);
-    }
-    folded.version += events.len() as i64;
+    folded.advance::<TransactionAggregate>(&events);
     let pending = Pending::Purchase { transaction_id: purchase.transaction_id.clone(), first };
     Ok((pending, stream.to_string(), !events.is_empty()))
 }
@@ -396,9 +416,7 @@ fn decide_member(
     rows: &mut Vec<NewEvent>,
     last_row: &HashMap<String, usize>,
 ) -> Decided {
-    if let Some(err) = unreadable.get(cx.stream) {
-        return Err(CommandError::Corrupt(serde_json::Error::io(std::io::Error::other(err.to_string()))));
-    }
+    readable(cx.stream, unreadable)?;
     let folded = cache.members.entry(cx.stream.to_string()).or_default();
     if let Some(expected) = expected_version {
         if expected != folded.version {
@@ -431,9 +449,8 @@ fn decide_member(
             }
             _ => {}
         }
-        folded.state = MemberAggregate::evolve(std::mem::take(&mut folded.state), event);
     }
-    folded.version += events.len() as i64;
+    folded.advance::<MemberAggregate>(&events);
     let at =
         if events.is_empty() { last_at(cx.stream, last_row, folded.last_position) } else { At::Row(rows.len() - 1) };
     let points = matches!(action, MemberAction::EarnForPurchase { .. }).then(|| points_earned(&events));
@@ -509,18 +526,10 @@ async fn load_email_owners(
     keys.sort();
     keys.dedup();
     let mut owners: HashMap<String, Option<String>> = keys.iter().map(|k| (k.clone(), None)).collect();
-    for chunk in keys.chunks(store::MAX_PARAMS) {
-        let sql = format!(
-            "SELECT email, member_id FROM email_reservations WHERE email IN ({})",
-            store::placeholders(1, chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for key in chunk {
-            query = query.bind(key);
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            owners.insert(row.try_get("email")?, Some(row.try_get("member_id")?));
-        }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let sql = "SELECT email, member_id FROM email_reservations WHERE email IN ({})";
+    for row in store::select_in(conn, sql, &[], &keys).await? {
+        owners.insert(row.try_get("email")?, Some(row.try_get("member_id")?));
     }
     Ok(owners)
 }
@@ -548,24 +557,15 @@ async fn load_idempotency_keys(
         by_scope.entry(idem.scope.as_str()).or_default().push(idem.key.as_str());
     }
     let mut found = HashMap::new();
+    let sql = "SELECT key, request, status, response FROM idempotency_keys WHERE scope = $1 AND key IN ({})";
     for (scope, keys) in by_scope {
-        for chunk in keys.chunks(store::MAX_PARAMS - 1) {
-            let sql = format!(
-                "SELECT key, request, status, response FROM idempotency_keys WHERE scope = $1 AND key IN ({})",
-                store::placeholders(2, chunk.len())
-            );
-            let mut query = sqlx::query(&sql).bind(scope);
-            for key in chunk {
-                query = query.bind(*key);
-            }
-            for row in query.fetch_all(&mut *conn).await? {
-                let stored = StoredKey {
-                    request: row.try_get("request")?,
-                    status: row.try_get::<i64, _>("status")? as u16,
-                    response: row.try_get("response")?,
-                };
-                found.insert((scope.to_string(), row.try_get("key")?), stored);
-            }
+        for row in store::select_in(conn, sql, &[scope], &keys).await? {
+            let stored = StoredKey {
+                request: row.try_get("request")?,
+                status: row.try_get::<i64, _>("status")? as u16,
+                response: row.try_get("response")?,
+            };
+            found.insert((scope.to_string(), row.try_get("key")?), stored);
         }
     }
     Ok(found)

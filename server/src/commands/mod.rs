@@ -12,7 +12,7 @@ pub use batch::{execute_batch, member_stream, Folded, StateCache};
 
 use crate::clock;
 use crate::store::{self, Store};
-use app::domain::member::{MemberError, MemberEvent};
+use app::domain::member::MemberError;
 use app::domain::transaction::{Purchase, TransactionError};
 use app::domain::Aggregate;
 use sqlx::AnyConnection;
@@ -221,7 +221,7 @@ async fn commit_batch(
             results
         }
     };
-    let newest = results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0);
+    let newest = newest(&results);
     cache.committed(newest);
     let replies = jobs
         .into_iter()
@@ -240,6 +240,11 @@ async fn commit_batch(
     (replies, newest)
 }
 
+/// The newest position the answers report (0 if none succeeded).
+fn newest(results: &[Result<Answer, CommandError>]) -> i64 {
+    results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0)
+}
+
 /// One transaction: the batch, the announcement to other nodes, the commit.
 async fn try_commit(
     store: &Store,
@@ -249,9 +254,8 @@ async fn try_commit(
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
     let mut conn = store.write.acquire().await?;
     let mut tx = store.begin_commands(&mut conn).await?;
-    let results = execute_batch(&mut tx, envelopes, now, cache).await?;
-    let newest = results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0);
-    crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest).await?;
+    let results = execute_batch(&mut tx, envelopes, now, Some(cache)).await?;
+    crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&results)).await?;
     tx.commit().await?;
     Ok(results)
 }
@@ -276,14 +280,4 @@ where
     batch::queue::<A>(&mut rows, stream_id, folded.version, &events, metadata)?;
     let positions = store::append(conn, &rows, now).await?;
     Ok(positions.last().copied().unwrap_or(folded.last_position))
-}
-
-pub fn points_earned(events: &[MemberEvent]) -> u64 {
-    events
-        .iter()
-        .map(|e| match e {
-            MemberEvent::PointsEarned { points, .. } => *points,
-            _ => 0,
-        })
-        .sum()
 }

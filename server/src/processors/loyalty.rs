@@ -4,7 +4,7 @@
 //! earns exactly once however often the policy sees it. Rules: `app::domain::loyalty_policy`.
 
 use crate::clock;
-use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta, StateCache};
+use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta};
 use crate::projector::{Consumer, Effects};
 use crate::store::{self, StoredEvent};
 use anyhow::Context;
@@ -48,9 +48,6 @@ impl Consumer for LoyaltyPolicy {
 impl LoyaltyPolicy {
     /// One purchase: earn, then close it.
     async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
-        if event.event_type != "TransactionPerformed" {
-            return Ok(());
-        }
         let TransactionEvent::TransactionPerformed(purchase) = event.decode::<TransactionEvent>()? else {
             return Ok(());
         };
@@ -113,7 +110,7 @@ async fn earn(
         meta: meta.clone(),
     };
     // A batch of one, inside the runner's transaction; no cached states (the writer's are its own).
-    let mut results = commands::execute_batch(conn, &[&envelope], now, &mut StateCache::default()).await?;
+    let mut results = commands::execute_batch(conn, &[&envelope], now, None).await?;
     match results.pop().unwrap_or(Err(CommandError::Unavailable)) {
         Ok(answer) => {
             let body: serde_json::Value = serde_json::from_str(&answer.body)?;

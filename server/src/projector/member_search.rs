@@ -9,7 +9,7 @@ use anyhow::Context;
 use app::domain::member::{MemberAggregate, MemberEvent, Status};
 use app::domain::tier::Tier;
 use app::domain::Aggregate;
-use app::views::MembershipView;
+use app::views::{MemberSummary, MembershipView};
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
@@ -18,35 +18,18 @@ pub const NAME: &str = "member_search";
 
 pub struct MemberSearchProjection;
 
-/// One member as staff search finds them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SearchRow {
-    pub member_id: String,
-    pub name: String,
-    pub email: String,
-    pub tier: Tier,
-    pub status: Status,
-    pub points_balance: u64,
-    pub lifetime_points: u64,
-    pub member_since: String,
-    /// The last event applied to the row: older events are ignored, so a replay changes nothing.
-    pub position: i64,
-}
-
-impl From<&MembershipView> for SearchRow {
-    /// The same row from a finished view (`tally rebuild`).
-    fn from(view: &MembershipView) -> Self {
-        SearchRow {
-            member_id: view.member_id.clone(),
-            name: view.name.clone(),
-            email: view.email.clone(),
-            tier: view.tier,
-            status: view.status,
-            points_balance: view.points_balance,
-            lifetime_points: view.lifetime_points,
-            member_since: view.member_since.clone(),
-            position: view.position as i64,
-        }
+/// The row from a finished view (`tally rebuild`).
+pub fn from_view(view: &MembershipView) -> MemberSummary {
+    MemberSummary {
+        member_id: view.member_id.clone(),
+        name: view.name.clone(),
+        email: view.email.clone(),
+        tier: view.tier,
+        status: view.status,
+        points_balance: view.points_balance,
+        lifetime_points: view.lifetime_points,
+        member_since: view.member_since.clone(),
+        position: view.position,
     }
 }
 
@@ -62,9 +45,7 @@ impl Consumer for MemberSearchProjection {
         events: &[StoredEvent],
         _effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        let mut ids: Vec<&str> = events.iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = super::member_ids(events);
         if ids.is_empty() {
             return Ok(());
         }
@@ -72,19 +53,19 @@ impl Consumer for MemberSearchProjection {
         let mut changed: Vec<String> = Vec::new();
         for event in events {
             let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else { continue };
-            if rows.get(member_id).is_some_and(|row| row.position >= event.position) {
+            if rows.get(member_id).is_some_and(|row| row.position >= event.position as u64) {
                 continue; // applied before: a replay changes nothing
             }
             let current = rows.remove(member_id);
             let decoded: MemberEvent = event.decode().with_context(|| at(event))?;
-            if let Some(row) = evolve(current, member_id, event.position, &decoded) {
+            if let Some(row) = evolve(current, member_id, event.position as u64, &decoded) {
                 changed.push(member_id.to_string());
                 rows.insert(member_id.to_string(), row);
             }
         }
         changed.sort_unstable();
         changed.dedup();
-        let changed: Vec<&SearchRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
+        let changed: Vec<&MemberSummary> = changed.iter().filter_map(|id| rows.get(id)).collect();
         save_many(conn, &changed).await
     }
 }
@@ -94,9 +75,14 @@ fn at(event: &StoredEvent) -> String {
 }
 
 /// The row after one more event; `None` when the event cannot start a row (before enrolment).
-pub fn evolve(row: Option<SearchRow>, member_id: &str, position: i64, event: &MemberEvent) -> Option<SearchRow> {
+pub fn evolve(
+    row: Option<MemberSummary>,
+    member_id: &str,
+    position: u64,
+    event: &MemberEvent,
+) -> Option<MemberSummary> {
     let mut row = match (row, event) {
-        (None, MemberEvent::MemberEnrolled { name, email, enrolled_at, .. }) => SearchRow {
+        (None, MemberEvent::MemberEnrolled { name, email, enrolled_at, .. }) => MemberSummary {
             member_id: member_id.to_string(),
             name: name.clone(),
             email: email.clone(),
@@ -135,38 +121,30 @@ pub fn evolve(row: Option<SearchRow>, member_id: &str, position: i64, event: &Me
 
 const COLUMNS: &str = "member_id, name, email, tier, status, points_balance, lifetime_points, member_since, position";
 
-pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result<HashMap<String, SearchRow>> {
+pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result<HashMap<String, MemberSummary>> {
     let mut out = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(store::MAX_PARAMS) {
-        let sql =
-            format!("SELECT {COLUMNS} FROM member_search WHERE member_id IN ({})", store::placeholders(1, chunk.len()));
-        let mut query = sqlx::query(&sql);
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        for r in query.fetch_all(&mut *conn).await? {
-            let tier: String = r.try_get("tier")?;
-            let status: String = r.try_get("status")?;
-            let row = SearchRow {
-                member_id: r.try_get("member_id")?,
-                name: r.try_get("name")?,
-                email: r.try_get("email")?,
-                tier: Tier::parse(&tier).with_context(|| format!("unknown tier {tier:?} in member_search"))?,
-                status: Status::parse(&status)
-                    .with_context(|| format!("unknown status {status:?} in member_search"))?,
-                points_balance: r.try_get::<i64, _>("points_balance")?.max(0) as u64,
-                lifetime_points: r.try_get::<i64, _>("lifetime_points")?.max(0) as u64,
-                member_since: r.try_get("member_since")?,
-                position: r.try_get("position")?,
-            };
-            out.insert(row.member_id.clone(), row);
-        }
+    let sql = format!("SELECT {COLUMNS} FROM member_search WHERE member_id IN ({{}})");
+    for r in store::select_in(conn, &sql, &[], ids).await? {
+        let tier: String = r.try_get("tier")?;
+        let status: String = r.try_get("status")?;
+        let row = MemberSummary {
+            member_id: r.try_get("member_id")?,
+            name: r.try_get("name")?,
+            email: r.try_get("email")?,
+            tier: Tier::parse(&tier).with_context(|| format!("unknown tier {tier:?} in member_search"))?,
+            status: Status::parse(&status).with_context(|| format!("unknown status {status:?} in member_search"))?,
+            points_balance: r.try_get::<i64, _>("points_balance")?.max(0) as u64,
+            lifetime_points: r.try_get::<i64, _>("lifetime_points")?.max(0) as u64,
+            member_since: r.try_get("member_since")?,
+            position: r.try_get::<i64, _>("position")?.max(0) as u64,
+        };
+        out.insert(row.member_id.clone(), row);
     }
     Ok(out)
 }
 
 /// Insert or update the rows (never over a row that has seen a later event).
-pub async fn save_many(conn: &mut AnyConnection, rows: &[&SearchRow]) -> anyhow::Result<()> {
+pub async fn save_many(conn: &mut AnyConnection, rows: &[&MemberSummary]) -> anyhow::Result<()> {
     for chunk in rows.chunks(store::MAX_PARAMS / 11) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 11 + 1, 11))).collect::<Vec<_>>();
         let sql = format!(
@@ -189,7 +167,7 @@ pub async fn save_many(conn: &mut AnyConnection, rows: &[&SearchRow]) -> anyhow:
                 .bind(row.points_balance as i64)
                 .bind(row.lifetime_points as i64)
                 .bind(&row.member_since)
-                .bind(row.position)
+                .bind(row.position as i64)
                 .bind(search_text(&row.name, &row.email))
                 .bind(row.name.to_lowercase());
         }

@@ -11,6 +11,7 @@ use app::views::{Activity, MembershipView, NextTier, RECENT_ACTIVITY};
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub const NAME: &str = "membership_view";
 
@@ -34,9 +35,7 @@ impl Consumer for MembershipViewProjection {
         events: &[StoredEvent],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        let mut ids: Vec<&str> = events.iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = super::member_ids(events);
         if ids.is_empty() {
             return Ok(());
         }
@@ -57,32 +56,42 @@ impl Consumer for MembershipViewProjection {
         }
         changed.sort_unstable();
         changed.dedup();
-        effects.views = changed.iter().filter_map(|id| views.remove(id)).collect();
+        effects.views = changed.iter().filter_map(|id| views.get(id)).map(ViewRow::new).collect::<Result<_, _>>()?;
         save_many(conn, &effects.views).await
     }
 }
 
 pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result<HashMap<String, MembershipView>> {
     let mut out = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(store::MAX_PARAMS) {
-        let sql = format!(
-            "SELECT member_id, view FROM membership_view WHERE member_id IN ({})",
-            store::placeholders(1, chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            let view: MembershipView = serde_json::from_str(&row.try_get::<String, _>("view")?)?;
-            out.insert(row.try_get("member_id")?, view);
-        }
+    let sql = "SELECT member_id, view FROM membership_view WHERE member_id IN ({})";
+    for row in store::select_in(conn, sql, &[], ids).await? {
+        let view: MembershipView = serde_json::from_str(&row.try_get::<String, _>("view")?)?;
+        out.insert(row.try_get("member_id")?, view);
     }
     Ok(out)
 }
 
+/// A view as stored: serialized once, for the table, the view cache and the sockets alike.
+pub struct ViewRow {
+    pub member_id: String,
+    pub version: i64,
+    pub position: i64,
+    pub json: Arc<str>,
+}
+
+impl ViewRow {
+    pub fn new(view: &MembershipView) -> Result<ViewRow, serde_json::Error> {
+        Ok(ViewRow {
+            member_id: view.member_id.clone(),
+            version: view.version as i64,
+            position: view.position as i64,
+            json: serde_json::to_string(view)?.into(),
+        })
+    }
+}
+
 /// Insert or update the views (never over a row that has seen a later event).
-pub async fn save_many(conn: &mut AnyConnection, views: &[MembershipView]) -> anyhow::Result<()> {
+pub async fn save_many(conn: &mut AnyConnection, views: &[ViewRow]) -> anyhow::Result<()> {
     for chunk in views.chunks(store::MAX_PARAMS / 4) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 4 + 1, 4))).collect::<Vec<_>>();
         let sql = format!(
@@ -93,11 +102,7 @@ pub async fn save_many(conn: &mut AnyConnection, views: &[MembershipView]) -> an
         );
         let mut query = sqlx::query(&sql);
         for view in chunk {
-            query = query
-                .bind(&view.member_id)
-                .bind(view.version as i64)
-                .bind(view.position as i64)
-                .bind(serde_json::to_string(view)?);
+            query = query.bind(&view.member_id).bind(view.version).bind(view.position).bind(&*view.json);
         }
         query.execute(&mut *conn).await?;
     }

@@ -12,7 +12,7 @@ pub mod membership_view;
 use crate::clock;
 use crate::fanout::ViewFeed;
 use crate::store::{Store, StoredEvent};
-use app::views::{ConsumerStatus, MembershipView};
+use app::views::ConsumerStatus;
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 use std::collections::VecDeque;
@@ -28,7 +28,7 @@ pub const BATCH: i64 = 500;
 #[derive(Default)]
 pub struct Effects {
     /// Membership views that changed, to push to live subscribers.
-    pub views: Vec<MembershipView>,
+    pub views: Vec<membership_view::ViewRow>,
     /// Newest position a processor appended (0 if none), to wake the other consumers.
     pub appended: i64,
 }
@@ -52,6 +52,15 @@ pub trait Consumer: Send + Sync + 'static {
     fn feeds_views(&self) -> bool {
         false
     }
+}
+
+/// The members whose streams these events are on, each once, sorted.
+pub fn member_ids(events: &[StoredEvent]) -> Vec<&str> {
+    use app::domain::{member::MemberAggregate, Aggregate};
+    let mut ids: Vec<&str> = events.iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The consumers this server runs, in one list.

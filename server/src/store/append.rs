@@ -6,6 +6,7 @@
 //! the rows, so statements per batch, not per command, is what keeps it fast.
 
 use super::{StoredEvent, EVENT_COLUMNS};
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
 
@@ -31,19 +32,10 @@ pub async fn load_streams(
     stream_ids: &[&str],
 ) -> Result<HashMap<String, Vec<StoredEvent>>, sqlx::Error> {
     let mut out: HashMap<String, Vec<StoredEvent>> = HashMap::new();
-    for chunk in stream_ids.chunks(MAX_PARAMS) {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id IN ({}) ORDER BY position",
-            placeholders(1, chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            let event = StoredEvent::from_row(&row)?;
-            out.entry(event.stream_id.clone()).or_default().push(event);
-        }
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id IN ({{}}) ORDER BY position");
+    for row in select_in(conn, &sql, &[], stream_ids).await? {
+        let event = StoredEvent::from_row(&row)?;
+        out.entry(event.stream_id.clone()).or_default().push(event);
     }
     Ok(out)
 }
@@ -105,6 +97,26 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: 
 /// numbered parameter up by a linear scan, so binding n of them takes O(n²), which profiles showed
 /// as the top entry for 500-row statements. Also far below both databases' parameter limits.
 pub const MAX_PARAMS: usize = 256;
+
+/// The rows of `sql` for every one of `values`: `sql` holds `{}` where the list of an `IN (…)`
+/// goes, and is run once per chunk of at most [`MAX_PARAMS`] parameters, `leading` bound first.
+pub async fn select_in(
+    conn: &mut AnyConnection,
+    sql: &str,
+    leading: &[&str],
+    values: &[&str],
+) -> Result<Vec<AnyRow>, sqlx::Error> {
+    let mut rows = Vec::new();
+    for chunk in values.chunks(MAX_PARAMS - leading.len()) {
+        let sql = sql.replace("{}", &placeholders(leading.len() + 1, chunk.len()));
+        let mut query = sqlx::query(&sql);
+        for value in leading.iter().chain(chunk) {
+            query = query.bind(*value);
+        }
+        rows.extend(query.fetch_all(&mut *conn).await?);
+    }
+    Ok(rows)
+}
 
 /// `$from, $from+1, …` (`count` of them).
 pub fn placeholders(from: usize, count: usize) -> String {

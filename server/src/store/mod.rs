@@ -9,7 +9,7 @@
 
 mod append;
 
-pub use append::{append, load_stream, load_streams, placeholders, LoadedStream, NewEvent, MAX_PARAMS};
+pub use append::{append, load_stream, load_streams, placeholders, select_in, LoadedStream, NewEvent, MAX_PARAMS};
 
 use anyhow::Context;
 use serde::Serialize;
