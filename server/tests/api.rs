@@ -414,3 +414,46 @@ async fn operations_endpoints_report_health_consumers_and_metrics() {
     let r = app.get("/api/nothing-here").await;
     assert_eq!((r.status, r.code()), (404, "not_found"));
 }
+
+/// An event no projection can read (written around the command path, as a bad hand edit would)
+/// stops the projections at that event: they report it and never skip it, so nothing after it is
+/// shown half-applied. The loyalty policy, which has nothing to do with member events, goes on.
+#[tokio::test]
+async fn an_event_the_projections_cannot_read_is_reported_and_never_skipped() {
+    let app = spawn_app().await;
+    app.enroll("m1", "Ada Lovelace", "ada@example.com").await;
+    app.catch_up().await;
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at) \
+         VALUES ('member-broken', 1, 'MemberEnrolled', 1, '{}', '{}', '2026-01-01T00:00:00Z')",
+    )
+    .execute(&app.state.store.write)
+    .await
+    .expect("insert an unreadable event");
+    let earned = app.earn("m1", 100).await;
+    assert_eq!(earned.status, 200, "{:?}", earned.body);
+    let head = earned.body["position"].as_i64().expect("position");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (views, search, loyalty) = loop {
+        let items = app.get("/api/projections").await.body["items"].as_array().cloned().expect("items");
+        let find = |name: &str| items.iter().find(|i| i["name"] == name).cloned().expect(name);
+        let (views, search, loyalty) = (find("membership_view"), find("member_search"), find("loyalty_policy"));
+        let settled = views["state"] == "failing" && search["state"] == "failing" && loyalty["position"] == head;
+        if settled || std::time::Instant::now() > deadline {
+            break (views, search, loyalty);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for projection in [&views, &search] {
+        assert_eq!(projection["state"], "failing", "{projection}");
+        assert!(projection["position"].as_i64() < Some(head - 1), "stopped before the bad event: {projection}");
+        let error = projection["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("member-broken"), "the error names the event: {projection}");
+    }
+    assert_eq!(loyalty["position"], head, "the loyalty policy is not held back: {loyalty}");
+    assert_eq!(loyalty["state"], "running", "{loyalty}");
+    // The earn after the bad event is not in the view: the projection did not skip ahead.
+    let view = app.get("/api/members/m1").await;
+    assert_eq!(view.body["points_balance"], 0, "{:?}", view.body);
+}

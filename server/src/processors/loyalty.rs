@@ -18,6 +18,9 @@ use sqlx::AnyConnection;
 
 pub const NAME: &str = "loyalty_policy";
 
+/// The only event the policy acts on.
+const TRANSACTION_PERFORMED: &str = "TransactionPerformed";
+
 pub struct LoyaltyPolicy;
 
 #[async_trait]
@@ -30,13 +33,17 @@ impl Consumer for LoyaltyPolicy {
         true
     }
 
+    fn handles(&self, event_type: &str) -> bool {
+        event_type == TRANSACTION_PERFORMED
+    }
+
     async fn apply(
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        for event in events.iter().filter(|e| e.event_type == "TransactionPerformed") {
+        for event in events.iter().filter(|e| e.event_type == TRANSACTION_PERFORMED) {
             self.handle(conn, event, effects).await.with_context(|| {
                 format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
             })?;

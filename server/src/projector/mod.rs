@@ -2,9 +2,11 @@
 //! position order, one batch per transaction, with the consumer's checkpoint written in the same
 //! transaction as its effects (exactly-once effect from at-least-once delivery).
 //!
-//! Each consumer runs as its own task: it wakes when the head moves (the command writer bumps it
-//! after each commit) and polls slowly as a safety net. A failing event is retried with backoff and
-//! never skipped: skipping would be data loss; the failure shows in `GET /api/projections`.
+//! Each group of consumers (see `groups`) runs as its own task: it wakes when the head moves (the
+//! command writer bumps it after each commit) and polls slowly as a safety net. A failing event is
+//! retried with backoff and never skipped: skipping would be data loss; the failure shows in
+//! `GET /api/projections`. After a failure the group's consumers run one transaction each, so the
+//! healthy ones go on.
 
 pub mod member_search;
 pub mod membership_view;
@@ -52,6 +54,11 @@ pub trait Consumer: Send + Sync + 'static {
     fn feeds_views(&self) -> bool {
         false
     }
+    /// False for event types this consumer ignores. A batch with none it handles is skipped
+    /// without a transaction; its checkpoint catches up later (see `CHECKPOINT_EVERY`).
+    fn handles(&self, _event_type: &str) -> bool {
+        true
+    }
 }
 
 /// The members whose streams these events are on, each once, sorted.
@@ -63,12 +70,15 @@ pub fn member_ids(events: &[StoredEvent]) -> Vec<&str> {
     ids
 }
 
-/// The consumers this server runs, in one list.
-pub fn all() -> Vec<Arc<dyn Consumer>> {
+/// The consumers this server runs, grouped by the task that runs them. A group applies each batch
+/// in one transaction, each member with its own checkpoint row. The two projections share one:
+/// they read the same events and write only their own tables, and on SQLite's single write
+/// connection one commit per batch instead of two is most of the saving. The loyalty policy runs
+/// alone: it appends events and takes the append lock, which projections need not wait for.
+pub fn groups() -> Vec<Vec<Arc<dyn Consumer>>> {
     vec![
-        Arc::new(membership_view::MembershipViewProjection),
-        Arc::new(member_search::MemberSearchProjection),
-        Arc::new(crate::processors::loyalty::LoyaltyPolicy),
+        vec![Arc::new(membership_view::MembershipViewProjection), Arc::new(member_search::MemberSearchProjection)],
+        vec![Arc::new(crate::processors::loyalty::LoyaltyPolicy)],
     ]
 }
 
@@ -136,36 +146,51 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// All consumers of this server. Their tasks run while this node is the active one (always on
 /// SQLite; on PostgreSQL while it holds the leader lock, see `leader.rs`).
+/// A group's consumers, each with its handle.
+type Group = Vec<(Arc<dyn Consumer>, Arc<ConsumerHandle>)>;
+
 pub struct Consumers {
     store: Store,
     head: Arc<watch::Sender<i64>>,
     feed: Arc<ViewFeed>,
     poll: Duration,
-    consumers: Vec<Arc<dyn Consumer>>,
+    /// Per group (see `groups`), each consumer with its handle.
+    groups: Vec<Group>,
     handles: Vec<Arc<ConsumerHandle>>,
 }
 
 impl Consumers {
     pub fn new(store: Store, head: Arc<watch::Sender<i64>>, feed: Arc<ViewFeed>, poll: Duration) -> Arc<Consumers> {
-        let consumers = all();
-        let handles = consumers.iter().map(|c| Arc::new(ConsumerHandle::new(c.name()))).collect();
-        Arc::new(Consumers { store, head, feed, poll, consumers, handles })
+        let groups: Vec<Group> = groups()
+            .into_iter()
+            .map(|group| group.into_iter().map(|c| (c.clone(), Arc::new(ConsumerHandle::new(c.name())))).collect())
+            .collect();
+        let handles = groups.iter().flatten().map(|(_, h)| h.clone()).collect();
+        Arc::new(Consumers { store, head, feed, poll, groups, handles })
     }
 
-    /// Start one task per consumer; they stop when `stop` is cancelled.
+    /// Start one task per group; they stop when `stop` is cancelled.
     pub fn run(&self, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-        self.consumers
+        self.groups
             .iter()
-            .zip(&self.handles)
-            .map(|(consumer, handle)| {
+            .map(|group| {
                 let runner = Runner {
                     store: self.store.clone(),
-                    consumer: consumer.clone(),
-                    handle: handle.clone(),
+                    members: group
+                        .iter()
+                        .map(|(consumer, handle)| Member {
+                            consumer: consumer.clone(),
+                            handle: handle.clone(),
+                            position: 0,
+                            stored: 0,
+                            stored_at: Instant::now(),
+                        })
+                        .collect(),
                     head: self.head.clone(),
                     feed: self.feed.clone(),
                     poll: self.poll,
                     shutdown: stop.clone(),
+                    isolate: false,
                 };
                 tokio::spawn(runner.run())
             })
@@ -240,43 +265,74 @@ impl Consumers {
     }
 }
 
-struct Runner {
-    store: Store,
+/// How long a consumer may leave its stored checkpoint behind its position while it skips batches
+/// it has nothing to do in (see `Runner::step`). Replaying skipped events is harmless; this only
+/// bounds how far back a restart starts and how stale `GET /api/projections` can look under load.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// One consumer inside a runner.
+struct Member {
     consumer: Arc<dyn Consumer>,
     handle: Arc<ConsumerHandle>,
+    /// Everything up to here is applied (or was nothing for this consumer).
+    position: i64,
+    /// The position in the checkpoint row (≤ `position`).
+    stored: i64,
+    stored_at: Instant,
+}
+
+/// What one member does in one step.
+enum Work<'e> {
+    /// Apply these events (and move the checkpoint) in the step's transaction.
+    Apply(&'e [StoredEvent]),
+    /// Nothing for this consumer in the batch: move the position, and the checkpoint only with
+    /// the step's transaction or once `CHECKPOINT_EVERY` has passed.
+    Skip,
+    /// Only move the checkpoint to what was skipped before.
+    Checkpoint,
+}
+
+struct Runner {
+    store: Store,
+    members: Vec<Member>,
     head: Arc<watch::Sender<i64>>,
     feed: Arc<ViewFeed>,
     poll: Duration,
     shutdown: CancellationToken,
+    /// After a failure: one transaction per consumer, so one failing consumer cannot hold back
+    /// the others of its group.
+    isolate: bool,
 }
 
 impl Runner {
-    async fn run(self) {
-        let name = self.consumer.name();
-        let mut position = loop {
-            match init_checkpoint(&self.store, name).await {
-                Ok(p) => break p,
-                Err(err) => {
-                    tracing::error!(consumer = name, error = %err, "cannot read checkpoint; retrying");
-                    if self.sleep(Duration::from_secs(1)).await {
-                        return;
+    fn names(&self) -> String {
+        self.members.iter().map(|m| m.handle.name).collect::<Vec<_>>().join(",")
+    }
+
+    async fn run(mut self) {
+        for i in 0..self.members.len() {
+            let name = self.members[i].handle.name;
+            let position = loop {
+                match init_checkpoint(&self.store, name).await {
+                    Ok(p) => break p,
+                    Err(err) => {
+                        tracing::error!(consumer = name, error = %err, "cannot read checkpoint; retrying");
+                        if self.sleep(Duration::from_secs(1)).await {
+                            return;
+                        }
                     }
                 }
-            }
-        };
-        self.handle.applied.send_replace(position);
+            };
+            let member = &mut self.members[i];
+            (member.position, member.stored) = (position, position);
+            member.handle.applied.send_replace(position);
+        }
         let mut head_rx = self.head.subscribe();
         let mut backoff = Duration::from_millis(100);
         while !self.shutdown.is_cancelled() {
-            match self.step(position).await {
-                Ok(Some(next)) => {
-                    position = next;
-                    self.handle.applied.send_replace(position);
-                    self.handle.set("running", None);
-                    backoff = Duration::from_millis(100);
-                }
-                Ok(None) => {
-                    self.handle.set("running", None);
+            match self.step().await {
+                Ok(true) => backoff = Duration::from_millis(100),
+                Ok(false) => {
                     head_rx.borrow_and_update();
                     tokio::select! {
                         changed = head_rx.changed() => {
@@ -286,25 +342,20 @@ impl Runner {
                         _ = self.shutdown.cancelled() => break,
                     }
                 }
-                Err(err) => {
-                    let message = format!("{err:#}");
-                    tracing::error!(consumer = name, position, error = %message, "consumer failed; will retry");
-                    metrics::counter!("tally_consumer_errors_total", "consumer" => name).increment(1);
-                    self.handle.set("failing", Some(message.clone()));
-                    let _ = record_error(&self.store, name, &message).await;
+                Err(()) => {
                     if self.sleep(backoff).await {
                         break;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    // Another node may have moved the checkpoint meanwhile.
-                    if let Ok(p) = load_checkpoint(&self.store, name).await {
-                        position = p;
-                    }
+                    // Another node may have moved the checkpoints meanwhile.
+                    self.reload().await;
                 }
             }
         }
-        self.handle.set("stopped", None);
-        tracing::info!(consumer = name, position, "consumer stopped");
+        for m in &self.members {
+            m.handle.set("stopped", None);
+            tracing::info!(consumer = m.handle.name, position = m.position, "consumer stopped");
+        }
     }
 
     /// Sleep unless shut down first; true when shutting down.
@@ -315,39 +366,156 @@ impl Runner {
         }
     }
 
-    /// One batch: returns the new position, or None when there was nothing to do.
-    #[tracing::instrument(skip(self), fields(consumer = self.consumer.name()), err(Debug))]
-    async fn step(&self, position: i64) -> anyhow::Result<Option<i64>> {
-        let events = self.store.read_all(position, BATCH).await?;
-        let Some(last) = events.last().map(|e| e.position) else {
-            return Ok(None);
-        };
-        let name = self.consumer.name();
-        let mut effects = Effects::default();
-        let mut conn = self.store.write.acquire().await?;
-        let mut tx = self.store.begin_consumer(&mut conn, self.consumer.appends()).await?;
-        self.consumer.apply(&mut tx, &events, &mut effects).await?;
-        if self.consumer.feeds_views() {
-            self.feed.in_transaction(&mut tx, &effects.views, last).await?;
+    /// Positions from the checkpoint rows (after a failure, or when another node moved them).
+    async fn reload(&mut self) {
+        for m in &mut self.members {
+            if let Ok(p) = load_checkpoint(&self.store, m.handle.name).await {
+                (m.position, m.stored) = (p, p);
+            }
         }
-        if !advance_checkpoint(&mut tx, name, position, last).await? {
-            // Someone else applied these (a node that briefly believed it led): drop ours, start
-            // from theirs.
-            tx.rollback().await?;
-            drop(conn);
-            return Ok(Some(load_checkpoint(&self.store, name).await?));
-        }
-        tx.commit().await?;
-        drop(conn);
+    }
 
-        self.handle.record(events.len() as u64);
-        metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
-        metrics::gauge!("tally_consumer_position", "consumer" => name).set(last as f64);
-        crate::store::raise(&self.head, effects.appended);
-        if self.consumer.feeds_views() {
-            self.feed.after_commit(effects.views, last);
+    /// One batch for every member that is behind: true when anything moved, `Err` after a failure
+    /// (already logged and shown on the failing consumer).
+    async fn step(&mut self) -> Result<bool, ()> {
+        let from = self.members.iter().map(|m| m.position).min().unwrap_or(0);
+        let events = match self.store.read_all(from, BATCH).await {
+            Ok(events) => events,
+            Err(err) => {
+                let message = format!("reading events after {from}: {err}");
+                for i in 0..self.members.len() {
+                    self.fail(i, &message).await;
+                }
+                return Err(());
+            }
+        };
+        let last = events.last().map(|e| e.position);
+        let now = Instant::now();
+        // (member, what to do, the position it moves to)
+        let mut work: Vec<(usize, Work, i64)> = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let mine = &events[events.partition_point(|e| e.position <= m.position)..];
+            match (last, mine.iter().any(|e| m.consumer.handles(&e.event_type))) {
+                (Some(last), true) => work.push((i, Work::Apply(mine), last)),
+                (Some(last), false) if !mine.is_empty() => work.push((i, Work::Skip, last)),
+                // Idle, or skipping for long: store the checkpoint.
+                _ if m.stored < m.position
+                    && (last.is_none() || now.duration_since(m.stored_at) >= CHECKPOINT_EVERY) =>
+                {
+                    work.push((i, Work::Checkpoint, m.position))
+                }
+                _ => {}
+            }
         }
-        Ok(Some(last))
+        if work.is_empty() {
+            return Ok(false);
+        }
+        let needs_tx = work.iter().any(|(i, w, _)| {
+            matches!(w, Work::Apply(_) | Work::Checkpoint)
+                || now.duration_since(self.members[*i].stored_at) >= CHECKPOINT_EVERY
+        });
+        if !needs_tx {
+            for (i, _, to) in work {
+                let m = &mut self.members[i];
+                m.position = to;
+                m.handle.applied.send_replace(to);
+                m.handle.set("running", None);
+            }
+            return Ok(true);
+        }
+        if self.isolate && work.len() > 1 {
+            // One transaction each: progress for the healthy ones, the error for the failing one.
+            let (mut moved, mut failed) = (false, false);
+            for one in work {
+                match self.commit(vec![one]).await {
+                    Ok(()) => moved = true,
+                    Err(()) => failed = true,
+                }
+            }
+            self.isolate = failed;
+            return if moved || !failed { Ok(true) } else { Err(()) };
+        }
+        let result = self.commit(work).await;
+        self.isolate = result.is_err();
+        result.map(|()| true)
+    }
+
+    /// Apply and move checkpoints in one transaction; after its commit, publish what changed.
+    #[tracing::instrument(skip_all, fields(consumers = self.names()))]
+    async fn commit(&mut self, work: Vec<(usize, Work<'_>, i64)>) -> Result<(), ()> {
+        let mut effects: Vec<Effects> = work.iter().map(|_| Effects::default()).collect();
+        let mut failing = None;
+        let outcome: anyhow::Result<bool> = async {
+            let appends =
+                work.iter().any(|(i, w, _)| matches!(w, Work::Apply(_)) && self.members[*i].consumer.appends());
+            let mut conn = self.store.write.acquire().await?;
+            let mut tx = self.store.begin_consumer(&mut conn, appends).await?;
+            for ((i, w, to), effects) in work.iter().zip(&mut effects) {
+                let m = &self.members[*i];
+                failing = Some(*i);
+                if let Work::Apply(events) = w {
+                    m.consumer.apply(&mut tx, events, effects).await?;
+                    if m.consumer.feeds_views() {
+                        self.feed.in_transaction(&mut tx, &effects.views, *to).await?;
+                    }
+                }
+                if !advance_checkpoint(&mut tx, m.handle.name, m.stored, *to).await? {
+                    // Someone else applied these (a node that briefly believed it led): drop
+                    // ours, start from theirs.
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+            }
+            failing = None;
+            tx.commit().await?;
+            Ok(true)
+        }
+        .await;
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                self.reload().await;
+                return Ok(());
+            }
+            Err(err) => {
+                let message = format!("{err:#}");
+                match failing {
+                    Some(i) => self.fail(i, &message).await,
+                    None => {
+                        for (i, _, _) in &work {
+                            self.fail(*i, &message).await;
+                        }
+                    }
+                }
+                return Err(());
+            }
+        }
+        let now = Instant::now();
+        for ((i, w, to), effects) in work.into_iter().zip(effects) {
+            let m = &mut self.members[i];
+            let name = m.handle.name;
+            if let Work::Apply(events) = w {
+                m.handle.record(events.len() as u64);
+                metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
+            }
+            (m.position, m.stored, m.stored_at) = (to, to, now);
+            m.handle.applied.send_replace(to);
+            m.handle.set("running", None);
+            metrics::gauge!("tally_consumer_position", "consumer" => name).set(to as f64);
+            crate::store::raise(&self.head, effects.appended);
+            if m.consumer.feeds_views() {
+                self.feed.after_commit(effects.views, to);
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, i: usize, message: &str) {
+        let name = self.members[i].handle.name;
+        tracing::error!(consumer = name, position = self.members[i].position, error = %message, "consumer failed; will retry");
+        metrics::counter!("tally_consumer_errors_total", "consumer" => name).increment(1);
+        self.members[i].handle.set("failing", Some(message.to_string()));
+        let _ = record_error(&self.store, name, message).await;
     }
 }
 
