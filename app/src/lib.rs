@@ -13,7 +13,7 @@ pub mod views;
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::components::{Route, Router, Routes, A};
-use leptos_router::{path, SsrMode};
+use leptos_router::{path, Lazy, SsrMode};
 
 /// The HTML document around the app (server side only renders it).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
@@ -53,8 +53,15 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/") view=pages::home::HomePage/>
                     // Async: the server sends each page complete, so it reads and works without
                     // JavaScript (streamed chunks would need a script to swap in).
-                    <Route path=path!("/members/:id") view=pages::member::MemberPage ssr=SsrMode::Async/>
-                    <Route path=path!("/admin") view=pages::admin::AdminPage ssr=SsrMode::Async/>
+                    // Lazy: each page's code is its own WASM chunk (`cargo leptos build --split`),
+                    // loaded with the page, so the home page and the portal do not download the
+                    // staff console, and the first load stays small (BENCHMARKS.md, P7).
+                    <Route
+                        path=path!("/members/:id")
+                        view={Lazy::<pages::member::MemberRoute>::new()}
+                        ssr=SsrMode::Async
+                    />
+                    <Route path=path!("/admin") view={Lazy::<pages::admin::AdminRoute>::new()} ssr=SsrMode::Async/>
                 </Routes>
             </main>
             <footer class="footer">"Tally: live, event-sourced membership views"</footer>
@@ -66,5 +73,6 @@ pub fn App() -> impl IntoView {
 #[wasm_bindgen::prelude::wasm_bindgen]
 pub fn hydrate() {
     console_error_panic_hook::set_once();
-    leptos::mount::hydrate_body(App);
+    // Lazy routes need the async hydration: it waits for the page's chunk before hydrating it.
+    leptos::mount::hydrate_lazy(App);
 }

@@ -7,6 +7,21 @@ use crate::views::MembershipView;
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::{use_params_map, use_query_map};
+use leptos_router::{lazy_route, LazyRoute};
+
+/// The route: its view (this page, the card, the live socket) is a lazily loaded WASM chunk.
+pub struct MemberRoute;
+
+#[lazy_route]
+impl LazyRoute for MemberRoute {
+    fn data() -> Self {
+        MemberRoute
+    }
+
+    fn view(_this: Self) -> AnyView {
+        view! { <MemberPage/> }.into_any()
+    }
+}
 
 /// Keep whichever view is newer: the one rendered with the page or the latest pushed one.
 fn newest(rendered: Option<MembershipView>, pushed: Option<MembershipView>) -> Option<MembershipView> {
