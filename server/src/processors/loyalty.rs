@@ -43,7 +43,7 @@ impl Consumer for LoyaltyPolicy {
         events: &[StoredEvent],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        for event in events.iter().filter(|e| e.event_type == TRANSACTION_PERFORMED) {
+        for event in events.iter().filter(|e| self.handles(&e.event_type)) {
             self.handle(conn, event, effects).await.with_context(|| {
                 format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
             })?;

@@ -144,11 +144,11 @@ impl ConsumerHandle {
 
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
-/// All consumers of this server. Their tasks run while this node is the active one (always on
-/// SQLite; on PostgreSQL while it holds the leader lock, see `leader.rs`).
 /// A group's consumers, each with its handle.
 type Group = Vec<(Arc<dyn Consumer>, Arc<ConsumerHandle>)>;
 
+/// All consumers of this server. Their tasks run while this node is the active one (always on
+/// SQLite; on PostgreSQL while it holds the leader lock, see `leader.rs`).
 pub struct Consumers {
     store: Store,
     head: Arc<watch::Sender<i64>>,
@@ -156,7 +156,6 @@ pub struct Consumers {
     poll: Duration,
     /// Per group (see `groups`), each consumer with its handle.
     groups: Vec<Group>,
-    handles: Vec<Arc<ConsumerHandle>>,
 }
 
 impl Consumers {
@@ -165,8 +164,7 @@ impl Consumers {
             .into_iter()
             .map(|group| group.into_iter().map(|c| (c.clone(), Arc::new(ConsumerHandle::new(c.name())))).collect())
             .collect();
-        let handles = groups.iter().flatten().map(|(_, h)| h.clone()).collect();
-        Arc::new(Consumers { store, head, feed, poll, groups, handles })
+        Arc::new(Consumers { store, head, feed, poll, groups })
     }
 
     /// Start one task per group; they stop when `stop` is cancelled.
@@ -197,8 +195,13 @@ impl Consumers {
             .collect()
     }
 
+    /// Every consumer's handle, in group order.
+    fn handles(&self) -> impl Iterator<Item = &Arc<ConsumerHandle>> {
+        self.groups.iter().flatten().map(|(_, handle)| handle)
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<ConsumerHandle>> {
-        self.handles.iter().find(|h| h.name == name)
+        self.handles().find(|h| h.name == name)
     }
 
     /// Drive every consumer to the current head, including events the processors append on the
@@ -210,7 +213,7 @@ impl Consumers {
             let head = self.store.head().await?;
             loop {
                 let checkpoints = self.checkpoints().await?;
-                let behind = self.handles.iter().find(|h| checkpoints.get(h.name).map(|c| c.0).unwrap_or(0) < head);
+                let behind = self.handles().find(|h| checkpoints.get(h.name).map(|c| c.0).unwrap_or(0) < head);
                 let Some(behind) = behind else { break };
                 if Instant::now() > deadline {
                     anyhow::bail!("{} did not reach position {head} in time", behind.name);
@@ -237,8 +240,7 @@ impl Consumers {
         let head = self.store.head().await?.max(0) as u64;
         let checkpoints = self.checkpoints().await?;
         Ok(self
-            .handles
-            .iter()
+            .handles()
             .map(|h| {
                 let (position, stored_error) = checkpoints.get(h.name).cloned().unwrap_or((0, None));
                 let position = position.max(0) as u64;
