@@ -13,7 +13,7 @@ pub mod views;
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::components::{Route, Router, Routes, A};
-use leptos_router::{path, Lazy, SsrMode};
+use leptos_router::{path, SsrMode};
 
 /// The HTML document around the app (server side only renders it).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
@@ -25,7 +25,7 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
                 <link rel="icon" href="/favicon.ico"/>
                 <AutoReload options=options.clone()/>
-                <HydrationScripts options/>
+                <HydrationScripts options islands=true/>
                 <MetaTags/>
             </head>
             <body>
@@ -53,15 +53,8 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/") view=pages::home::HomePage/>
                     // Async: the server sends each page complete, so it reads and works without
                     // JavaScript (streamed chunks would need a script to swap in).
-                    // Lazy: each page's code is its own WASM chunk (`cargo leptos build --split`),
-                    // loaded with the page, so the home page and the portal do not download the
-                    // staff console, and the first load stays small (BENCHMARKS.md, P7).
-                    <Route
-                        path=path!("/members/:id")
-                        view={Lazy::<pages::member::MemberRoute>::new()}
-                        ssr=SsrMode::Async
-                    />
-                    <Route path=path!("/admin") view={Lazy::<pages::admin::AdminRoute>::new()} ssr=SsrMode::Async/>
+                    <Route path=path!("/members/:id") view=pages::member::MemberPage ssr=SsrMode::Async/>
+                    <Route path=path!("/admin") view=pages::admin::AdminPage ssr=SsrMode::Async/>
                 </Routes>
             </main>
             <footer class="footer">"Tally: live, event-sourced membership views"</footer>
@@ -73,6 +66,7 @@ pub fn App() -> impl IntoView {
 #[wasm_bindgen::prelude::wasm_bindgen]
 pub fn hydrate() {
     console_error_panic_hook::set_once();
-    // Lazy routes need the async hydration: it waits for the page's chunk before hydrating it.
-    leptos::mount::hydrate_lazy(App);
+    // Islands: the pages are plain server-rendered HTML; only the `#[island]` components (the live
+    // membership card, the staff console) hydrate, each from its own lazily loaded WASM chunk.
+    leptos::mount::hydrate_islands();
 }

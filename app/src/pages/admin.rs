@@ -1,5 +1,6 @@
 //! `/admin`: the staff console. Member search, the actions (each an `ActionForm`, so it works
-//! without JavaScript too), and the consumers' status.
+//! without JavaScript too), and the consumers' status. The console is one island: it hydrates from
+//! its own WASM chunk, which visitors of the other pages never download.
 
 use crate::api::{
     get_consumers, search_members, EarnPoints, EnrollMember, ReactivateMember, RecordPurchase, RedeemPoints,
@@ -12,27 +13,27 @@ use crate::format;
 use crate::views::{CommandAck, MemberQuery};
 use leptos::prelude::*;
 use leptos_meta::Title;
-use leptos_router::components::Form;
 use leptos_router::hooks::use_query_map;
-use leptos_router::{lazy_route, LazyRoute};
 
-/// The route: the staff console's code is a lazily loaded WASM chunk, which visitors of the
-/// other pages never download.
-pub struct AdminRoute;
-
-#[lazy_route]
-impl LazyRoute for AdminRoute {
-    fn data() -> Self {
-        AdminRoute
-    }
-
-    fn view(_this: Self) -> AnyView {
-        view! { <AdminPage/> }.into_any()
+/// Server-rendered: the search is a plain GET form, so every search is a page load whose query the
+/// server hands to the console.
+#[component]
+pub fn AdminPage() -> impl IntoView {
+    let search = use_query_map().with_untracked(|q| {
+        let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
+        MemberQuery { q: get("q"), tier: get("tier"), status: get("status"), limit: Some(20), after: get("after") }
+    });
+    view! {
+        <Title text="Staff console: Tally"/>
+        <h1>"Staff console"</h1>
+        <StaffConsole search/>
     }
 }
 
-#[component]
-pub fn AdminPage() -> impl IntoView {
+/// Everything interactive on the page, in one island so that a finished action can refresh the
+/// search and the status next to it.
+#[island(lazy)]
+fn StaffConsole(search: MemberQuery) -> impl IntoView {
     let enroll = ServerAction::<EnrollMember>::new();
     let earn = ServerAction::<EarnPoints>::new();
     let redeem = ServerAction::<RedeemPoints>::new();
@@ -52,11 +53,9 @@ pub fn AdminPage() -> impl IntoView {
     };
 
     view! {
-        <Title text="Staff console: Tally"/>
-        <h1>"Staff console"</h1>
         <div class="admin-grid">
             <div class="admin-main">
-                <MemberSearch changes=Signal::derive(move || format!("{:?}", changes()))/>
+                <MemberSearch params=search changes=Signal::derive(move || format!("{:?}", changes()))/>
                 <ConsumerPanel changes=Signal::derive(move || format!("{:?}", changes()))/>
             </div>
             <div class="admin-actions">
@@ -173,50 +172,46 @@ fn Outcome(ack: CommandAck) -> impl IntoView {
 }
 
 #[component]
-fn MemberSearch(changes: Signal<String>) -> impl IntoView {
-    let query = use_query_map();
-    let params = Memo::new(move |_| {
-        let q = query.read();
-        let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
-        MemberQuery { q: get("q"), tier: get("tier"), status: get("status"), limit: Some(20), after: get("after") }
-    });
-    let results = Resource::new(move || (params.get(), changes.get()), |(p, _)| search_members(p));
-    let selected = move |key: &'static str, value: &'static str| {
-        params.with(|p| match key {
-            "tier" => p.tier.as_deref() == Some(value),
-            _ => p.status.as_deref() == Some(value),
-        })
+fn MemberSearch(params: MemberQuery, changes: Signal<String>) -> impl IntoView {
+    let selected = |key: &str, value: &str| match key {
+        "tier" => params.tier.as_deref() == Some(value),
+        _ => params.status.as_deref() == Some(value),
     };
+    let tiers = TIERS.map(|(t, _)| (t, selected("tier", t.as_str())));
+    let statuses = [Status::Active, Status::Suspended].map(|s| (s, selected("status", s.as_str())));
+    let q = params.q.clone().unwrap_or_default();
+    let next_query = params.clone();
+    let results = Resource::new(move || changes.get(), move |_| search_members(params.clone()));
 
     view! {
         <section class="card">
             <h2>"Members"</h2>
-            <Form method="GET" action="" attr:class="search">
-                <input type="search" name="q" placeholder="Name or email" aria-label="Search by name or email"
-                    value=move || params.get().q.unwrap_or_default()/>
+            <form method="GET" action="/admin" class="search">
+                <input type="search" name="q" placeholder="Name or email" aria-label="Search by name or email" value=q/>
                 <select name="tier" aria-label="Tier">
                     <option value="">"Any tier"</option>
-                    {TIERS.iter().map(|(t, _)| {
-                        let t = *t;
-                        view! { <option value=t.as_str() selected=move || selected("tier", t.as_str())>{t.label()}</option> }
+                    {tiers.into_iter().map(|(t, selected)| view! {
+                        <option value=t.as_str() selected=selected>{t.label()}</option>
                     }).collect_view()}
                 </select>
                 <select name="status" aria-label="Status">
                     <option value="">"Any status"</option>
-                    {[Status::Active, Status::Suspended].into_iter().map(|s| view! {
-                        <option value=s.as_str() selected=move || selected("status", s.as_str())>{s.as_str()}</option>
+                    {statuses.into_iter().map(|(s, selected)| view! {
+                        <option value=s.as_str() selected=selected>{s.as_str()}</option>
                     }).collect_view()}
                 </select>
                 <button type="submit">"Search"</button>
-            </Form>
+            </form>
             <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
-                {move || Suspend::new(async move {
+                {move || {
+                let next_query = next_query.clone();
+                Suspend::new(async move {
                     match results.await {
                         Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
                         Ok(page) if page.items.is_empty() => view! { <p class="muted">"No members match."</p> }.into_any(),
                         Ok(page) => {
                             let next = page.next.map(|cursor| {
-                                let p = params.get_untracked();
+                                let p = next_query;
                                 let mut href = format!("/admin?after={cursor}");
                                 for (k, v) in [("q", p.q), ("tier", p.tier), ("status", p.status)] {
                                     if let Some(v) = v {
@@ -250,7 +245,8 @@ fn MemberSearch(changes: Signal<String>) -> impl IntoView {
                             }.into_any()
                         }
                     }
-                })}
+                })
+                }}
             </Transition>
         </section>
     }

@@ -550,8 +550,8 @@ async fn composition(
 }
 
 /// P7: what a browser downloads to run a page. With `cargo leptos build --split` the bundle is the
-/// main module (the home page, the router, the framework) plus, per lazy route, the chunks listed
-/// in `__wasm_split_manifest.json` next to it. The target applies to every page's total.
+/// main module (the framework's hydration runtime: all the home page loads) plus, per lazy island,
+/// the chunks listed in `__wasm_split_manifest.json` next to it (each page has one island). The target applies to every page's total.
 fn wasm_row(path: &Path) -> Row {
     let measure = format!("WASM per page, {} and its split chunks", path.display());
     match wasm_pages(path) {
@@ -600,7 +600,7 @@ type Sizes = (usize, usize);
 
 struct WasmPages {
     main: Sizes,
-    /// Per lazy route: gzip bytes of the main module plus the route's chunks.
+    /// Per lazy island: gzip bytes of the main module plus the island's chunks.
     pages: Vec<(String, usize)>,
     all: Sizes,
 }
@@ -630,9 +630,9 @@ fn wasm_pages(path: &Path) -> anyhow::Result<WasmPages> {
     let pages = manifest
         .iter()
         .map(|(split, needs)| {
-            // `__member_route_view_<hash>` → `member_route`
+            // `__StaffConsole_loader_<hash>` → `StaffConsole` (the island, one per page)
             let route = split.trim_start_matches('_').trim_end_matches(|c: char| c.is_ascii_digit());
-            let route = route.trim_end_matches('_').trim_end_matches("_view").to_string();
+            let route = route.trim_end_matches('_').trim_end_matches("_loader").to_string();
             (route, main.1 + needs.iter().map(|n| chunks[n].1).sum::<usize>())
         })
         .collect();
