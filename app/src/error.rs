@@ -10,11 +10,21 @@ use serde::{Deserialize, Serialize};
 pub struct AppError {
     pub code: String,
     pub message: String,
+    /// Which staff console form the error answers (`kind` of [`crate::api::staff_action`]), so
+    /// that without JavaScript, when the page comes back with the error, it shows next to that
+    /// form only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub form: Option<String>,
 }
 
 impl AppError {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        AppError { code: code.into(), message: message.into() }
+        AppError { code: code.into(), message: message.into(), form: None }
+    }
+
+    /// The same error, marked as the answer to the staff console form `kind`.
+    pub fn on_form(self, kind: &str) -> Self {
+        AppError { form: Some(kind.to_string()), ..self }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {

@@ -44,6 +44,13 @@ pub fn month_year(rfc3339: &str) -> String {
     }
 }
 
+/// 12.345 → "12.3" (one decimal, thousands separated). Integer arithmetic on purpose: float
+/// formatting would add ~20 KB of WASM to the staff console for this one column.
+pub fn rate(per_second: f64) -> String {
+    let tenths = (per_second.max(0.0) * 10.0).round() as u64;
+    format!("{}.{}", points(tenths / 10), tenths % 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +61,15 @@ mod tests {
         assert_eq!(points(999), "999");
         assert_eq!(points(1_000), "1,000");
         assert_eq!(points(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn rates_have_one_decimal() {
+        assert_eq!(rate(0.0), "0.0");
+        assert_eq!(rate(12.345), "12.3");
+        assert_eq!(rate(12.96), "13.0");
+        assert_eq!(rate(1234.5), "1,234.5");
+        assert_eq!(rate(-1.0), "0.0");
     }
 
     #[test]

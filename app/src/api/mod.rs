@@ -40,42 +40,55 @@ pub async fn get_consumers() -> Result<Vec<ConsumerStatus>, AppError> {
     portal()?.consumers().await
 }
 
+/// Every staff console form posts here; its hidden `kind` field says which action it is: `enroll`,
+/// `earn`, `redeem`, `suspend`, `reactivate` or `purchase`. The fields are those of the form (text,
+/// as typed); a field the action needs but the form lacks counts as empty. One server function
+/// rather than one per action keeps the console's WASM small: each server function brings its
+/// own request encoder, response decoder and form parser into the bundle (BENCHMARKS.md, P7).
 #[server(prefix = "/_fn")]
-pub async fn enroll_member(name: String, email: String) -> Result<CommandAck, AppError> {
-    portal()?.execute(PortalCommand::Enroll { name, email }).await
-}
-
-#[server(prefix = "/_fn")]
-pub async fn earn_points(member_id: String, points: String, reason: String) -> Result<CommandAck, AppError> {
-    let points = parse_points(&points)?;
-    portal()?.execute(PortalCommand::Earn { member_id, points, reason }).await
-}
-
-#[server(prefix = "/_fn")]
-pub async fn redeem_points(member_id: String, points: String, reward: String) -> Result<CommandAck, AppError> {
-    let points = parse_points(&points)?;
-    portal()?.execute(PortalCommand::Redeem { member_id, points, reward }).await
-}
-
-#[server(prefix = "/_fn")]
-pub async fn suspend_member(member_id: String, reason: String) -> Result<CommandAck, AppError> {
-    portal()?.execute(PortalCommand::Suspend { member_id, reason }).await
-}
-
-#[server(prefix = "/_fn")]
-pub async fn reactivate_member(member_id: String) -> Result<CommandAck, AppError> {
-    portal()?.execute(PortalCommand::Reactivate { member_id }).await
-}
-
-#[server(prefix = "/_fn")]
-pub async fn record_purchase(
-    member_id: String,
-    amount: String,
-    currency: String,
-    channel: String,
+#[allow(clippy::too_many_arguments)]
+pub async fn staff_action(
+    kind: String,
+    member_id: Option<String>,
+    name: Option<String>,
+    email: Option<String>,
+    points: Option<String>,
+    reason: Option<String>,
+    reward: Option<String>,
+    amount: Option<String>,
+    currency: Option<String>,
+    channel: Option<String>,
 ) -> Result<CommandAck, AppError> {
-    let amount_cents = parse_amount(&amount)?;
-    portal()?.execute(PortalCommand::RecordPurchase { member_id, amount_cents, currency, channel }).await
+    let text = |field: Option<String>| field.unwrap_or_default();
+    let command = || -> Result<PortalCommand, AppError> {
+        Ok(match kind.as_str() {
+            "enroll" => PortalCommand::Enroll { name: text(name), email: text(email) },
+            "earn" => PortalCommand::Earn {
+                member_id: text(member_id),
+                points: parse_points(&text(points))?,
+                reason: text(reason),
+            },
+            "redeem" => PortalCommand::Redeem {
+                member_id: text(member_id),
+                points: parse_points(&text(points))?,
+                reward: text(reward),
+            },
+            "suspend" => PortalCommand::Suspend { member_id: text(member_id), reason: text(reason) },
+            "reactivate" => PortalCommand::Reactivate { member_id: text(member_id) },
+            "purchase" => PortalCommand::RecordPurchase {
+                member_id: text(member_id),
+                amount_cents: parse_amount(&text(amount))?,
+                currency: text(currency),
+                channel: text(channel),
+            },
+            other => return Err(AppError::invalid(format!("unknown staff action '{other}'"))),
+        })
+    };
+    let result = match command() {
+        Ok(command) => portal()?.execute(command).await,
+        Err(err) => Err(err),
+    };
+    result.map_err(|err| err.on_form(&kind))
 }
 
 /// Form fields arrive as text; a person typing "12.5" deserves a clear message, not a decode error.

@@ -2,15 +2,12 @@
 //! without JavaScript too), and the consumers' status. The console is one island: it hydrates from
 //! its own WASM chunk, which visitors of the other pages never download.
 
-use crate::api::{
-    get_consumers, search_members, EarnPoints, EnrollMember, ReactivateMember, RecordPurchase, RedeemPoints,
-    SuspendMember,
-};
+use crate::api::{get_consumers, search_members, StaffAction};
 use crate::domain::member::Status;
 use crate::domain::tier::TIERS;
 use crate::error::AppError;
 use crate::format;
-use crate::views::{CommandAck, MemberQuery};
+use crate::views::{CommandAck, ConsumerStatus, MemberPage, MemberQuery};
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::use_query_map;
@@ -23,92 +20,97 @@ pub fn AdminPage() -> impl IntoView {
         let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
         MemberQuery { q: get("q"), tier: get("tier"), status: get("status"), limit: Some(20), after: get("after") }
     });
+    // Both read before the page renders, under one suspense (a second one nested in the island's
+    // children hung the server render).
+    let consumers = Resource::new_blocking(|| (), |_| get_consumers());
+    let results = Resource::new_blocking(
+        {
+            let search = search.clone();
+            move || search.clone()
+        },
+        search_members,
+    );
     view! {
         <Title text="Staff console: Tally"/>
         <h1>"Staff console"</h1>
-        <StaffConsole search/>
+        <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || {
+                let search = search.clone();
+                Suspend::new(async move {
+                    let (consumers, results) = (consumers.await, results.await);
+                    view! {
+                        <StaffConsole consumers>
+                            <MemberSearch params=search results/>
+                        </StaffConsole>
+                    }
+                })
+            }}
+        </Suspense>
     }
 }
 
 /// Everything interactive on the page, in one island so that a finished action can refresh the
-/// search and the status next to it.
+/// status next to it. The search (its children) is server-rendered HTML inside it: a fresh search
+/// is a page load, and keeping its results out of the island keeps the island's WASM under the
+/// size target (BENCHMARKS.md, P7).
 #[island(lazy)]
-fn StaffConsole(search: MemberQuery) -> impl IntoView {
-    let enroll = ServerAction::<EnrollMember>::new();
-    let earn = ServerAction::<EarnPoints>::new();
-    let redeem = ServerAction::<RedeemPoints>::new();
-    let suspend = ServerAction::<SuspendMember>::new();
-    let reactivate = ServerAction::<ReactivateMember>::new();
-    let purchase = ServerAction::<RecordPurchase>::new();
-    // Any finished action may have changed what the search and the status show.
-    let changes = move || {
-        (
-            enroll.version().get(),
-            earn.version().get(),
-            redeem.version().get(),
-            suspend.version().get(),
-            reactivate.version().get(),
-            purchase.version().get(),
-        )
-    };
+fn StaffConsole(consumers: Result<Vec<ConsumerStatus>, AppError>, children: Children) -> impl IntoView {
+    // One action per form (each shows its own outcome), all of the one server function.
+    let enroll = ServerAction::<StaffAction>::new();
+    let earn = ServerAction::<StaffAction>::new();
+    let redeem = ServerAction::<StaffAction>::new();
+    let purchase = ServerAction::<StaffAction>::new();
+    let suspend = ServerAction::<StaffAction>::new();
+    let reactivate = ServerAction::<StaffAction>::new();
+    // Any finished action may have changed what the status shows.
+    let actions = [enroll, earn, redeem, purchase, suspend, reactivate];
+    let changes = Signal::derive(move || actions.iter().map(|a| a.version().get()).sum::<usize>());
 
     view! {
         <div class="admin-grid">
             <div class="admin-main">
-                <MemberSearch params=search changes=Signal::derive(move || format!("{:?}", changes()))/>
-                <ConsumerPanel changes=Signal::derive(move || format!("{:?}", changes()))/>
+                {children()}
+                <ConsumerPanel initial=consumers changes/>
             </div>
             <div class="admin-actions">
-                <ActionCard title="Enroll a member" result=Signal::derive(move || enroll.value().get())>
-                    <ActionForm action=enroll attr:class="form">
-                        <Field label="Name" name="name" placeholder="Ada Lovelace"/>
-                        <Field label="Email" name="email" kind="email" placeholder="ada@example.com"/>
-                        <button type="submit">"Enroll"</button>
-                    </ActionForm>
+                <ActionCard title="Enroll a member" kind="enroll" action=enroll>
+                    <Field label="Name" name="name" placeholder="Ada Lovelace"/>
+                    <Field label="Email" name="email" kind="email" placeholder="ada@example.com"/>
+                    <button type="submit">"Enroll"</button>
                 </ActionCard>
-                <ActionCard title="Earn points" result=Signal::derive(move || earn.value().get())>
-                    <ActionForm action=earn attr:class="form">
-                        <Field label="Member id" name="member_id"/>
-                        <Field label="Points" name="points" kind="number"/>
-                        <Field label="Reason" name="reason" required=false placeholder="Birthday bonus"/>
-                        <button type="submit">"Earn"</button>
-                    </ActionForm>
+                <ActionCard title="Earn points" kind="earn" action=earn>
+                    <Field label="Member id" name="member_id"/>
+                    <Field label="Points" name="points" kind="number"/>
+                    <Field label="Reason" name="reason" required=false placeholder="Birthday bonus"/>
+                    <button type="submit">"Earn"</button>
                 </ActionCard>
-                <ActionCard title="Redeem points" result=Signal::derive(move || redeem.value().get())>
-                    <ActionForm action=redeem attr:class="form">
-                        <Field label="Member id" name="member_id"/>
-                        <Field label="Points" name="points" kind="number"/>
-                        <Field label="Reward" name="reward" required=false placeholder="Coffee mug"/>
-                        <button type="submit">"Redeem"</button>
-                    </ActionForm>
+                <ActionCard title="Redeem points" kind="redeem" action=redeem>
+                    <Field label="Member id" name="member_id"/>
+                    <Field label="Points" name="points" kind="number"/>
+                    <Field label="Reward" name="reward" required=false placeholder="Coffee mug"/>
+                    <button type="submit">"Redeem"</button>
                 </ActionCard>
-                <ActionCard title="Record a purchase" result=Signal::derive(move || purchase.value().get())>
-                    <ActionForm action=purchase attr:class="form">
-                        <Field label="Member id (empty: anonymous)" name="member_id" required=false/>
-                        <Field label="Amount" name="amount" placeholder="49.99"/>
-                        <Field label="Currency" name="currency" value="EUR"/>
-                        <label class="field">
-                            <span>"Channel"</span>
-                            <select name="channel">
-                                <option value="pos">"Point of sale"</option>
-                                <option value="ecommerce">"Web shop"</option>
-                            </select>
-                        </label>
-                        <button type="submit">"Record purchase"</button>
-                    </ActionForm>
+                <ActionCard title="Record a purchase" kind="purchase" action=purchase>
+                    <Field label="Member id (empty: anonymous)" name="member_id" required=false/>
+                    <Field label="Amount" name="amount" placeholder="49.99"/>
+                    <Field label="Currency" name="currency" value="EUR"/>
+                    <label class="field">
+                        <span>"Channel"</span>
+                        <select name="channel">
+                            <option value="pos">"Point of sale"</option>
+                            <option value="ecommerce">"Web shop"</option>
+                        </select>
+                    </label>
+                    <button type="submit">"Record purchase"</button>
                 </ActionCard>
-                <ActionCard title="Suspend an account" result=Signal::derive(move || suspend.value().get())>
-                    <ActionForm action=suspend attr:class="form">
-                        <Field label="Member id" name="member_id"/>
-                        <Field label="Reason" name="reason" required=false/>
-                        <button type="submit" class="danger">"Suspend"</button>
-                    </ActionForm>
+                <ActionCard title="Suspend an account" kind="suspend" action=suspend>
+                    <Field label="Member id" name="member_id"/>
+                    <Field label="Reason" name="reason" required=false/>
+                    <button type="submit" class="danger">"Suspend"</button>
                 </ActionCard>
-                <ActionCard title="Reactivate an account" result=Signal::derive(move || reactivate.value().get())>
-                    <ActionForm action=reactivate attr:class="form">
-                        <Field label="Member id" name="member_id"/>
-                        <button type="submit">"Reactivate"</button>
-                    </ActionForm>
+                <ActionCard title="Reactivate an account" kind="reactivate" action=reactivate>
+                    <Field label="Member id" name="member_id"/>
+                    <button type="submit">"Reactivate"</button>
                 </ActionCard>
             </div>
         </div>
@@ -133,18 +135,28 @@ fn Field(
     }
 }
 
-/// A titled form with the outcome of its last submission underneath, in words.
+/// A titled form (posting `kind` with its fields) with the outcome of its last submission
+/// underneath, in words.
 #[component]
 fn ActionCard(
     title: &'static str,
-    result: Signal<Option<Result<CommandAck, AppError>>>,
+    kind: &'static str,
+    action: ServerAction<StaffAction>,
     children: Children,
 ) -> impl IntoView {
+    // Without JavaScript the page comes back with the error, and every form's action sees it:
+    // only the form it answers shows it.
+    let result = move || {
+        action.value().get().filter(|r| r.as_ref().err().and_then(|e| e.form.as_deref()).is_none_or(|f| f == kind))
+    };
     view! {
         <section class="card action">
             <h2>{title}</h2>
-            {children()}
-            {move || result.get().map(|r| match r {
+            <ActionForm action attr:class="form">
+                <input type="hidden" name="kind" value=kind/>
+                {children()}
+            </ActionForm>
+            {move || result().map(|r| match r {
                 Ok(ack) => view! { <Outcome ack/> }.into_any(),
                 Err(err) => view! {
                     <p class="form-error" role="alert" data-code=err.code.clone()>{err.message}</p>
@@ -171,8 +183,9 @@ fn Outcome(ack: CommandAck) -> impl IntoView {
     }
 }
 
+/// Server-rendered only (never in the WASM): the search form and one page of results.
 #[component]
-fn MemberSearch(params: MemberQuery, changes: Signal<String>) -> impl IntoView {
+fn MemberSearch(params: MemberQuery, results: Result<MemberPage, AppError>) -> impl IntoView {
     let selected = |key: &str, value: &str| match key {
         "tier" => params.tier.as_deref() == Some(value),
         _ => params.status.as_deref() == Some(value),
@@ -180,8 +193,7 @@ fn MemberSearch(params: MemberQuery, changes: Signal<String>) -> impl IntoView {
     let tiers = TIERS.map(|(t, _)| (t, selected("tier", t.as_str())));
     let statuses = [Status::Active, Status::Suspended].map(|s| (s, selected("status", s.as_str())));
     let q = params.q.clone().unwrap_or_default();
-    let next_query = params.clone();
-    let results = Resource::new(move || changes.get(), move |_| search_members(params.clone()));
+    let next_query = params;
 
     view! {
         <section class="card">
@@ -202,11 +214,8 @@ fn MemberSearch(params: MemberQuery, changes: Signal<String>) -> impl IntoView {
                 </select>
                 <button type="submit">"Search"</button>
             </form>
-            <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
-                {move || {
-                let next_query = next_query.clone();
-                Suspend::new(async move {
-                    match results.await {
+            {
+                    match results {
                         Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
                         Ok(page) if page.items.is_empty() => view! { <p class="muted">"No members match."</p> }.into_any(),
                         Ok(page) => {
@@ -245,9 +254,7 @@ fn MemberSearch(params: MemberQuery, changes: Signal<String>) -> impl IntoView {
                             }.into_any()
                         }
                     }
-                })
-                }}
-            </Transition>
+            }
         </section>
     }
 }
@@ -261,51 +268,53 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// The consumers' status: rendered with the page from `initial`, then fetched again every two
+/// seconds and after every finished action. A plain signal rather than a resource: the first
+/// value arrives as the island's prop, and the resource machinery would cost WASM (P7).
 #[component]
-fn ConsumerPanel(changes: Signal<String>) -> impl IntoView {
-    let tick = RwSignal::new(0u32);
+fn ConsumerPanel(initial: Result<Vec<ConsumerStatus>, AppError>, changes: Signal<usize>) -> impl IntoView {
+    let status = RwSignal::new(initial);
+    let refresh = move || leptos::task::spawn_local(async move { status.set(get_consumers().await) });
     #[cfg(feature = "hydrate")]
-    {
-        // Refresh the status every two seconds while the console is open.
-        if let Ok(handle) =
-            set_interval_with_handle(move || tick.update(|t| *t += 1), std::time::Duration::from_secs(2))
-        {
-            on_cleanup(move || handle.clear());
-        }
+    if let Ok(handle) = set_interval_with_handle(refresh, std::time::Duration::from_secs(2)) {
+        on_cleanup(move || handle.clear());
     }
-    let status = Resource::new(move || (tick.get(), changes.get()), |_| get_consumers());
+    // Effects run in the browser only. The first run just subscribes.
+    Effect::new(move |seen: Option<usize>| {
+        let now = changes.get();
+        if seen.is_some_and(|seen| seen != now) {
+            refresh();
+        }
+        now
+    });
     view! {
         <section class="card">
             <h2>"Projector and processors"</h2>
-            <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
-                {move || Suspend::new(async move {
-                    match status.await {
-                        Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
-                        Ok(items) => view! {
-                            <div class="table-wrap">
-                                <table class="consumers">
-                                    <thead><tr>
-                                        <th>"Consumer"</th><th class="num">"Position"</th><th class="num">"Head"</th>
-                                        <th class="num">"Lag"</th><th class="num">"Events/s"</th><th>"State"</th>
-                                    </tr></thead>
-                                    <tbody>
-                                        {items.into_iter().map(|c| view! {
-                                            <tr title=c.last_error.clone().unwrap_or_default()>
-                                                <td>{c.name}</td>
-                                                <td class="num">{format::points(c.position)}</td>
-                                                <td class="num">{format::points(c.head)}</td>
-                                                <td class="num">{format::points(c.lag)}</td>
-                                                <td class="num">{format!("{:.1}", c.events_per_second)}</td>
-                                                <td><span class=format!("badge state-{}", c.state)>{c.state.clone()}</span></td>
-                                            </tr>
-                                        }).collect_view()}
-                                    </tbody>
-                                </table>
-                            </div>
-                        }.into_any(),
-                    }
-                })}
-            </Transition>
+            {move || match status.get() {
+                Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
+                Ok(items) => view! {
+                    <div class="table-wrap">
+                        <table class="consumers">
+                            <thead><tr>
+                                <th>"Consumer"</th><th class="num">"Position"</th><th class="num">"Head"</th>
+                                <th class="num">"Lag"</th><th class="num">"Events/s"</th><th>"State"</th>
+                            </tr></thead>
+                            <tbody>
+                                {items.into_iter().map(|c| view! {
+                                    <tr title=c.last_error.clone().unwrap_or_default()>
+                                        <td>{c.name}</td>
+                                        <td class="num">{format::points(c.position)}</td>
+                                        <td class="num">{format::points(c.head)}</td>
+                                        <td class="num">{format::points(c.lag)}</td>
+                                        <td class="num">{format::rate(c.events_per_second)}</td>
+                                        <td><span class=format!("badge state-{}", c.state)>{c.state.clone()}</span></td>
+                                    </tr>
+                                }).collect_view()}
+                            </tbody>
+                        </table>
+                    </div>
+                }.into_any(),
+            }}
         </section>
     }
 }
