@@ -63,8 +63,8 @@ pub async fn staff_action(
     channel: Option<String>,
 ) -> Result<CommandAck, AppError> {
     let text = |field: Option<String>| field.unwrap_or_default();
-    let command = || -> Result<PortalCommand, AppError> {
-        Ok(match kind.as_str() {
+    let run = async {
+        let command = match kind.as_str() {
             "enroll" => PortalCommand::Enroll { name: text(name), email: text(email) },
             "earn" => PortalCommand::Earn {
                 member_id: text(member_id),
@@ -85,13 +85,10 @@ pub async fn staff_action(
                 channel: text(channel),
             },
             other => return Err(AppError::invalid(format!("unknown staff action '{other}'"))),
-        })
+        };
+        portal()?.execute(command).await
     };
-    let result = match command() {
-        Ok(command) => portal()?.execute(command).await,
-        Err(err) => Err(err),
-    };
-    result.map_err(|err| err.on_form(&kind))
+    run.await.map_err(|err| err.on_form(&kind))
 }
 
 /// Form fields arrive as text; a person typing "12.5" deserves a clear message, not a decode error.

@@ -12,8 +12,8 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::use_query_map;
 
-/// Server-rendered: the search is a plain GET form, so every search is a page load whose query the
-/// server hands to the console.
+/// Server-rendered: the search is a plain GET form, so every search is a page load; the server
+/// renders its results and hands the console island its first status.
 #[component]
 pub fn AdminPage() -> impl IntoView {
     let search = use_query_map().with_untracked(|q| {
@@ -186,14 +186,9 @@ fn Outcome(ack: CommandAck) -> impl IntoView {
 /// Server-rendered only (never in the WASM): the search form and one page of results.
 #[component]
 fn MemberSearch(params: MemberQuery, results: Result<MemberPage, AppError>) -> impl IntoView {
-    let selected = |key: &str, value: &str| match key {
-        "tier" => params.tier.as_deref() == Some(value),
-        _ => params.status.as_deref() == Some(value),
-    };
-    let tiers = TIERS.map(|(t, _)| (t, selected("tier", t.as_str())));
-    let statuses = [Status::Active, Status::Suspended].map(|s| (s, selected("status", s.as_str())));
+    let tiers = TIERS.map(|(t, _)| (t, params.tier.as_deref() == Some(t.as_str())));
+    let statuses = [Status::Active, Status::Suspended].map(|s| (s, params.status.as_deref() == Some(s.as_str())));
     let q = params.q.clone().unwrap_or_default();
-    let next_query = params;
 
     view! {
         <section class="card">
@@ -220,7 +215,7 @@ fn MemberSearch(params: MemberQuery, results: Result<MemberPage, AppError>) -> i
                         Ok(page) if page.items.is_empty() => view! { <p class="muted">"No members match."</p> }.into_any(),
                         Ok(page) => {
                             let next = page.next.map(|cursor| {
-                                let p = next_query;
+                                let p = params;
                                 let mut href = format!("/admin?after={cursor}");
                                 for (k, v) in [("q", p.q), ("tier", p.tier), ("status", p.status)] {
                                     if let Some(v) = v {
