@@ -1,6 +1,10 @@
 use clap::Parser;
 use server::config::{Cli, Commands};
 
+/// See `mimalloc` in Cargo.toml: the server allocates per request and per batch on many threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     server::telemetry::init_tracing();

@@ -164,7 +164,10 @@ impl CommandBus {
 
 async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut cache = StateCache::default();
+    let mut cache = match store.backend {
+        store::Backend::Sqlite => StateCache::with_local_head(head.subscribe()),
+        store::Backend::Postgres => StateCache::default(),
+    };
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let size = batch.len();

@@ -470,6 +470,11 @@ impl Runner {
             }
             failing = None;
             tx.commit().await?;
+            // Before the write connection goes back: the command writer trusts the head to
+            // include every committed append (see `StateCache`).
+            for e in &effects {
+                crate::store::raise(&self.head, e.appended);
+            }
             Ok(true)
         }
         .await;
@@ -504,7 +509,6 @@ impl Runner {
             m.handle.applied.send_replace(to);
             m.handle.set("running", None);
             metrics::gauge!("tally_consumer_position", "consumer" => name).set(to as f64);
-            crate::store::raise(&self.head, effects.appended);
             if m.consumer.feeds_views() {
                 self.feed.after_commit(effects.views, to);
             }

@@ -14,7 +14,7 @@ pub use append::{append, load_stream, load_streams, placeholders, select_in, Loa
 use anyhow::Context;
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Acquire, AnyConnection, AnyPool, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +215,7 @@ pub const APPEND_LOCK: i64 = 0x7a11_0001;
 pub const CONSUMER_LEADER_LOCK: i64 = 0x7a11_0002;
 
 impl Store {
-    /// Take the append lock for the rest of the caller's transaction.
+    /// PostgreSQL: the statement that takes the append lock for the rest of the transaction.
     ///
     /// PostgreSQL hands out sequence values at insert time but makes them visible at commit, so
     /// with concurrent writers position 11 can become visible after 12, and a consumer that had
@@ -223,11 +223,8 @@ impl Store {
     /// before the first insert until commit makes appends commit in position order (cost: appends
     /// from all nodes are serialized, one lock per group-committed batch). SQLite needs nothing:
     /// it has one writer, and our write pool has one connection.
-    pub async fn lock_appends(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *conn).await?;
-        }
-        Ok(())
+    fn lock_appends_sql() -> String {
+        format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})")
     }
 
     // Whether commits wait for the disk. Commands always do (API.md:
@@ -237,19 +234,26 @@ impl Store {
     // suffix of consumer commits, which they then replay from their checkpoint. (A process crash
     // loses nothing either way; this matters only for power loss.) Saves one flush per consumer
     // batch, which is most of the flushes.
+    //
+    // Each transaction starts with one round trip: the durability setting, `BEGIN` and the append
+    // lock go as one script. Every statement is a hand-off to sqlx's SQLite thread (or a round
+    // trip to PostgreSQL), and the write path's cost is counted in those, not in rows.
 
     /// A command batch's transaction: flushed on commit, append lock held.
     pub async fn begin_commands<'c>(
         &self,
         conn: &'c mut AnyConnection,
     ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
-        if self.backend == Backend::Sqlite {
-            let sync = if self.durable { "PRAGMA synchronous = FULL" } else { "PRAGMA synchronous = NORMAL" };
-            sqlx::query(sync).execute(&mut *conn).await?;
-        }
-        let mut tx = conn.begin().await?;
-        self.lock_appends(&mut tx).await?;
-        Ok(tx)
+        let script = match self.backend {
+            // SQLite sets this per connection, before the transaction. IMMEDIATE: take the write
+            // lock now rather than on the first write.
+            Backend::Sqlite => {
+                let sync = if self.durable { "FULL" } else { "NORMAL" };
+                format!("PRAGMA synchronous = {sync}; BEGIN IMMEDIATE")
+            }
+            Backend::Postgres => format!("BEGIN; {}", Self::lock_appends_sql()),
+        };
+        conn.begin_with(script).await
     }
 
     /// A consumer batch's transaction: not flushed on commit (see above); with the append lock
@@ -259,18 +263,14 @@ impl Store {
         conn: &'c mut AnyConnection,
         appends: bool,
     ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
-        // SQLite sets this per connection, before the transaction; PostgreSQL per transaction.
-        if self.backend == Backend::Sqlite {
-            sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-        }
-        let mut tx = conn.begin().await?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-        }
-        if appends {
-            self.lock_appends(&mut tx).await?;
-        }
-        Ok(tx)
+        let script = match self.backend {
+            Backend::Sqlite => "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE".to_string(),
+            Backend::Postgres => {
+                let lock = if appends { Self::lock_appends_sql() } else { String::new() };
+                format!("BEGIN; SET LOCAL synchronous_commit = off; {lock}")
+            }
+        };
+        conn.begin_with(script).await
     }
 }
 

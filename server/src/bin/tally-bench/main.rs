@@ -179,15 +179,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let members: Arc<Vec<String>> = Arc::new((0..args.members).map(|i| format!("b{i}")).collect());
 
-    // Seed through the real command path, over HTTP.
+    // Seed through the real command path, over HTTP (P7 alone needs no data).
+    let seeded = ["P1", "P2", "P3", "P4", "P5", "P6"].iter().any(|id| args.wants(id));
+    let (members_to_seed, purchases_to_seed) = if seeded { (args.members, args.purchases) } else { (0, 0) };
     let seeding = Instant::now();
-    let enrolled = send_all(server.base(), args.connections, (0..args.members).map(|i| {
+    let enrolled = send_all(server.base(), args.connections, (0..members_to_seed).map(|i| {
         ("/api/members".to_string(), json!({"member_id": format!("b{i}"), "name": format!("Bench Member {i}"), "email": format!("b{i}@bench.example")}))
     }))
     .await;
     let purchases = {
         let mut rng = rand::rng();
-        (0..args.purchases)
+        (0..purchases_to_seed)
             .map(|i| {
                 let member = members[rng.random_range(0..members.len())].clone();
                 let amount: u64 = rng.random_range(100..20_000);
