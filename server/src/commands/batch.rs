@@ -595,7 +595,7 @@ async fn save_idempotency_keys(
     now: &str,
 ) -> Result<(), sqlx::Error> {
     for chunk in records.chunks(store::MAX_PARAMS / 6) {
-        let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 6 + 1, 6))).collect::<Vec<_>>();
+        let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 6 + 1, 6))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES {}",
             values.join(", ")

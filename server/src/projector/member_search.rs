@@ -146,7 +146,7 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 /// Insert or update the rows (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, rows: &[&MemberSummary]) -> anyhow::Result<()> {
     for chunk in rows.chunks(store::MAX_PARAMS / 11) {
-        let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 11 + 1, 11))).collect::<Vec<_>>();
+        let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 11 + 1, 11))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO member_search ({COLUMNS}, search_text, sort_key) VALUES {} \
              ON CONFLICT (member_id) DO UPDATE SET name = excluded.name, email = excluded.email, \

@@ -93,7 +93,7 @@ impl ViewRow {
 /// Insert or update the views (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, views: &[ViewRow]) -> anyhow::Result<()> {
     for chunk in views.chunks(store::MAX_PARAMS / 4) {
-        let values = (0..chunk.len()).map(|i| format!("({})", store::placeholders(i * 4 + 1, 4))).collect::<Vec<_>>();
+        let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 4 + 1, 4))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO membership_view (member_id, version, position, view) VALUES {} \
              ON CONFLICT (member_id) DO UPDATE SET version = excluded.version, position = excluded.position, \

@@ -59,7 +59,7 @@ pub struct NewEvent {
 pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: &str) -> Result<Vec<i64>, sqlx::Error> {
     let mut positions = Vec::with_capacity(events.len());
     for chunk in events.chunks(MAX_PARAMS / 7) {
-        let values = (0..chunk.len()).map(|i| format!("({})", placeholders(i * 7 + 1, 7))).collect::<Vec<_>>();
+        let values = (0..chunk.len()).map(|i| format!("({})", params(conn, i * 7 + 1, 7))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at) \
              VALUES {} RETURNING position, stream_id, stream_version",
@@ -93,22 +93,44 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: 
     Ok(positions)
 }
 
-/// Parameters per statement. Larger statements cost more than they save: SQLite looks each
-/// numbered parameter up by a linear scan, so binding n of them takes O(n²), which profiles showed
-/// as the top entry for 500-row statements. Also far below both databases' parameter limits.
-pub const MAX_PARAMS: usize = 256;
+/// Parameters per statement: far below both databases' limits (SQLite 32,766, PostgreSQL 65,535),
+/// large enough that a batch of commands or views takes one statement or a few.
+pub const MAX_PARAMS: usize = 1024;
 
-/// The rows of `sql` for every one of `values`: `sql` holds `{}` where the list of an `IN (…)`
-/// goes, and is run once per chunk of at most [`MAX_PARAMS`] parameters, `leading` bound first.
+/// Placeholders for `count` parameters, the first being the statement's `from`-th: `$from, …` on
+/// PostgreSQL, anonymous `?`s (numbered in order by SQLite) on SQLite. The SQLite driver asks
+/// SQLite for each parameter's name, which for numbered ones is a linear scan of the statement's
+/// names: O(n²) per statement, the top entry in profiles of the write connection. A statement
+/// built with `?`s must use no `$n` (the driver counts anonymous parameters apart from numbered).
+pub fn params(conn: &AnyConnection, from: usize, count: usize) -> String {
+    if conn.backend_name() == SQLITE {
+        vec!["?"; count].join(", ")
+    } else {
+        placeholders(from, count)
+    }
+}
+
+const SQLITE: &str = "SQLite";
+
+/// The rows of `sql` for every one of `values`: `sql` names the `leading` parameters `$1`…`$k`
+/// and holds `{}` where the list of an `IN (…)` goes; it is run once per chunk of at most
+/// [`MAX_PARAMS`] parameters, `leading` bound first.
 pub async fn select_in(
     conn: &mut AnyConnection,
     sql: &str,
     leading: &[&str],
     values: &[&str],
 ) -> Result<Vec<AnyRow>, sqlx::Error> {
+    let mut sql = sql.to_string();
+    if conn.backend_name() == SQLITE {
+        // All anonymous (see `params`); from the highest, so `$1` does not eat into `$10`.
+        for i in (1..=leading.len()).rev() {
+            sql = sql.replace(&format!("${i}"), "?");
+        }
+    }
     let mut rows = Vec::new();
     for chunk in values.chunks(MAX_PARAMS - leading.len()) {
-        let sql = sql.replace("{}", &placeholders(leading.len() + 1, chunk.len()));
+        let sql = sql.replace("{}", &params(conn, leading.len() + 1, chunk.len()));
         let mut query = sqlx::query(&sql);
         for value in leading.iter().chain(chunk) {
             query = query.bind(*value);

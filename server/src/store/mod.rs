@@ -1,7 +1,8 @@
 //! The event store and the database behind the views, on SQLite (default) or PostgreSQL.
 //!
 //! One code path serves both through sqlx's `Any` driver: the SQL below runs unchanged on each
-//! (`$1` placeholders, `RETURNING`, `ON CONFLICT`). The backend is chosen once, from the URL.
+//! (`$1` placeholders, `RETURNING`, `ON CONFLICT`), except that statements with many parameters
+//! take theirs from [`params`]. The backend is chosen once, from the URL.
 //!
 //! Two pools: `write` for everything that changes data (commands, consumers), `read` for queries.
 //! On SQLite the write pool has one connection: SQLite has one writer anyway, and queueing in the
@@ -9,7 +10,7 @@
 
 mod append;
 
-pub use append::{append, load_stream, load_streams, placeholders, select_in, LoadedStream, NewEvent, MAX_PARAMS};
+pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
 
 use anyhow::Context;
 use serde::Serialize;
