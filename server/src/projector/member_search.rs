@@ -1,8 +1,10 @@
 //! `member_search`: what staff search and filter members by (name, email, tier, status).
 //!
-//! Per batch: read the rows of the members the batch touches (one query), fold the events in
-//! memory with the pure [`evolve`], write the changed rows back (one multi-row upsert).
+//! Per batch: read the rows of the members the batch touches and does not keep in memory (one
+//! query), fold the events in memory with the pure [`evolve`], write the changed rows back (one
+//! multi-row upsert; a narrower one for rows whose searched columns did not change).
 
+use super::row_cache::RowCache;
 use super::{Consumer, Effects};
 use crate::store::{self, StoredEvent};
 use anyhow::Context;
@@ -16,7 +18,19 @@ use std::collections::HashMap;
 
 pub const NAME: &str = "member_search";
 
-pub struct MemberSearchProjection;
+pub struct MemberSearchProjection {
+    /// The rows as last written, so a batch reads only members it has not seen lately.
+    kept: RowCache<MemberSummary>,
+}
+
+/// Rows kept in memory (a few hundred bytes each).
+const KEPT_ROWS: usize = 100_000;
+
+impl Default for MemberSearchProjection {
+    fn default() -> Self {
+        MemberSearchProjection { kept: RowCache::new(KEPT_ROWS) }
+    }
+}
 
 /// The row from a finished view (`tally rebuild`).
 pub fn from_view(view: &MembershipView) -> MemberSummary {
@@ -39,6 +53,10 @@ impl Consumer for MemberSearchProjection {
         NAME
     }
 
+    fn forget(&self) {
+        self.kept.forget();
+    }
+
     async fn apply(
         &self,
         conn: &mut AnyConnection,
@@ -49,7 +67,10 @@ impl Consumer for MemberSearchProjection {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut rows = load_many(conn, &ids).await?;
+        let (mut rows, missing) = self.kept.take(&ids);
+        rows.extend(load_many(conn, &missing).await?);
+        // The searched columns as the batch found them (new members have none).
+        let before: HashMap<String, Searched> = rows.iter().map(|(id, row)| (id.clone(), Searched::of(row))).collect();
         let mut changed: Vec<String> = Vec::new();
         for event in events {
             let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else { continue };
@@ -65,8 +86,29 @@ impl Consumer for MemberSearchProjection {
         }
         changed.sort_unstable();
         changed.dedup();
-        let changed: Vec<&MemberSummary> = changed.iter().filter_map(|id| rows.get(id)).collect();
-        save_many(conn, &changed).await
+        let (figures, all): (Vec<&MemberSummary>, Vec<&MemberSummary>) = changed
+            .iter()
+            .filter_map(|id| rows.get(id))
+            .partition(|row| before.get(&row.member_id).is_some_and(|b| *b == Searched::of(row)));
+        save_many(conn, &all).await?;
+        save_figures(conn, &figures).await?;
+        self.kept.keep(rows);
+        Ok(())
+    }
+}
+
+/// The columns the indexes are on (tier, status, sort key) or the search reads (name, email).
+#[derive(PartialEq)]
+struct Searched {
+    name: String,
+    email: String,
+    tier: Tier,
+    status: Status,
+}
+
+impl Searched {
+    fn of(row: &MemberSummary) -> Searched {
+        Searched { name: row.name.clone(), email: row.email.clone(), tier: row.tier, status: row.status }
     }
 }
 
@@ -145,15 +187,29 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 
 /// Insert or update the rows (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, rows: &[&MemberSummary]) -> anyhow::Result<()> {
+    upsert(conn, rows, SET_ALL).await
+}
+
+/// Like [`save_many`], for rows that exist with the same searched columns (most events: points
+/// earned or redeemed): updating only unindexed columns spares the database rewriting each row's
+/// entries in the three indexes.
+async fn save_figures(conn: &mut AnyConnection, rows: &[&MemberSummary]) -> anyhow::Result<()> {
+    upsert(conn, rows, SET_FIGURES).await
+}
+
+const SET_ALL: &str = "name = excluded.name, email = excluded.email, tier = excluded.tier, \
+    status = excluded.status, points_balance = excluded.points_balance, \
+    lifetime_points = excluded.lifetime_points, member_since = excluded.member_since, \
+    position = excluded.position, search_text = excluded.search_text, sort_key = excluded.sort_key";
+const SET_FIGURES: &str = "points_balance = excluded.points_balance, \
+    lifetime_points = excluded.lifetime_points, position = excluded.position";
+
+async fn upsert(conn: &mut AnyConnection, rows: &[&MemberSummary], set: &str) -> anyhow::Result<()> {
     for chunk in rows.chunks(store::MAX_PARAMS / 11) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 11 + 1, 11))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO member_search ({COLUMNS}, search_text, sort_key) VALUES {} \
-             ON CONFLICT (member_id) DO UPDATE SET name = excluded.name, email = excluded.email, \
-             tier = excluded.tier, status = excluded.status, points_balance = excluded.points_balance, \
-             lifetime_points = excluded.lifetime_points, member_since = excluded.member_since, \
-             position = excluded.position, search_text = excluded.search_text, sort_key = excluded.sort_key \
-             WHERE member_search.position < excluded.position",
+             ON CONFLICT (member_id) DO UPDATE SET {set} WHERE member_search.position < excluded.position",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);

@@ -1,6 +1,7 @@
 //! `membership_view`: one row per member, the whole portal page as one JSON document, served as
 //! stored by `GET /api/members/{id}`, the portal page and the `member:<id>` live topic.
 
+use super::row_cache::RowCache;
 use super::{Consumer, Effects};
 use crate::store::{self, StoredEvent};
 use anyhow::Context;
@@ -15,7 +16,19 @@ use std::sync::Arc;
 
 pub const NAME: &str = "membership_view";
 
-pub struct MembershipViewProjection;
+pub struct MembershipViewProjection {
+    /// The views as last written, so a batch reads only members it has not seen lately.
+    kept: RowCache<MembershipView>,
+}
+
+/// Views kept in memory (a view is about 2 KiB there, so up to ~40 MiB).
+const KEPT_VIEWS: usize = 20_000;
+
+impl Default for MembershipViewProjection {
+    fn default() -> Self {
+        MembershipViewProjection { kept: RowCache::new(KEPT_VIEWS) }
+    }
+}
 
 #[async_trait]
 impl Consumer for MembershipViewProjection {
@@ -27,8 +40,13 @@ impl Consumer for MembershipViewProjection {
         true
     }
 
-    /// Per batch: read the views of the members it touches (one query), fold in memory, write the
-    /// changed views back (one multi-row upsert), and hand them to the live feed.
+    fn forget(&self) {
+        self.kept.forget();
+    }
+
+    /// Per batch: read the views of the members it touches and does not keep (one query), fold
+    /// in memory, write the changed views back (one multi-row upsert), and hand them to the live
+    /// feed.
     async fn apply(
         &self,
         conn: &mut AnyConnection,
@@ -39,7 +57,8 @@ impl Consumer for MembershipViewProjection {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut views = load_many(conn, &ids).await?;
+        let (mut views, missing) = self.kept.take(&ids);
+        views.extend(load_many(conn, &missing).await?);
         let mut changed: Vec<String> = Vec::new();
         for event in events {
             let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else { continue };
@@ -57,7 +76,9 @@ impl Consumer for MembershipViewProjection {
         changed.sort_unstable();
         changed.dedup();
         effects.views = changed.iter().filter_map(|id| views.get(id)).map(ViewRow::new).collect::<Result<_, _>>()?;
-        save_many(conn, &effects.views).await
+        save_many(conn, &effects.views).await?;
+        self.kept.keep(views);
+        Ok(())
     }
 }
 

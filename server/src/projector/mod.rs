@@ -10,6 +10,7 @@
 
 pub mod member_search;
 pub mod membership_view;
+mod row_cache;
 
 use crate::clock;
 use crate::fanout::ViewFeed;
@@ -59,6 +60,9 @@ pub trait Consumer: Send + Sync + 'static {
     fn handles(&self, _event_type: &str) -> bool {
         true
     }
+    /// Drop whatever the consumer keeps in memory between batches (see `row_cache`): its table
+    /// may have changed elsewhere, or the batch that wrote it did not commit.
+    fn forget(&self) {}
 }
 
 /// The members whose streams these events are on, each once, sorted.
@@ -77,7 +81,10 @@ pub fn member_ids(events: &[StoredEvent]) -> Vec<&str> {
 /// alone: it appends events and takes the append lock, which projections need not wait for.
 pub fn groups() -> Vec<Vec<Arc<dyn Consumer>>> {
     vec![
-        vec![Arc::new(membership_view::MembershipViewProjection), Arc::new(member_search::MemberSearchProjection)],
+        vec![
+            Arc::new(membership_view::MembershipViewProjection::default()),
+            Arc::new(member_search::MemberSearchProjection::default()),
+        ],
         vec![Arc::new(crate::processors::loyalty::LoyaltyPolicy)],
     ]
 }
@@ -312,6 +319,8 @@ impl Runner {
     }
 
     async fn run(mut self) {
+        // Another node may have run these consumers since this one last did.
+        self.forget();
         for i in 0..self.members.len() {
             let name = self.members[i].handle.name;
             let position = loop {
@@ -360,6 +369,12 @@ impl Runner {
         }
     }
 
+    fn forget(&self) {
+        for m in &self.members {
+            m.consumer.forget();
+        }
+    }
+
     /// Sleep unless shut down first; true when shutting down.
     async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {
@@ -370,6 +385,7 @@ impl Runner {
 
     /// Positions from the checkpoint rows (after a failure, or when another node moved them).
     async fn reload(&mut self) {
+        self.forget();
         for m in &mut self.members {
             if let Ok(p) = load_checkpoint(&self.store, m.handle.name).await {
                 (m.position, m.stored) = (p, p);
@@ -485,6 +501,8 @@ impl Runner {
                 return Ok(());
             }
             Err(err) => {
+                // Whatever the batch kept in memory may not have committed.
+                self.forget();
                 let message = format!("{err:#}");
                 match failing {
                     Some(i) => self.fail(i, &message).await,
