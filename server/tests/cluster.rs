@@ -1,5 +1,6 @@
 //! Several `tally serve` processes on one PostgreSQL: concurrent writers, one active consumer set,
-//! failover by `kill -9`, live updates and read-your-writes across nodes.
+//! failover by `kill -9`, leadership handed back and forth, live updates and read-your-writes
+//! across nodes.
 //!
 //! Needs a PostgreSQL server: `TALLY_TEST_POSTGRES` (default postgres://postgres@127.0.0.1:5432/test).
 //! Without one these tests say so and pass, unless `CI` is set, where they fail.
@@ -236,6 +237,108 @@ async fn when_the_consumer_node_is_killed_another_takes_over_within_two_seconds(
     eprintln!("failover: takeovers {takeovers:?}, median {:?}; {checked} events checked", takeovers[1]);
     assert!(takeovers[1] < Duration::from_secs(2), "median takeover {:?}", takeovers[1]);
     assert!(takeovers.iter().all(|t| *t < Duration::from_secs(2)), "takeovers {takeovers:?}");
+}
+
+/// Pause or resume a node's process (`kill -STOP` / `kill -CONT`).
+fn signal(node: &Node, sig: &str) {
+    let status = Command::new("kill").args([sig, &node.child.id().to_string()]).status().expect("kill runs");
+    assert!(status.success(), "kill {sig}");
+}
+
+async fn wait_for_leadership(client: &reqwest::Client, node: &Node, leads: bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while is_leader(client, node).await != leads {
+        assert!(Instant::now() < deadline, "node on port {} never had leadership = {leads}", node.port);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Take the consumer lock away from whichever node holds it: queue for it on a connection of our
+/// own, then end the holder's session; PostgreSQL grants the lock to the queued session first.
+async fn take_leadership(db: &str) -> sqlx::PgConnection {
+    let mut baton = sqlx::PgConnection::connect(db).await.expect("connect");
+    let baton_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut baton).await.expect("pid");
+    let waiting = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(server::store::CONSUMER_LEADER_LOCK)
+            .execute(&mut baton)
+            .await
+            .expect("lock");
+        baton
+    });
+    let mut admin = sqlx::PgConnection::connect(db).await.expect("connect");
+    let locks = "FROM pg_locks WHERE locktype = 'advisory' \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {locks} AND NOT granted AND pid = $1"))
+            .bind(baton_pid)
+            .fetch_one(&mut admin)
+            .await
+            .expect("pg_locks");
+        if queued == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "our session never queued for the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query(&format!("SELECT pg_terminate_backend(pid) {locks} AND granted"))
+        .execute(&mut admin)
+        .await
+        .expect("terminate the holder");
+    waiting.await.expect("lock granted to us")
+}
+
+async fn give_up_leadership(mut baton: sqlx::PgConnection) {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(server::store::CONSUMER_LEADER_LOCK)
+        .execute(&mut baton)
+        .await
+        .expect("unlock");
+}
+
+/// The projections keep the rows they wrote in memory; a node that leads again after another node
+/// ran the projections meanwhile must not apply new events on top of its old copies (the view
+/// would lose the other node's changes from its activity list).
+#[tokio::test]
+async fn a_node_that_leads_again_after_another_did_applies_on_the_current_views() {
+    let Some(db) = fresh_database().await else { return };
+    let client = reqwest::Client::new();
+    let a = start_node(&db, &client).await;
+    wait_for_leadership(&client, &a, true).await;
+    let b = start_node(&db, &client).await;
+    let enroll = json!({"member_id": "m1", "name": "Ada", "email": "ada@example.com"});
+    assert_eq!(post(&client, format!("{}/api/members", a.base), enroll).await, 201);
+    let earn = |points: u64| json!({"points": points, "reason": format!("earned {points}")});
+    assert_eq!(post(&client, format!("{}/api/members/m1/points/earn", a.base), earn(100)).await, 200);
+    settle(&client, &a).await; // A's projections now hold m1's rows in memory
+
+    // B leads (A paused, so it cannot take the lock back) and applies an earn.
+    let baton = take_leadership(&db).await;
+    wait_for_leadership(&client, &a, false).await;
+    signal(&a, "-STOP");
+    give_up_leadership(baton).await;
+    wait_for_leadership(&client, &b, true).await;
+    assert_eq!(post(&client, format!("{}/api/members/m1/points/earn", b.base), earn(50)).await, 200);
+    settle(&client, &b).await;
+
+    // A leads again (B paused) and applies one more.
+    let baton = take_leadership(&db).await;
+    wait_for_leadership(&client, &b, false).await;
+    signal(&b, "-STOP");
+    signal(&a, "-CONT");
+    give_up_leadership(baton).await;
+    wait_for_leadership(&client, &a, true).await;
+    assert_eq!(post(&client, format!("{}/api/members/m1/points/earn", a.base), earn(25)).await, 200);
+    settle(&client, &a).await;
+    signal(&b, "-CONT");
+
+    let view: Value = client.get(format!("{}/api/members/m1", a.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(view["points_balance"], 175, "{view}");
+    let activity: Vec<&str> =
+        view["recent_activity"].as_array().unwrap().iter().filter_map(|a| a["description"].as_str()).collect();
+    assert_eq!(activity[..3], ["earned 25", "earned 50", "earned 100"], "{view}");
+    assert_views_match_a_rebuild(&db).await;
 }
 
 #[tokio::test]
