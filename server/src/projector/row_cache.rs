@@ -1,11 +1,18 @@
 //! Rows a projection keeps in memory between batches, so a batch reads from its table only the
 //! members it has not seen lately.
 //!
-//! Exact only while this projection is the one writer of its table, so the runner calls
-//! [`RowCache::forget`] whenever that may not hold or a batch may not have committed: when it
-//! starts (another node may have run the projection meanwhile), when it reloads the checkpoints,
-//! and after any failed batch. A batch takes its rows out of the cache and puts them back only
-//! after it wrote them; the runner forgets them again if the commit then fails.
+//! Why the kept rows stay exact: every writer of a projection's table moves the projection's
+//! checkpoint in the same transaction, and a batch commits only if the checkpoint is still where
+//! this runner left it (`advance_checkpoint`). So when a batch commits, nobody else has written
+//! the table since this runner's previous commit. What remains is state a batch kept but never
+//! committed, and rows another node wrote while this one was not running. The runner calls
+//! [`RowCache::forget`] for both:
+//! - when it starts, since another node may have run the projection meanwhile;
+//! - when it reloads the checkpoints, since a batch found its checkpoint moved;
+//! - after any failed batch.
+//!
+//! A batch takes its rows out of the cache and puts them back only after it wrote them. If the
+//! commit then fails, the runner forgets them again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
