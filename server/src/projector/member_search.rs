@@ -14,7 +14,7 @@ use app::domain::Aggregate;
 use app::views::{MemberSummary, MembershipView};
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 pub const NAME: &str = "member_search";
 
@@ -69,9 +69,9 @@ impl Consumer for MemberSearchProjection {
         }
         let (mut rows, missing) = self.kept.take(&ids);
         rows.extend(load_many(conn, &missing).await?);
-        // The searched columns as the batch found them (new members have none).
-        let before: HashMap<String, Searched> = rows.iter().map(|(id, row)| (id.clone(), Searched::of(row))).collect();
         let mut changed: Vec<String> = Vec::new();
+        // Members with an event that changes more than the figures (see `save_figures`).
+        let mut reindexed: HashSet<&str> = HashSet::new();
         for event in events {
             let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else { continue };
             if rows.get(member_id).is_some_and(|row| row.position >= event.position as u64) {
@@ -81,15 +81,16 @@ impl Consumer for MemberSearchProjection {
             let decoded: MemberEvent = event.decode().with_context(|| at(event))?;
             if let Some(row) = evolve(current, member_id, event.position as u64, &decoded) {
                 changed.push(member_id.to_string());
+                if !only_figures(&decoded) {
+                    reindexed.insert(member_id);
+                }
                 rows.insert(member_id.to_string(), row);
             }
         }
         changed.sort_unstable();
         changed.dedup();
-        let (figures, all): (Vec<&MemberSummary>, Vec<&MemberSummary>) = changed
-            .iter()
-            .filter_map(|id| rows.get(id))
-            .partition(|row| before.get(&row.member_id).is_some_and(|b| *b == Searched::of(row)));
+        let (all, figures): (Vec<&MemberSummary>, Vec<&MemberSummary>) =
+            changed.iter().filter_map(|id| rows.get(id)).partition(|row| reindexed.contains(row.member_id.as_str()));
         save_many(conn, &all).await?;
         save_figures(conn, &figures).await?;
         self.kept.keep(rows);
@@ -97,19 +98,11 @@ impl Consumer for MemberSearchProjection {
     }
 }
 
-/// The columns the indexes are on (tier, status, sort key) or the search reads (name, email).
-#[derive(PartialEq)]
-struct Searched {
-    name: String,
-    email: String,
-    tier: Tier,
-    status: Status,
-}
-
-impl Searched {
-    fn of(row: &MemberSummary) -> Searched {
-        Searched { name: row.name.clone(), email: row.email.clone(), tier: row.tier, status: row.status }
-    }
+/// True for events that change only a row's figures (balance, lifetime points), none of the
+/// columns searched or indexed (name, email, tier, status). Enrolment is not one of them, so a
+/// new row always gets the full upsert.
+fn only_figures(event: &MemberEvent) -> bool {
+    matches!(event, MemberEvent::PointsEarned { .. } | MemberEvent::PointsRedeemed { .. })
 }
 
 fn at(event: &StoredEvent) -> String {
@@ -190,8 +183,8 @@ pub async fn save_many(conn: &mut AnyConnection, rows: &[&MemberSummary]) -> any
     upsert(conn, rows, SET_ALL).await
 }
 
-/// Like [`save_many`], for rows that exist with the same searched columns (most events: points
-/// earned or redeemed): updating only unindexed columns spares the database rewriting each row's
+/// Like [`save_many`], for existing rows whose batch only earned or redeemed points (most
+/// batches): updating only unindexed columns spares the database rewriting each row's
 /// entries in the three indexes.
 async fn save_figures(conn: &mut AnyConnection, rows: &[&MemberSummary]) -> anyhow::Result<()> {
     upsert(conn, rows, SET_FIGURES).await

@@ -21,7 +21,7 @@ pub struct MembershipViewProjection {
     kept: RowCache<MembershipView>,
 }
 
-/// Views kept in memory (a view is about 2 KiB there, so up to ~40 MiB).
+/// Views kept in memory (about 2.5 KiB each there, so up to ~50 MiB).
 const KEPT_VIEWS: usize = 20_000;
 
 impl Default for MembershipViewProjection {
