@@ -7,8 +7,10 @@
 //! fails a batch, each of its commands is retried alone, so one cannot fail the others.
 
 mod batch;
+mod flush;
 
 pub use batch::{execute_batch, member_stream, Folded, StateCache};
+pub use flush::Flusher;
 
 use crate::clock;
 use crate::store::{self, Store};
@@ -168,13 +170,21 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
         store::Backend::Sqlite => StateCache::with_local_head(head.subscribe()),
         store::Backend::Postgres => StateCache::default(),
     };
+    // SQLite: batches commit without waiting for the disk; the flusher answers after it (see
+    // `flush`). PostgreSQL flushes at commit.
+    let flusher = store.flush_behind().then(|| store.sqlite_path.clone().map(Flusher::for_sqlite)).flatten();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let size = batch.len();
         let (replies, newest) = commit_batch(&store, &mut batch, &mut cache).await;
-        for (reply, result) in replies {
-            // The caller may have gone away (client disconnected); the command stands regardless.
-            let _ = reply.send(result);
+        match &flusher {
+            Some(flusher) => flusher.answer_after_sync(replies),
+            None => {
+                for (reply, result) in replies {
+                    // The caller may have gone away (client disconnected); the command stands.
+                    let _ = reply.send(result);
+                }
+            }
         }
         store::raise(&head, newest);
         metrics::histogram!("tally_command_batch_size").record(size as f64);
@@ -183,7 +193,7 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
     tracing::info!("command writer stopped");
 }
 
-type Reply = oneshot::Sender<Result<Answer, CommandError>>;
+use flush::Reply;
 
 /// Run a batch in one transaction and answer each command. If the database fails the batch,
 /// nothing of it stands; each command is then retried alone, so a command that breaks a

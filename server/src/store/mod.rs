@@ -240,7 +240,14 @@ impl Store {
     // lock go as one script. Every statement is a hand-off to sqlx's SQLite thread (or a round
     // trip to PostgreSQL), and the write path's cost is counted in those, not in rows.
 
-    /// A command batch's transaction: flushed on commit, append lock held.
+    /// True when command batches are made durable after their commit, off the write connection,
+    /// by the command writer's `Flusher` (a durable SQLite file), not by the commit itself.
+    pub fn flush_behind(&self) -> bool {
+        self.durable && self.backend == Backend::Sqlite && self.sqlite_path.is_some()
+    }
+
+    /// A command batch's transaction: flushed on commit (or by the flusher, see `flush_behind`),
+    /// append lock held.
     pub async fn begin_commands<'c>(
         &self,
         conn: &'c mut AnyConnection,
@@ -249,7 +256,7 @@ impl Store {
             // SQLite sets this per connection, before the transaction. IMMEDIATE: take the write
             // lock now rather than on the first write.
             Backend::Sqlite => {
-                let sync = if self.durable { "FULL" } else { "NORMAL" };
+                let sync = if self.durable && !self.flush_behind() { "FULL" } else { "NORMAL" };
                 format!("PRAGMA synchronous = {sync}; BEGIN IMMEDIATE")
             }
             Backend::Postgres => format!("BEGIN; {}", Self::lock_appends_sql()),
