@@ -117,6 +117,36 @@ async fn later_commands_in_a_batch_see_what_earlier_ones_decided() {
 }
 
 #[tokio::test]
+async fn every_answer_of_a_batch_larger_than_one_insert_names_its_own_event() {
+    // 400 events: several multi-row INSERTs (each holds at most `MAX_PARAMS / 7` events), whose
+    // positions the store reports without reading the rows back on SQLite.
+    let (store, _dir) = open().await;
+    let mut cache = StateCache::default();
+    let members = 200;
+    let enrolments: Vec<Envelope> =
+        (0..members).map(|i| enroll(&format!("p{i}"), &format!("p{i}@example.com"))).collect();
+    batch(&store, &mut cache, &enrolments).await;
+    let mut envelopes: Vec<Envelope> = (0..members).map(|i| earn(&format!("p{i}"), 1 + i as u64)).collect();
+    envelopes.extend((0..members).map(|i| earn(&format!("p{}", members - 1 - i), 500)));
+    let answers = batch(&store, &mut cache, &envelopes).await;
+    assert!(envelopes.len() > server::store::MAX_PARAMS / 7 * 2, "spans more than two INSERTs");
+    for (answer, envelope) in answers.iter().zip(&envelopes) {
+        let answer = answer.as_ref().expect("earned");
+        let Command::Member { member_id, action: MemberAction::Earn { points, .. } } = &envelope.command else {
+            unreachable!("only earns here")
+        };
+        let row = sqlx::query("SELECT stream_id, data FROM events WHERE position = $1")
+            .bind(answer.position)
+            .fetch_one(&store.read)
+            .await
+            .expect("the event at the answered position");
+        let data: serde_json::Value = serde_json::from_str(row.get::<&str, _>("data")).expect("json");
+        assert_eq!(row.get::<String, _>("stream_id"), format!("member-{member_id}"));
+        assert_eq!(data["points"], *points, "answer {answer:?} points at another command's event");
+    }
+}
+
+#[tokio::test]
 async fn a_repeated_idempotency_key_in_one_batch_replays_the_first_answer() {
     let (store, _dir) = open().await;
     let mut cache = StateCache::default();

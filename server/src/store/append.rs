@@ -60,10 +60,16 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: 
     let mut positions = Vec::with_capacity(events.len());
     for chunk in events.chunks(MAX_PARAMS / 7) {
         let values = (0..chunk.len()).map(|i| format!("({})", params(conn, i * 7 + 1, 7))).collect::<Vec<_>>();
+        let sqlite = conn.backend_name() == SQLITE;
         let sql = format!(
             "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at) \
-             VALUES {} RETURNING position, stream_id, stream_version",
-            values.join(", ")
+             VALUES {}{}",
+            values.join(", "),
+            if sqlite {
+                "; SELECT last_insert_rowid() AS last, changes() AS inserted"
+            } else {
+                " RETURNING position, stream_id, stream_version"
+            }
         );
         let mut query = sqlx::query(&sql);
         for event in chunk {
@@ -75,6 +81,20 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: 
                 .bind(&event.data)
                 .bind(&event.metadata)
                 .bind(recorded_at);
+        }
+        if sqlite {
+            // One writer holds the lock and the statement inserts its rows in order, each taking
+            // the next `AUTOINCREMENT` position: the chunk's positions are the `n` up to the last
+            // one. Asking for them with `RETURNING` would cost a hand-off from the driver's thread
+            // per row.
+            let rows = query.fetch_all(&mut *conn).await?;
+            let row = rows.last().ok_or_else(|| sqlx::Error::RowNotFound)?;
+            let (last, inserted): (i64, i64) = (row.try_get("last")?, row.try_get("inserted")?);
+            if inserted != chunk.len() as i64 {
+                return Err(sqlx::Error::Protocol(format!("appended {inserted} of {} events", chunk.len())));
+            }
+            positions.extend(last + 1 - chunk.len() as i64..=last);
+            continue;
         }
         // RETURNING's row order is not promised by SQL: match rows to events by stream and version.
         let mut returned = HashMap::with_capacity(chunk.len());
