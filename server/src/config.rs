@@ -31,8 +31,8 @@ pub struct DatabaseArgs {
     /// SQLite file (or sqlite:// URL) or postgres:// URL.
     #[arg(long, env = "DATABASE_URL", default_value = "tally.db")]
     pub database_url: String,
-    /// Wait for each commit to reach the disk (SQLite synchronous=FULL). Turn off only for
-    /// throw-away data: a power cut could then lose acknowledged commands.
+    /// Acknowledge a command only once it is on disk (SQLite: its write-ahead log is synced).
+    /// Turn off only for throw-away data: a power cut could then lose acknowledged commands.
     #[arg(long, env = "TALLY_DURABLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub durable: bool,
     /// Connections for queries.

@@ -29,7 +29,8 @@ pub struct Store {
     pub write: AnyPool,
     pub read: AnyPool,
     pub backend: Backend,
-    /// Commands wait for the disk (SQLite synchronous=FULL); see `begin_consumer`.
+    /// Commands are on disk before they are answered (on SQLite the command writer's flusher
+    /// syncs the log, see `flush_behind`); see `begin_consumer`.
     pub durable: bool,
     /// The database file, on SQLite (for `tally rebuild`'s native reader).
     pub sqlite_path: Option<std::path::PathBuf>,
@@ -116,7 +117,8 @@ impl Store {
                 move |conn, _meta| {
                     Box::pin(async move {
                         if conn.backend_name().eq_ignore_ascii_case("sqlite") {
-                            // WAL: readers never block the writer. synchronous=FULL: a commit is on
+                            // WAL: readers never block the writer. synchronous=FULL (the default for
+                            // statements outside a batch; batches set their own): a commit is on
                             // disk before we acknowledge it (API.md: acknowledged means durable).
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute(format!("PRAGMA synchronous = {synchronous}").as_str()).await?;
