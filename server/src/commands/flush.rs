@@ -68,7 +68,7 @@ async fn run(sync: SyncFn, mut rx: mpsc::UnboundedReceiver<Vec<(Reply, Result<An
         };
         if let Err(err) = &synced {
             // Committed, visible, but maybe not on disk: the callers must not be told it is.
-            tracing::error!(error = %err, "syncing the write-ahead log failed; commands answered 503");
+            tracing::error!(error = %err, "syncing the write-ahead log failed; its commands are answered 500");
             metrics::counter!("tally_wal_sync_errors_total").increment(1);
         }
         metrics::histogram!("tally_wal_sync_seconds").record(started.elapsed().as_secs_f64());

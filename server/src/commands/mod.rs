@@ -17,6 +17,7 @@ use crate::store::{self, Store};
 use app::domain::member::MemberError;
 use app::domain::transaction::{Purchase, TransactionError};
 use app::domain::Aggregate;
+use flush::Reply;
 use sqlx::AnyConnection;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -192,8 +193,6 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
     }
     tracing::info!("command writer stopped");
 }
-
-use flush::Reply;
 
 /// Run a batch in one transaction and answer each command. If the database fails the batch,
 /// nothing of it stands; each command is then retried alone, so a command that breaks a
