@@ -34,6 +34,8 @@ pub struct Store {
     pub durable: bool,
     /// The database file, on SQLite (for `tally rebuild`'s native reader).
     pub sqlite_path: Option<std::path::PathBuf>,
+    /// SQLite: the file is in WAL mode (set on every connection; a file system can refuse it).
+    wal: bool,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -146,7 +148,16 @@ impl Store {
             Backend::Sqlite => sqlite_file(&url),
             Backend::Postgres => None,
         };
-        Ok(Store { write, read, backend, durable, sqlite_path })
+        // A file system may refuse WAL mode (SQLite then keeps a rollback journal); only a
+        // write-ahead log can be made durable after the commit (see `flush_behind`).
+        let wal = match backend {
+            Backend::Sqlite => {
+                let row = sqlx::query("PRAGMA journal_mode").fetch_one(&write).await?;
+                row.try_get::<String, _>(0)?.eq_ignore_ascii_case("wal")
+            }
+            Backend::Postgres => false,
+        };
+        Ok(Store { write, read, backend, durable, sqlite_path, wal })
     }
 
     /// The position of the newest committed event (0 when empty).
@@ -245,7 +256,7 @@ impl Store {
     /// True when command batches are made durable after their commit, off the write connection,
     /// by the command writer's `Flusher` (a durable SQLite file), not by the commit itself.
     pub fn flush_behind(&self) -> bool {
-        self.durable && self.backend == Backend::Sqlite && self.sqlite_path.is_some()
+        self.durable && self.backend == Backend::Sqlite && self.wal && self.sqlite_path.is_some()
     }
 
     /// A command batch's transaction: flushed on commit (or by the flusher, see `flush_behind`),
