@@ -44,7 +44,9 @@ pub enum QueryError {
     Database(#[from] sqlx::Error),
 }
 
-/// Search `member_search`, ordered by name then id, paginated by an opaque cursor.
+/// Search `member_search`, ordered by name then id, paginated by an opaque cursor. Balances,
+/// lifetime points and positions come from each member's view (the search row does not change
+/// when points do).
 pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<MemberPage, QueryError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
@@ -54,17 +56,17 @@ pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<Member
     let mut args: Vec<String> = Vec::new();
     if let Some(q) = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
         args.push(format!("%{}%", escape_like(&q.to_lowercase())));
-        clauses.push(format!("search_text LIKE ${} ESCAPE '\\'", args.len()));
+        clauses.push(format!("s.search_text LIKE ${} ESCAPE '\\'", args.len()));
     }
     if let Some(tier) = query.tier.as_deref().filter(|t| !t.is_empty()) {
         let tier = Tier::parse(tier).ok_or_else(|| QueryError::Invalid(format!("unknown tier '{tier}'")))?;
         args.push(tier.as_str().to_string());
-        clauses.push(format!("tier = ${}", args.len()));
+        clauses.push(format!("s.tier = ${}", args.len()));
     }
     if let Some(status) = query.status.as_deref().filter(|s| !s.is_empty()) {
         let status = Status::parse(status).ok_or_else(|| QueryError::Invalid(format!("unknown status '{status}'")))?;
         args.push(status.as_str().to_string());
-        clauses.push(format!("status = ${}", args.len()));
+        clauses.push(format!("s.status = ${}", args.len()));
     }
     if let Some(after) = query.after.as_deref().filter(|a| !a.is_empty()) {
         let (sort_key, member_id) =
@@ -73,12 +75,13 @@ pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<Member
         let a = args.len();
         args.push(member_id);
         let b = args.len();
-        clauses.push(format!("(sort_key > ${a} OR (sort_key = ${a} AND member_id > ${b}))"));
+        clauses.push(format!("(s.sort_key > ${a} OR (s.sort_key = ${a} AND s.member_id > ${b}))"));
     }
     let filter = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
     let sql = format!(
-        "SELECT member_id, name, email, tier, status, points_balance, lifetime_points, member_since, position, sort_key \
-         FROM member_search {filter} ORDER BY sort_key, member_id LIMIT {}",
+        "SELECT s.member_id, s.name, s.email, s.tier, s.status, s.member_since, s.sort_key, v.view \
+         FROM member_search s JOIN membership_view v ON v.member_id = s.member_id \
+         {filter} ORDER BY s.sort_key, s.member_id LIMIT {}",
         limit + 1
     );
     let mut q = sqlx::query(&sql);
@@ -93,20 +96,30 @@ pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<Member
         let status: String = row.try_get("status")?;
         let member_id: String = row.try_get("member_id")?;
         last_key = Some((row.try_get::<String, _>("sort_key")?, member_id.clone()));
+        let view: String = row.try_get("view")?;
+        let figures: Figures = serde_json::from_str(&view).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         items.push(MemberSummary {
             member_id,
             name: row.try_get("name")?,
             email: row.try_get("email")?,
             tier: Tier::parse(&tier).unwrap_or(Tier::Bronze),
             status: Status::parse(&status).unwrap_or_default(),
-            points_balance: row.try_get::<i64, _>("points_balance")?.max(0) as u64,
-            lifetime_points: row.try_get::<i64, _>("lifetime_points")?.max(0) as u64,
+            points_balance: figures.points_balance,
+            lifetime_points: figures.lifetime_points,
             member_since: row.try_get("member_since")?,
-            position: row.try_get::<i64, _>("position")?.max(0) as u64,
+            position: figures.position,
         });
     }
     let next = if rows.len() > limit as usize { last_key.map(|(k, id)| encode_cursor(&k, &id)) } else { None };
     Ok(MemberPage { items, next })
+}
+
+/// What a search result takes from the member's stored view.
+#[derive(serde::Deserialize)]
+struct Figures {
+    points_balance: u64,
+    lifetime_points: u64,
+    position: u64,
 }
 
 fn escape_like(s: &str) -> String {

@@ -33,6 +33,8 @@ pub async fn run(db: &DatabaseArgs) -> anyhow::Result<RebuildReport> {
 #[derive(Default)]
 struct Fold {
     views: HashMap<String, MembershipView>,
+    /// Per member, the last event that changed its search row (see `member_search::changes_row`).
+    searched_at: HashMap<String, u64>,
     position: i64,
     events: u64,
     /// `{"event_type": …, "data": …}`, rebuilt for each event (decoded straight from the text).
@@ -75,6 +77,9 @@ impl Fold {
         let current = self.views.remove(member_id);
         if let Some(view) = membership_view::evolve(current, &stored, &event) {
             self.views.insert(member_id.to_string(), view);
+            if member_search::changes_row(event_type) {
+                self.searched_at.insert(member_id.to_string(), position as u64);
+            }
         }
         Ok(())
     }
@@ -146,7 +151,7 @@ async fn fold_pages(store: &Store) -> anyhow::Result<Fold> {
 
 pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let started = Instant::now();
-    let Fold { views, position, events, .. } = match store.sqlite_path.clone() {
+    let Fold { views, searched_at, position, events, .. } = match store.sqlite_path.clone() {
         Some(path) => tokio::task::spawn_blocking(move || fold_sqlite(&path)).await??,
         None => fold_pages(store).await?,
     };
@@ -161,7 +166,10 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let members = views.len() as u64;
     let rows = views.iter().map(membership_view::ViewRow::new).collect::<Result<Vec<_>, _>>()?;
     membership_view::save_many(&mut tx, &rows).await?;
-    let rows: Vec<_> = views.iter().map(member_search::from_view).collect();
+    let rows: Vec<_> = views
+        .iter()
+        .map(|view| member_search::from_view(view, searched_at.get(&view.member_id).copied().unwrap_or(view.position)))
+        .collect();
     member_search::save_many(&mut tx, &rows.iter().collect::<Vec<_>>()).await?;
     for name in [membership_view::NAME, member_search::NAME] {
         crate::projector::save_checkpoint(&mut tx, name, position).await?;

@@ -355,6 +355,17 @@ async fn search_filters_and_pages_through_members() {
     let silver = app.get("/api/members?tier=silver").await.body;
     assert_eq!(silver["items"].as_array().map(Vec::len), Some(1));
     assert_eq!(silver["items"][0]["points_balance"], 1_500);
+    // A redemption changes no searched column (the search row stays as it was), yet results show
+    // the member's current figures and position, as the view has them.
+    let redeemed = app.post("/api/members/b1/points/redeem", json!({"points": 200})).await;
+    assert_eq!(redeemed.status, 200);
+    app.catch_up().await;
+    let bob = app.get("/api/members?q=bob").await.body;
+    assert_eq!(
+        (&bob["items"][0]["points_balance"], &bob["items"][0]["lifetime_points"]),
+        (&json!(1_300), &json!(1_500))
+    );
+    assert_eq!(bob["items"][0]["position"], app.view("b1").await["position"]);
     let suspended = app.get("/api/members?status=suspended").await.body;
     assert_eq!(suspended["items"][0]["member_id"], "a0");
     assert_eq!(app.get("/api/members?q=100%25").await.body["items"], json!([]));

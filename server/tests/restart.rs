@@ -108,7 +108,7 @@ async fn all_rows(store: &server::store::Store) -> Vec<(String, String)> {
         .await
         .unwrap();
     let search = sqlx::query(
-        "SELECT member_id, name, email, search_text, sort_key, tier, status, points_balance, lifetime_points, member_since, position \
+        "SELECT member_id, name, email, search_text, sort_key, tier, status, member_since, position \
          FROM member_search ORDER BY member_id",
     )
     .fetch_all(&store.read)
@@ -118,15 +118,13 @@ async fn all_rows(store: &server::store::Store) -> Vec<(String, String)> {
         views.iter().map(|r| (r.get::<String, _>("member_id"), r.get::<String, _>("view"))).collect();
     for r in &search {
         let line = format!(
-            "{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}",
             r.get::<String, _>("name"),
             r.get::<String, _>("email"),
             r.get::<String, _>("search_text"),
             r.get::<String, _>("sort_key"),
             r.get::<String, _>("tier"),
             r.get::<String, _>("status"),
-            r.get::<i64, _>("points_balance"),
-            r.get::<i64, _>("lifetime_points"),
             r.get::<i64, _>("position"),
         );
         rows.push((
