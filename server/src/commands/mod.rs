@@ -173,7 +173,7 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
     };
     // SQLite: batches commit without waiting for the disk; the flusher answers after it (see
     // `flush`). PostgreSQL flushes at commit.
-    let flusher = store.flush_behind().then(|| store.sqlite_path.clone().map(Flusher::for_sqlite)).flatten();
+    let flusher = store.sqlite_path.clone().filter(|_| store.flush_behind()).map(Flusher::for_sqlite);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let size = batch.len();

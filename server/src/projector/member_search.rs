@@ -1,7 +1,7 @@
 //! `member_search`: what staff search and filter members by (name, email, tier, status).
 //!
 //! The row changes only with those columns: earning and redeeming points (most events) do not
-//! touch it, and a page of results takes balances from `membership_view` (`queries::list_members`).
+//! touch it, and a page of results takes balances from `membership_view` (`queries::search_members`).
 //! Per batch: read the rows of the members whose search columns the batch changes and that are
 //! not kept in memory (one query), fold the events in memory with the pure [`evolve`], write the
 //! changed rows back (one multi-row upsert).
@@ -86,9 +86,7 @@ impl Consumer for MemberSearchProjection {
         _effects: &mut Effects,
     ) -> anyhow::Result<()> {
         let events: Vec<&StoredEvent> = events.iter().filter(|e| changes_row(&e.event_type)).collect();
-        let mut ids: Vec<&str> = events.iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = super::member_ids(events.iter().copied());
         if ids.is_empty() {
             return Ok(());
         }

@@ -66,9 +66,9 @@ pub trait Consumer: Send + Sync + 'static {
 }
 
 /// The members whose streams these events are on, each once, sorted.
-pub fn member_ids(events: &[StoredEvent]) -> Vec<&str> {
+pub fn member_ids<'e>(events: impl IntoIterator<Item = &'e StoredEvent>) -> Vec<&'e str> {
     use app::domain::{member::MemberAggregate, Aggregate};
-    let mut ids: Vec<&str> = events.iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
+    let mut ids: Vec<&str> = events.into_iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
     ids.sort_unstable();
     ids.dedup();
     ids
