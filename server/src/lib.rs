@@ -86,6 +86,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         db.durable,
     )
     .await?;
+    rebuild::repair_views_ahead_of_log(&store).await.context("checking the views against the event log")?;
     let head = Arc::new(watch::Sender::new(store.head().await.context("reading the event store head")?));
     let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
     let hub = Arc::new(live::Hub::default());
@@ -102,6 +103,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         feed.clone(),
         Duration::from_millis(args.poll_ms.max(10)),
     );
+    if let Some(views) = store.views_path.clone() {
+        store::checkpointer::start(views, shutdown.clone());
+    }
     let mut tasks = vec![writer, tokio::spawn(prune_keys(store.clone(), shutdown.clone()))];
     match store.backend {
         // One node: run the consumers here, now.

@@ -24,6 +24,32 @@ pub struct RebuildReport {
     pub events_per_second: f64,
 }
 
+/// SQLite, views in their own file: after a power cut that file may hold views of events the log
+/// lost with its unsynced tail (see `store::views_file`). A projection's checkpoint beyond the
+/// log's head shows it; then every view is rebuilt from the log. `tally serve` runs this before it
+/// starts writing. Returns whether it rebuilt.
+pub async fn repair_views_ahead_of_log(store: &Store) -> anyhow::Result<bool> {
+    if store.views_path.is_none() {
+        return Ok(false);
+    }
+    let head = store.head().await?;
+    for name in [membership_view::NAME, member_search::NAME] {
+        let checkpoint = crate::projector::load_checkpoint(store, name).await?;
+        if checkpoint > head {
+            tracing::warn!(
+                consumer = name,
+                checkpoint,
+                head,
+                "the views are ahead of the event log, which lost its unsynced end (a power cut?): rebuilding them"
+            );
+            let report = rebuild(store).await?;
+            tracing::info!(events = report.events, members = report.members, "views rebuilt from the event log");
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 pub async fn run(db: &DatabaseArgs) -> anyhow::Result<RebuildReport> {
     let store = Store::open(&db.database_url, &PoolSizes { read: 2, write: 1 }, db.durable).await?;
     rebuild(&store).await
@@ -158,7 +184,7 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let read_and_fold = started.elapsed();
 
     let writing = Instant::now();
-    let mut conn = store.write.acquire().await?;
+    let mut conn = store.views.acquire().await?;
     let mut tx = conn.begin().await?;
     sqlx::query("DELETE FROM membership_view").execute(&mut *tx).await?;
     sqlx::query("DELETE FROM member_search").execute(&mut *tx).await?;

@@ -17,7 +17,7 @@ use crate::fanout::ViewFeed;
 use crate::store::{Store, StoredEvent};
 use app::views::ConsumerStatus;
 use async_trait::async_trait;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -179,8 +179,15 @@ impl Consumers {
         self.groups
             .iter()
             .map(|group| {
+                // A group that appends events commits in the event store; the projections commit
+                // where their views are (see `Store::views`).
+                let pool = match group.iter().any(|(consumer, _)| consumer.appends()) {
+                    true => self.store.write.clone(),
+                    false => self.store.views.clone(),
+                };
                 let runner = Runner {
                     store: self.store.clone(),
+                    pool,
                     members: group
                         .iter()
                         .map(|(consumer, handle)| Member {
@@ -236,8 +243,8 @@ impl Consumers {
     }
 
     async fn checkpoints(&self) -> Result<std::collections::HashMap<String, (i64, Option<String>)>, sqlx::Error> {
-        let rows =
-            sqlx::query("SELECT name, position, last_error FROM checkpoints").fetch_all(&self.store.read).await?;
+        let sql = format!("SELECT name, position, last_error FROM {} AS c", self.store.checkpoints_table());
+        let rows = sqlx::query(&sql).fetch_all(&self.store.read).await?;
         rows.iter().map(|r| Ok((r.try_get("name")?, (r.try_get("position")?, r.try_get("last_error")?)))).collect()
     }
 
@@ -303,6 +310,8 @@ enum Work<'e> {
 
 struct Runner {
     store: Store,
+    /// Where this group's effects and checkpoints are written.
+    pool: AnyPool,
     members: Vec<Member>,
     head: Arc<watch::Sender<i64>>,
     feed: Arc<ViewFeed>,
@@ -324,7 +333,7 @@ impl Runner {
         for i in 0..self.members.len() {
             let name = self.members[i].handle.name;
             let position = loop {
-                match init_checkpoint(&self.store, name).await {
+                match init_checkpoint(&self.pool, name).await {
                     Ok(p) => break p,
                     Err(err) => {
                         tracing::error!(consumer = name, error = %err, "cannot read checkpoint; retrying");
@@ -466,7 +475,7 @@ impl Runner {
         let outcome: anyhow::Result<bool> = async {
             let appends =
                 work.iter().any(|(i, w, _)| matches!(w, Work::Apply(_)) && self.members[*i].consumer.appends());
-            let mut conn = self.store.write.acquire().await?;
+            let mut conn = self.pool.acquire().await?;
             let mut tx = self.store.begin_consumer(&mut conn, appends).await?;
             for ((i, w, to), effects) in work.iter().zip(&mut effects) {
                 let m = &self.members[*i];
@@ -539,25 +548,26 @@ impl Runner {
         tracing::error!(consumer = name, position = self.members[i].position, error = %message, "consumer failed; will retry");
         metrics::counter!("tally_consumer_errors_total", "consumer" => name).increment(1);
         self.members[i].handle.set("failing", Some(message.to_string()));
-        let _ = record_error(&self.store, name, message).await;
+        let _ = record_error(&self.pool, name, message).await;
     }
 }
 
 /// Make sure the consumer's row exists (it is locked for every batch), and read it.
-async fn init_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
+async fn init_checkpoint(pool: &AnyPool, name: &str) -> Result<i64, sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkpoints (name, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING",
     )
     .bind(name)
     .bind(clock::now())
-    .execute(&store.write)
+    .execute(pool)
     .await?;
-    load_checkpoint(store, name).await
+    let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1").bind(name).fetch_one(pool).await?;
+    row.try_get::<i64, _>("position")
 }
 
 pub async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {
-    let row =
-        sqlx::query("SELECT position FROM checkpoints WHERE name = $1").bind(name).fetch_optional(&store.read).await?;
+    let sql = format!("SELECT position FROM {} AS c WHERE name = $1", store.checkpoints_table());
+    let row = sqlx::query(&sql).bind(name).fetch_optional(&store.read).await?;
     row.map(|r| r.try_get::<i64, _>("position")).transpose().map(|p| p.unwrap_or(0))
 }
 
@@ -592,12 +602,12 @@ pub async fn save_checkpoint(conn: &mut AnyConnection, name: &str, position: i64
     Ok(())
 }
 
-async fn record_error(store: &Store, name: &str, message: &str) -> Result<(), sqlx::Error> {
+async fn record_error(pool: &AnyPool, name: &str, message: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE checkpoints SET updated_at = $2, last_error = $3 WHERE name = $1")
         .bind(name)
         .bind(clock::now())
         .bind(message)
-        .execute(&store.write)
+        .execute(pool)
         .await?;
     Ok(())
 }

@@ -4,11 +4,14 @@
 //! (`$1` placeholders, `RETURNING`, `ON CONFLICT`), except that statements with many parameters
 //! take theirs from [`params`]. The backend is chosen once, from the URL.
 //!
-//! Two pools: `write` for everything that changes data (commands, consumers), `read` for queries.
-//! On SQLite the write pool has one connection: SQLite has one writer anyway, and queueing in the
-//! pool instead of on the file lock means no `SQLITE_BUSY`, and positions commit in order.
+//! Three pools: `write` for what changes the event store (commands, the loyalty policy), `views`
+//! for the projections' views and checkpoints, `read` for queries. On SQLite the views are in a
+//! file of their own (see `views_file`), and each write pool has one connection: SQLite has one
+//! writer per file anyway, and queueing in the pool instead of on the file lock means no
+//! `SQLITE_BUSY`, and positions commit in order. On PostgreSQL `views` is `write`.
 
 mod append;
+pub mod checkpointer;
 
 pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
 
@@ -27,6 +30,9 @@ pub enum Backend {
 #[derive(Clone)]
 pub struct Store {
     pub write: AnyPool,
+    /// Where the projections write their views and checkpoints: on SQLite a file (and a write
+    /// connection) of their own, on PostgreSQL the same pool as `write`.
+    pub views: AnyPool,
     pub read: AnyPool,
     pub backend: Backend,
     /// Commands are on disk before they are answered (on SQLite the command writer's flusher
@@ -34,6 +40,8 @@ pub struct Store {
     pub durable: bool,
     /// The database file, on SQLite (for `tally rebuild`'s native reader).
     pub sqlite_path: Option<std::path::PathBuf>,
+    /// SQLite: the views' own file, next to the database (see `views_file`).
+    pub views_path: Option<std::path::PathBuf>,
     /// SQLite: the file is in WAL mode (set on every connection; a file system can refuse it).
     wal: bool,
 }
@@ -113,10 +121,19 @@ impl Store {
         sqlx::any::install_default_drivers();
         let url = normalize_url(raw_url);
         let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
+        let sqlite_path = match backend {
+            Backend::Sqlite => sqlite_file(&url),
+            Backend::Postgres => None,
+        };
+        let views_path = sqlite_path.as_deref().map(views_file);
         let synchronous = if durable { "FULL" } else { "NORMAL" };
-        let options = |max: u32| {
+        // `attach`: the views' file, for connections that read both (see `views_file`).
+        // `checkpoints`: whether commits copy the log into the file (not the views', see
+        // `checkpointer`).
+        let options = |max: u32, attach: Option<String>, checkpoints: bool| {
             AnyPoolOptions::new().max_connections(max).acquire_timeout(Duration::from_secs(30)).after_connect(
                 move |conn, _meta| {
+                    let attach = attach.clone();
                     Box::pin(async move {
                         if conn.backend_name().eq_ignore_ascii_case("sqlite") {
                             // WAL: readers never block the writer. synchronous=FULL (the default for
@@ -125,29 +142,43 @@ impl Store {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute(format!("PRAGMA synchronous = {synchronous}").as_str()).await?;
                             conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            // Statement journals (a multi-row statement's undo, in case it fails
+                            // half-way) in memory, not in temporary files: one temp-file write
+                            // per page a statement changed was a fifth of the write connection's
+                            // system calls.
+                            conn.execute("PRAGMA temp_store = MEMORY").await?;
+                            if !checkpoints {
+                                conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                            }
+                            if let Some(path) = attach {
+                                sqlx::query("ATTACH DATABASE $1 AS views").bind(path).execute(&mut *conn).await?;
+                            }
                         }
                         Ok(())
                     })
                 },
             )
         };
+        let connect = |options: AnyPoolOptions, url: String| async move {
+            options.connect(&url).await.with_context(|| format!("cannot open the database at {}", redact(&url)))
+        };
         let write_size = match backend {
             Backend::Sqlite => 1,
             Backend::Postgres => sizes.write.max(2),
         };
-        let write = options(write_size)
-            .connect(&url)
-            .await
-            .with_context(|| format!("cannot open the database at {}", redact(&url)))?;
+        let write = connect(options(write_size, None, true), url.clone()).await?;
         migrate(&write, backend).await?;
-        let read = options(sizes.read.max(1))
-            .connect(&url)
-            .await
-            .with_context(|| format!("cannot open the database at {}", redact(&url)))?;
-        let sqlite_path = match backend {
-            Backend::Sqlite => sqlite_file(&url),
-            Backend::Postgres => None,
+        let views = match &views_path {
+            Some(path) => {
+                let url = format!("sqlite://{}?mode=rwc", path.display());
+                let views = connect(options(1, None, false), url).await?;
+                sqlx::migrate!("./migrations/sqlite-views").run(&views).await.context("running view migrations")?;
+                views
+            }
+            None => write.clone(),
         };
+        let attach = views_path.as_ref().map(|p| p.display().to_string());
+        let read = connect(options(sizes.read.max(1), attach, true), url.clone()).await?;
         // A file system may refuse WAL mode (SQLite then keeps a rollback journal); only a
         // write-ahead log can be made durable after the commit (see `flush_behind`).
         let wal = match backend {
@@ -157,7 +188,19 @@ impl Store {
             }
             Backend::Postgres => false,
         };
-        Ok(Store { write, read, backend, durable, sqlite_path, wal })
+        Ok(Store { write, views, read, backend, durable, sqlite_path, views_path, wal })
+    }
+
+    /// The consumers' checkpoint rows, as a table expression for the read pool: on SQLite with
+    /// the views in their own file, the projections' rows are there and the loyalty policy's in
+    /// the event store (each commits with what it writes).
+    pub fn checkpoints_table(&self) -> &'static str {
+        if self.views_path.is_some() {
+            "(SELECT name, position, last_error FROM main.checkpoints \
+             UNION ALL SELECT name, position, last_error FROM views.checkpoints)"
+        } else {
+            "checkpoints"
+        }
     }
 
     /// The position of the newest committed event (0 when empty).
@@ -212,6 +255,26 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
         return None;
     }
     Some(path.into())
+}
+
+/// SQLite: the file the views live in, next to the database (`tally.db` → `tally.db-views`).
+///
+/// SQLite lets one connection write a file at a time. With the views in the event store's file,
+/// every projection batch held the one write connection the commands need, and command batches
+/// waited for it: a command's latency was a command batch plus a projection batch. In a file of
+/// their own the projections write beside the commands. Each projection still commits its
+/// checkpoint with its views (one file, one transaction). Query connections attach this file as
+/// `views`, so SQL names its tables as usual.
+///
+/// What the split costs: SQLite cannot commit two files atomically in WAL mode, so after a power
+/// cut the views' file could hold views of events the log lost with its unsynced tail (the log is
+/// synced before commands are answered; the views' file is not synced at commit). `tally serve`
+/// checks for that at start (a projection's checkpoint beyond the log's head) and rebuilds the
+/// views from the log (`rebuild::repair_views_ahead_of_log`).
+fn views_file(database: &std::path::Path) -> std::path::PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-views");
+    name.into()
 }
 
 /// A URL fit for logs and error messages: no password.

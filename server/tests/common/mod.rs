@@ -76,7 +76,8 @@ pub async fn spawn_app() -> TestApp {
     spawn_on(&url, dir).await
 }
 
-async fn spawn_on(database_url: &str, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {
+/// Start the app on a given database (kept alive by `dir`).
+pub async fn spawn_on(database_url: &str, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {
     server::telemetry::init_tracing();
     let tally = server::build(&args(database_url)).await.expect("app builds");
     let addr = tally.local_addr().expect("bound");
