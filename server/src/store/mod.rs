@@ -271,7 +271,7 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 /// synced before commands are answered; the views' file is not synced at commit). `tally serve`
 /// checks for that at start (a projection's checkpoint beyond the log's head) and rebuilds the
 /// views from the log (`rebuild::repair_views_ahead_of_log`).
-fn views_file(database: &std::path::Path) -> std::path::PathBuf {
+pub fn views_file(database: &std::path::Path) -> std::path::PathBuf {
     let mut name = database.as_os_str().to_owned();
     name.push("-views");
     name.into()

@@ -16,9 +16,10 @@ use std::time::Duration;
 
 pub const ROLES: [&str; 3] = ["profile", "points", "statement"];
 
-/// Copy each service's slice of the data out of Tally's views into its own database.
-pub async fn prepare(tally_db: &FsPath, dir: &FsPath) -> anyhow::Result<()> {
-    let source = pool(tally_db, true).await?;
+/// Copy each service's slice of the data out of Tally's views (their SQLite file,
+/// `store::views_file`) into its own database.
+pub async fn prepare(tally_views: &FsPath, dir: &FsPath) -> anyhow::Result<()> {
+    let source = pool(tally_views, true).await?;
     let rows = sqlx::query("SELECT view FROM membership_view").fetch_all(&source).await?;
     let views: Vec<Value> =
         rows.iter().map(|r| serde_json::from_str(&r.get::<String, _>("view"))).collect::<Result<_, _>>()?;

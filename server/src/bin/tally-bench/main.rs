@@ -232,7 +232,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
         // P2: API composition over three upstream services.
         if args.wants("P2") {
-            compose::prepare(&db, work.path()).await?;
+            compose::prepare(&server::store::views_file(&db), work.path()).await?;
             let p2 = composition(&me, work.path(), &args, &members, &server, view.rps(), view_load.clone()).await?;
             rows.extend(p2);
         }
