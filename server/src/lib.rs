@@ -103,7 +103,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         feed.clone(),
         Duration::from_millis(args.poll_ms.max(10)),
     );
-    if let Some(views) = store.views_path.clone() {
+    if let Some(views) = store.views_path() {
         store::checkpointer::start(views, shutdown.clone());
     }
     let mut tasks = vec![writer, tokio::spawn(prune_keys(store.clone(), shutdown.clone()))];

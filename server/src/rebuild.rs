@@ -29,7 +29,7 @@ pub struct RebuildReport {
 /// log's head shows it; then every view is rebuilt from the log. `tally serve` runs this before it
 /// starts writing. Returns whether it rebuilt.
 pub async fn repair_views_ahead_of_log(store: &Store) -> anyhow::Result<bool> {
-    if store.views_path.is_none() {
+    if store.views_path().is_none() {
         return Ok(false);
     }
     let head = store.head().await?;

@@ -171,8 +171,7 @@ async fn a_full_rebuild_reproduces_every_view_byte_for_byte() {
 #[tokio::test]
 async fn views_ahead_of_the_log_are_rebuilt_from_it_at_start() {
     // SQLite whatever TALLY_TEST_STORE says: on PostgreSQL views and events commit together.
-    let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
-    let url = dir.path().join("tally.db").to_string_lossy().to_string();
+    let (url, dir) = common::sqlite_database();
     let app = common::spawn_on(&url, dir.clone()).await;
     app.enroll("p1", "Power Cut", "p1@example.com").await;
     assert_eq!(app.earn("p1", 250).await.status, 200);
@@ -184,7 +183,7 @@ async fn views_ahead_of_the_log_are_rebuilt_from_it_at_start() {
     let store = server::store::Store::open(&url, &server::store::PoolSizes { read: 2, write: 1 }, true)
         .await
         .expect("store opens");
-    assert!(store.views_path.as_ref().is_some_and(|p| p.exists()), "views in their own file");
+    assert!(store.views_path().is_some_and(|p| p.exists()), "views in their own file");
     let changed = sqlx::query(
         "UPDATE membership_view SET view = replace(view, '\"points_balance\":250', '\"points_balance\":9250')",
     )

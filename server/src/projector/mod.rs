@@ -333,7 +333,7 @@ impl Runner {
         for i in 0..self.members.len() {
             let name = self.members[i].handle.name;
             let position = loop {
-                match init_checkpoint(&self.pool, name).await {
+                match init_checkpoint(&self.store, &self.pool, name).await {
                     Ok(p) => break p,
                     Err(err) => {
                         tracing::error!(consumer = name, error = %err, "cannot read checkpoint; retrying");
@@ -552,8 +552,9 @@ impl Runner {
     }
 }
 
-/// Make sure the consumer's row exists (it is locked for every batch), and read it.
-async fn init_checkpoint(pool: &AnyPool, name: &str) -> Result<i64, sqlx::Error> {
+/// Make sure the consumer's row exists in `pool`, where its group commits (it is locked for every
+/// batch), and read it.
+async fn init_checkpoint(store: &Store, pool: &AnyPool, name: &str) -> Result<i64, sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkpoints (name, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING",
     )
@@ -561,8 +562,7 @@ async fn init_checkpoint(pool: &AnyPool, name: &str) -> Result<i64, sqlx::Error>
     .bind(clock::now())
     .execute(pool)
     .await?;
-    let row = sqlx::query("SELECT position FROM checkpoints WHERE name = $1").bind(name).fetch_one(pool).await?;
-    row.try_get::<i64, _>("position")
+    load_checkpoint(store, name).await
 }
 
 pub async fn load_checkpoint(store: &Store, name: &str) -> Result<i64, sqlx::Error> {

@@ -40,8 +40,6 @@ pub struct Store {
     pub durable: bool,
     /// The database file, on SQLite (for `tally rebuild`'s native reader).
     pub sqlite_path: Option<std::path::PathBuf>,
-    /// SQLite: the views' own file, next to the database (see `views_file`).
-    pub views_path: Option<std::path::PathBuf>,
     /// SQLite: the file is in WAL mode (set on every connection; a file system can refuse it).
     wal: bool,
 }
@@ -188,14 +186,19 @@ impl Store {
             }
             Backend::Postgres => false,
         };
-        Ok(Store { write, views, read, backend, durable, sqlite_path, views_path, wal })
+        Ok(Store { write, views, read, backend, durable, sqlite_path, wal })
+    }
+
+    /// SQLite: the views' own file, next to the database (see `views_file`).
+    pub fn views_path(&self) -> Option<std::path::PathBuf> {
+        self.sqlite_path.as_deref().map(views_file)
     }
 
     /// The consumers' checkpoint rows, as a table expression for the read pool: on SQLite with
     /// the views in their own file, the projections' rows are there and the loyalty policy's in
     /// the event store (each commits with what it writes).
     pub fn checkpoints_table(&self) -> &'static str {
-        if self.views_path.is_some() {
+        if self.views_path().is_some() {
             "(SELECT name, position, last_error FROM main.checkpoints \
              UNION ALL SELECT name, position, last_error FROM views.checkpoints)"
         } else {

@@ -64,11 +64,15 @@ pub async fn fresh_database() -> (String, std::sync::Arc<tempfile::TempDir>) {
             (format!("{base}/{name}"), dir)
         }
         Ok(other) if other != "sqlite" => panic!("TALLY_TEST_STORE must be sqlite or postgres, not {other}"),
-        _ => {
-            let path: PathBuf = dir.path().join("tally.db");
-            (path.to_string_lossy().to_string(), dir)
-        }
+        _ => sqlite_database(),
     }
+}
+
+/// A fresh SQLite file, whatever `TALLY_TEST_STORE` says.
+pub fn sqlite_database() -> (String, std::sync::Arc<tempfile::TempDir>) {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+    let path: PathBuf = dir.path().join("tally.db");
+    (path.to_string_lossy().to_string(), dir)
 }
 
 pub async fn spawn_app() -> TestApp {
