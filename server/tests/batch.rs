@@ -7,7 +7,7 @@ use app::domain::transaction::{Channel, Purchase};
 use server::commands::{
     execute_batch, Answer, Command, CommandError, Envelope, Idempotency, MemberAction, Meta, StateCache,
 };
-use server::store::{PoolSizes, Store};
+use server::store::{PoolSizes, Store, StoredEvent};
 use sqlx::Row;
 
 fn member(id: &str, action: MemberAction) -> Envelope {
@@ -57,9 +57,14 @@ async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) ->
     let mut conn = store.write.acquire().await.expect("connection");
     let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
     let refs: Vec<&Envelope> = envelopes.iter().collect();
-    let answers = execute_batch(&mut tx, &refs, "2026-11-23T10:00:00Z", Some(cache)).await.expect("batch");
+    let head = store.head().await.expect("head");
+    let executed = execute_batch(&mut tx, &refs, "2026-11-23T10:00:00Z", Some(cache)).await.expect("batch");
     tx.commit().await.expect("commit");
-    answers
+    // What the batch reports appending is what the log holds (the consumers take it from memory).
+    let stored = store.read_all(head, 10_000).await.expect("read back");
+    let as_json = |events: &[StoredEvent]| serde_json::to_value(events).expect("json");
+    assert_eq!(as_json(&executed.appended), as_json(&stored), "appended events differ from the stored ones");
+    executed.answers
 }
 
 async fn count(store: &Store, sql: &str) -> i64 {

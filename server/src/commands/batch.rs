@@ -171,6 +171,13 @@ enum At {
     Row(usize),
 }
 
+/// What a batch did: one answer per envelope, and the events it appended (for the in-memory
+/// tail, see `store::recent`, once the caller has committed).
+pub struct Executed {
+    pub answers: Vec<Result<Answer, CommandError>>,
+    pub appended: Vec<StoredEvent>,
+}
+
 /// Run `envelopes` in order inside the caller's transaction; one answer per envelope. With a
 /// `cache` kept between batches (the command writer's), known members are not read again;
 /// without one, every stream is read for this batch only.
@@ -179,7 +186,7 @@ pub async fn execute_batch(
     envelopes: &[&Envelope],
     now: &str,
     cache: Option<&mut StateCache>,
-) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
+) -> Result<Executed, sqlx::Error> {
     let mut scratch = StateCache::default();
     let cache = match cache {
         Some(cache) => {
@@ -255,8 +262,7 @@ pub async fn execute_batch(
             "causation_id": envelope.meta.causation_id,
             "idempotency_key": envelope.idempotency.as_ref().map(|i| &i.key),
             "actor": envelope.meta.actor,
-        })
-        .to_string();
+        });
         let outcome = match &envelope.command {
             Command::RecordPurchase(purchase) => {
                 let stream = purchase_stream(&purchase.transaction_id);
@@ -345,7 +351,8 @@ pub async fn execute_batch(
             }
         }
     }
-    Ok(answers)
+    let appended = rows.into_iter().zip(&positions).map(|(row, position)| row.stored(*position, now)).collect();
+    Ok(Executed { answers, appended })
 }
 
 /// `(outcome, stream, whether it appended)`.
@@ -357,18 +364,18 @@ pub(super) fn queue<A: Aggregate>(
     stream: &str,
     version: i64,
     events: &[A::Event],
-    metadata: &str,
+    metadata: &serde_json::Value,
 ) -> Result<(), CommandError> {
     for (i, event) in events.iter().enumerate() {
         let (event_type, schema_version) = A::event_type(event);
-        let tagged = serde_json::to_value(event)?;
+        let mut tagged = serde_json::to_value(event)?;
         rows.push(NewEvent {
             stream_id: stream.to_string(),
             stream_version: version + 1 + i as i64,
             event_type,
             schema_version,
-            data: tagged["data"].to_string(),
-            metadata: metadata.to_string(),
+            data: tagged["data"].take(),
+            metadata: metadata.clone(),
         });
     }
     Ok(())
@@ -392,7 +399,7 @@ fn decide_purchase(
     purchase: &app::domain::transaction::Purchase,
     purchases: &mut HashMap<String, Folded<Transaction>>,
     unreadable: &HashMap<String, serde_json::Error>,
-    metadata: &str,
+    metadata: &serde_json::Value,
     rows: &mut Vec<NewEvent>,
     last_row: &HashMap<String, usize>,
 ) -> Decided {
@@ -419,7 +426,7 @@ struct MemberContext<'a> {
     stream: &'a str,
     member_id: &'a str,
     now: &'a str,
-    metadata: &'a str,
+    metadata: &'a serde_json::Value,
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -9,7 +9,7 @@
 mod batch;
 mod flush;
 
-pub use batch::{execute_batch, member_stream, Folded, StateCache};
+pub use batch::{execute_batch, member_stream, Executed, Folded, StateCache};
 pub use flush::Flusher;
 
 use crate::clock;
@@ -266,21 +266,24 @@ async fn try_commit(
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
     let mut conn = store.write.acquire().await?;
     let mut tx = store.begin_commands(&mut conn).await?;
-    let results = execute_batch(&mut tx, envelopes, now, Some(cache)).await?;
-    crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&results)).await?;
+    let executed = execute_batch(&mut tx, envelopes, now, Some(cache)).await?;
+    crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&executed.answers)).await?;
     tx.commit().await?;
-    Ok(results)
+    // Before the write connection goes back, so the tail gets the events in position order.
+    store.committed(executed.appended);
+    Ok(executed.answers)
 }
 
 /// Load a stream, decide with the command `build` makes from its state, append: one command
 /// inside the caller's transaction (the loyalty policy closing a purchase). Returns the position
-/// of the stream's last event.
+/// of the stream's last event; the appended events are added to `appended`.
 pub async fn run<A: Aggregate>(
     conn: &mut AnyConnection,
     stream_id: &str,
     build: impl FnOnce(&A::State) -> A::Command,
-    metadata: &str,
+    metadata: &serde_json::Value,
     now: &str,
+    appended: &mut Vec<store::StoredEvent>,
 ) -> Result<i64, CommandError>
 where
     CommandError: From<A::Error>,
@@ -291,5 +294,7 @@ where
     let mut rows = Vec::with_capacity(events.len());
     batch::queue::<A>(&mut rows, stream_id, folded.version, &events, metadata)?;
     let positions = store::append(conn, &rows, now).await?;
-    Ok(positions.last().copied().unwrap_or(folded.last_position))
+    let last = positions.last().copied().unwrap_or(folded.last_position);
+    appended.extend(rows.into_iter().zip(positions).map(|(row, position)| row.stored(position, now)));
+    Ok(last)
 }

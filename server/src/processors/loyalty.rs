@@ -81,10 +81,9 @@ impl LoyaltyPolicy {
             "causation_id": meta.causation_id,
             "idempotency_key": purchase.transaction_id,
             "actor": NAME,
-        })
-        .to_string();
-        let position = commands::run::<TransactionAggregate>(conn, &stream_id, |_| close, &metadata, &now).await?;
-        effects.appended = effects.appended.max(position);
+        });
+        commands::run::<TransactionAggregate>(conn, &stream_id, |_| close, &metadata, &now, &mut effects.appended)
+            .await?;
         Ok(())
     }
 }
@@ -117,11 +116,11 @@ async fn earn(
         meta: meta.clone(),
     };
     // A batch of one, inside the runner's transaction; no cached states (the writer's are its own).
-    let mut results = commands::execute_batch(conn, &[&envelope], now, None).await?;
-    match results.pop().unwrap_or(Err(CommandError::Unavailable)) {
+    let mut executed = commands::execute_batch(conn, &[&envelope], now, None).await?;
+    effects.appended.append(&mut executed.appended);
+    match executed.answers.pop().unwrap_or(Err(CommandError::Unavailable)) {
         Ok(answer) => {
             let body: serde_json::Value = serde_json::from_str(&answer.body)?;
-            effects.appended = effects.appended.max(answer.position);
             Ok(Ok(body["points"].as_u64().unwrap_or(0)))
         }
         Err(CommandError::Member(refused)) => Ok(Err(refused)),

@@ -32,8 +32,9 @@ pub const BATCH: i64 = 500;
 pub struct Effects {
     /// Membership views that changed, to push to live subscribers.
     pub views: Vec<membership_view::ViewRow>,
-    /// Newest position a processor appended (0 if none), to wake the other consumers.
-    pub appended: i64,
+    /// Events a processor appended, in position order: after the commit they go to the
+    /// in-memory tail and the newest wakes the other consumers.
+    pub appended: Vec<StoredEvent>,
 }
 
 #[async_trait]
@@ -406,7 +407,8 @@ impl Runner {
     /// (already logged and shown on the failing consumer).
     async fn step(&mut self) -> Result<bool, ()> {
         let from = self.members.iter().map(|m| m.position).min().unwrap_or(0);
-        let events = match self.store.read_all(from, BATCH).await {
+        let head = *self.head.borrow();
+        let events = match self.store.read_after(from, BATCH, head).await {
             Ok(events) => events,
             Err(err) => {
                 let message = format!("reading events after {from}: {err}");
@@ -497,8 +499,10 @@ impl Runner {
             tx.commit().await?;
             // Before the write connection goes back: the command writer trusts the head to
             // include every committed append (see `StateCache`).
-            for e in &effects {
-                crate::store::raise(&self.head, e.appended);
+            for e in &mut effects {
+                let newest = e.appended.last().map_or(0, |event| event.position);
+                self.store.committed(std::mem::take(&mut e.appended));
+                crate::store::raise(&self.head, newest);
             }
             Ok(true)
         }

@@ -47,10 +47,26 @@ pub struct NewEvent {
     pub stream_version: i64,
     pub event_type: &'static str,
     pub schema_version: u32,
-    /// The event's `data` as JSON text.
-    pub data: String,
-    /// The command's metadata as JSON text.
-    pub metadata: String,
+    /// The event's `data`.
+    pub data: serde_json::Value,
+    /// The command's metadata.
+    pub metadata: serde_json::Value,
+}
+
+impl NewEvent {
+    /// The event as stored, once appended at `position`.
+    pub fn stored(self, position: i64, recorded_at: &str) -> StoredEvent {
+        StoredEvent {
+            position,
+            stream_id: self.stream_id,
+            stream_version: self.stream_version,
+            event_type: self.event_type.to_string(),
+            schema_version: self.schema_version.into(),
+            data: self.data,
+            metadata: self.metadata,
+            recorded_at: recorded_at.to_string(),
+        }
+    }
 }
 
 /// Append the events, in order; returns each one's position. A stream version that another
@@ -71,15 +87,17 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: 
                 " RETURNING position, stream_id, stream_version"
             }
         );
+        let texts: Vec<(String, String)> =
+            chunk.iter().map(|event| (event.data.to_string(), event.metadata.to_string())).collect();
         let mut query = sqlx::query(&sql);
-        for event in chunk {
+        for (event, (data, metadata)) in chunk.iter().zip(&texts) {
             query = query
                 .bind(&event.stream_id)
                 .bind(event.stream_version)
                 .bind(event.event_type)
                 .bind(event.schema_version as i64)
-                .bind(&event.data)
-                .bind(&event.metadata)
+                .bind(data)
+                .bind(metadata)
                 .bind(recorded_at);
         }
         if sqlite {

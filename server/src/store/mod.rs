@@ -12,8 +12,10 @@
 
 mod append;
 pub mod checkpointer;
+mod recent;
 
 pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
+pub use recent::RecentEvents;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -42,6 +44,9 @@ pub struct Store {
     pub sqlite_path: Option<std::path::PathBuf>,
     /// SQLite: the file is in WAL mode (set on every connection; a file system can refuse it).
     wal: bool,
+    /// SQLite: the newest appended events, for the consumers (see `recent`). PostgreSQL has
+    /// other nodes appending, so its consumers always read the table.
+    pub recent: Option<std::sync::Arc<RecentEvents>>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -186,7 +191,8 @@ impl Store {
             }
             Backend::Postgres => false,
         };
-        Ok(Store { write, views, read, backend, durable, sqlite_path, wal })
+        let recent = (backend == Backend::Sqlite).then(Default::default);
+        Ok(Store { write, views, read, backend, durable, sqlite_path, wal, recent })
     }
 
     /// SQLite: the views' own file, next to the database (see `views_file`).
@@ -217,6 +223,24 @@ impl Store {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
         let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(&self.read).await?;
         rows.iter().map(StoredEvent::from_row).collect()
+    }
+
+    /// Events after `after`, in global order, from the in-memory tail when it holds all of them
+    /// through `head` (see `recent`), else from the table.
+    pub async fn read_after(&self, after: i64, limit: i64, head: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let limit_events = usize::try_from(limit).unwrap_or(0);
+        if let Some(events) = self.recent.as_ref().and_then(|r| r.after(after, limit_events, head)) {
+            return Ok(events);
+        }
+        self.read_all(after, limit).await
+    }
+
+    /// Hand events just committed (in position order) to the in-memory tail; call after the
+    /// commit and before raising the head.
+    pub fn committed(&self, events: impl IntoIterator<Item = StoredEvent>) {
+        if let Some(recent) = &self.recent {
+            recent.push(events);
+        }
     }
 
     /// One stream, oldest first.
