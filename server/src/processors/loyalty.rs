@@ -40,7 +40,7 @@ impl Consumer for LoyaltyPolicy {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
-        events: &[StoredEvent],
+        events: &[std::sync::Arc<StoredEvent>],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
         for event in events.iter().filter(|e| self.handles(&e.event_type)) {

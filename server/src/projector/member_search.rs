@@ -82,10 +82,10 @@ impl Consumer for MemberSearchProjection {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
-        events: &[StoredEvent],
+        events: &[std::sync::Arc<StoredEvent>],
         _effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        let events: Vec<&StoredEvent> = events.iter().filter(|e| changes_row(&e.event_type)).collect();
+        let events: Vec<&std::sync::Arc<StoredEvent>> = events.iter().filter(|e| changes_row(&e.event_type)).collect();
         let ids = super::member_ids(events.iter().copied());
         if ids.is_empty() {
             return Ok(());

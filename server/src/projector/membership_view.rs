@@ -50,7 +50,7 @@ impl Consumer for MembershipViewProjection {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
-        events: &[StoredEvent],
+        events: &[Arc<StoredEvent>],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
         let ids = super::member_ids(events);

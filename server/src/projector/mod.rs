@@ -45,7 +45,7 @@ pub trait Consumer: Send + Sync + 'static {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
-        events: &[StoredEvent],
+        events: &[Arc<StoredEvent>],
         effects: &mut Effects,
     ) -> anyhow::Result<()>;
     /// True for processors that append events (they take the append lock).
@@ -67,7 +67,7 @@ pub trait Consumer: Send + Sync + 'static {
 }
 
 /// The members whose streams these events are on, each once, sorted.
-pub fn member_ids<'e>(events: impl IntoIterator<Item = &'e StoredEvent>) -> Vec<&'e str> {
+pub fn member_ids<'e>(events: impl IntoIterator<Item = &'e Arc<StoredEvent>>) -> Vec<&'e str> {
     use app::domain::{member::MemberAggregate, Aggregate};
     let mut ids: Vec<&str> = events.into_iter().filter_map(|e| e.stream_key(MemberAggregate::STREAM_PREFIX)).collect();
     ids.sort_unstable();
@@ -301,7 +301,7 @@ struct Member {
 /// What one member does in one step.
 enum Work<'e> {
     /// Apply these events (and move the checkpoint) in the step's transaction.
-    Apply(&'e [StoredEvent]),
+    Apply(&'e [Arc<StoredEvent>]),
     /// Nothing for this consumer in the batch: move the position, and the checkpoint only with
     /// the step's transaction or once `CHECKPOINT_EVERY` has passed.
     Skip,

@@ -227,12 +227,17 @@ impl Store {
 
     /// Events after `after`, in global order, from the in-memory tail when it holds all of them
     /// through `head` (see `recent`), else from the table.
-    pub async fn read_after(&self, after: i64, limit: i64, head: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: i64,
+        head: i64,
+    ) -> Result<Vec<std::sync::Arc<StoredEvent>>, sqlx::Error> {
         let limit_events = usize::try_from(limit).unwrap_or(0);
         if let Some(events) = self.recent.as_ref().and_then(|r| r.after(after, limit_events, head)) {
             return Ok(events);
         }
-        self.read_all(after, limit).await
+        Ok(self.read_all(after, limit).await?.into_iter().map(std::sync::Arc::new).collect())
     }
 
     /// Hand events just committed (in position order) to the in-memory tail; call after the

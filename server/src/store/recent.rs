@@ -17,7 +17,7 @@
 
 use super::StoredEvent;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Events kept (about 1.6 KiB each in memory, so ~7 MiB): a third of a second of a full command
 /// load, far more than a consumer that keeps up is ever behind.
@@ -25,8 +25,8 @@ pub const RECENT_EVENTS: usize = 4_096;
 
 #[derive(Default)]
 pub struct RecentEvents {
-    /// Consecutive positions, oldest first.
-    events: Mutex<VecDeque<StoredEvent>>,
+    /// Consecutive positions, oldest first; shared with the readers, not copied.
+    events: Mutex<VecDeque<Arc<StoredEvent>>>,
 }
 
 impl RecentEvents {
@@ -38,7 +38,7 @@ impl RecentEvents {
             if events.back().is_some_and(|last| last.position + 1 != event.position) {
                 events.clear();
             }
-            events.push_back(event);
+            events.push_back(Arc::new(event));
         }
         let excess = events.len().saturating_sub(RECENT_EVENTS);
         events.drain(..excess);
@@ -46,7 +46,7 @@ impl RecentEvents {
 
     /// Up to `limit` events after position `after`, when the tail holds every committed one
     /// (through `head`); `None` when the database must be asked.
-    pub fn after(&self, after: i64, limit: usize, head: i64) -> Option<Vec<StoredEvent>> {
+    pub fn after(&self, after: i64, limit: usize, head: i64) -> Option<Vec<Arc<StoredEvent>>> {
         let events = self.events.lock().ok()?;
         let (first, last) = (events.front()?.position, events.back()?.position);
         if after + 1 < first || last < head {
@@ -74,7 +74,7 @@ mod tests {
         }
     }
 
-    fn positions(events: Option<Vec<StoredEvent>>) -> Option<Vec<i64>> {
+    fn positions(events: Option<Vec<Arc<StoredEvent>>>) -> Option<Vec<i64>> {
         events.map(|events| events.iter().map(|e| e.position).collect())
     }
 
