@@ -299,13 +299,13 @@ pub async fn execute_batch(
     }
 
     // Write: events, then email reservations, then the answers under their keys.
-    let positions = store::append(conn, &rows, now).await?;
+    let appended = store::append(conn, rows, now).await?;
     for reservation in &reservations {
         reservation.write(conn).await?;
     }
     let position_of = |at: At| match at {
         At::Known(p) => p,
-        At::Row(r) => positions[r],
+        At::Row(r) => appended[r].position,
     };
     let mut answers: Vec<Result<Answer, CommandError>> = Vec::with_capacity(pending.len());
     for entry in pending {
@@ -345,13 +345,12 @@ pub async fn execute_batch(
     // The cached states now know where their events landed.
     for (stream, row) in last_row {
         if let Some(folded) = cache.members.get_mut(&stream) {
-            folded.last_position = positions[row];
+            folded.last_position = appended[row].position;
             if folded.first_position == 0 {
-                folded.first_position = positions[row];
+                folded.first_position = appended[row].position;
             }
         }
     }
-    let appended = rows.into_iter().zip(&positions).map(|(row, position)| row.stored(*position, now)).collect();
     Ok(Executed { answers, appended })
 }
 

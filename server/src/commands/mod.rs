@@ -293,8 +293,8 @@ where
     let events = A::decide(&folded.state, build(&folded.state))?;
     let mut rows = Vec::with_capacity(events.len());
     batch::queue::<A>(&mut rows, stream_id, folded.version, &events, metadata)?;
-    let positions = store::append(conn, &rows, now).await?;
-    let last = positions.last().copied().unwrap_or(folded.last_position);
-    appended.extend(rows.into_iter().zip(positions).map(|(row, position)| row.stored(position, now)));
+    let stored = store::append(conn, rows, now).await?;
+    let last = stored.last().map_or(folded.last_position, |event| event.position);
+    appended.extend(stored);
     Ok(last)
 }

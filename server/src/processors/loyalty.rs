@@ -15,6 +15,7 @@ use app::domain::Aggregate;
 use async_trait::async_trait;
 use serde_json::json;
 use sqlx::AnyConnection;
+use std::sync::Arc;
 
 pub const NAME: &str = "loyalty_policy";
 
@@ -40,7 +41,7 @@ impl Consumer for LoyaltyPolicy {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
-        events: &[std::sync::Arc<StoredEvent>],
+        events: &[Arc<StoredEvent>],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
         for event in events.iter().filter(|e| self.handles(&e.event_type)) {

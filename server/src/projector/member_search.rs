@@ -17,6 +17,7 @@ use app::views::MembershipView;
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub const NAME: &str = "member_search";
 
@@ -82,10 +83,10 @@ impl Consumer for MemberSearchProjection {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
-        events: &[std::sync::Arc<StoredEvent>],
+        events: &[Arc<StoredEvent>],
         _effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        let events: Vec<&std::sync::Arc<StoredEvent>> = events.iter().filter(|e| changes_row(&e.event_type)).collect();
+        let events: Vec<&Arc<StoredEvent>> = events.iter().filter(|e| changes_row(&e.event_type)).collect();
         let ids = super::member_ids(events.iter().copied());
         if ids.is_empty() {
             return Ok(());

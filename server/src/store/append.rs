@@ -55,7 +55,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// The event as stored, once appended at `position`.
-    pub fn stored(self, position: i64, recorded_at: &str) -> StoredEvent {
+    fn stored(self, position: i64, recorded_at: &str) -> StoredEvent {
         StoredEvent {
             position,
             stream_id: self.stream_id,
@@ -69,10 +69,14 @@ impl NewEvent {
     }
 }
 
-/// Append the events, in order; returns each one's position. A stream version that another
-/// writer took first makes this fail with a unique violation (and the caller's transaction must
-/// then be rolled back: never a partial append).
-pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: &str) -> Result<Vec<i64>, sqlx::Error> {
+/// Append the events, in order; returns them as stored, each with its position. A stream version
+/// that another writer took first makes this fail with a unique violation (and the caller's
+/// transaction must then be rolled back: never a partial append).
+pub async fn append(
+    conn: &mut AnyConnection,
+    events: Vec<NewEvent>,
+    recorded_at: &str,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let mut positions = Vec::with_capacity(events.len());
     for chunk in events.chunks(MAX_PARAMS / 7) {
         let values = (0..chunk.len()).map(|i| format!("({})", params(conn, i * 7 + 1, 7))).collect::<Vec<_>>();
@@ -128,7 +132,7 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent], recorded_at: 
             positions.push(position);
         }
     }
-    Ok(positions)
+    Ok(events.into_iter().zip(positions).map(|(event, position)| event.stored(position, recorded_at)).collect())
 }
 
 /// Parameters per statement: far below both databases' limits (SQLite 32,766, PostgreSQL 65,535),

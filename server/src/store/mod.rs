@@ -15,12 +15,13 @@ pub mod checkpointer;
 mod recent;
 
 pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
-pub use recent::RecentEvents;
+use recent::RecentEvents;
 
 use anyhow::Context;
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +47,7 @@ pub struct Store {
     wal: bool,
     /// SQLite: the newest appended events, for the consumers (see `recent`). PostgreSQL has
     /// other nodes appending, so its consumers always read the table.
-    pub recent: Option<std::sync::Arc<RecentEvents>>,
+    recent: Option<Arc<RecentEvents>>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -227,17 +228,12 @@ impl Store {
 
     /// Events after `after`, in global order, from the in-memory tail when it holds all of them
     /// through `head` (see `recent`), else from the table.
-    pub async fn read_after(
-        &self,
-        after: i64,
-        limit: i64,
-        head: i64,
-    ) -> Result<Vec<std::sync::Arc<StoredEvent>>, sqlx::Error> {
+    pub async fn read_after(&self, after: i64, limit: i64, head: i64) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
         let limit_events = usize::try_from(limit).unwrap_or(0);
         if let Some(events) = self.recent.as_ref().and_then(|r| r.after(after, limit_events, head)) {
             return Ok(events);
         }
-        Ok(self.read_all(after, limit).await?.into_iter().map(std::sync::Arc::new).collect())
+        Ok(self.read_all(after, limit).await?.into_iter().map(Arc::new).collect())
     }
 
     /// Hand events just committed (in position order) to the in-memory tail; call after the
