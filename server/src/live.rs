@@ -3,10 +3,14 @@
 //! Each socket has a [`Mailbox`] holding at most one pending frame per topic. Publishing replaces
 //! the pending frame if the new one is newer, so a slow client gets the latest view and never a
 //! growing queue; frames are serialized once per change and shared by every subscriber.
+//!
+//! A change on a topic that 10,000 sockets watch is 10,000 `put`s and 10,000 `take`s, so neither
+//! allocates in the common case: topics are shared `Arc<str>`s (the hub's own key) and the maps
+//! keep their capacity between changes.
 
 use app::views::MEMBERS_TOPIC;
 use axum::extract::ws::Utf8Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -29,12 +33,15 @@ pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
     serde_json::json!({"type": "error", "code": code, "message": message}).to_string().into()
 }
 
+/// A topic name, shared between the hub and every mailbox that watches it.
+pub type Topic = Arc<str>;
+
 #[derive(Default)]
 struct Pending {
     /// Newest unsent frame per topic.
-    views: BTreeMap<String, Frame>,
+    views: HashMap<Topic, Frame>,
     /// Highest position sent per topic: anything at or below is stale.
-    sent: HashMap<String, u64>,
+    sent: HashMap<Topic, u64>,
     errors: Vec<Utf8Bytes>,
 }
 
@@ -49,14 +56,14 @@ pub struct Mailbox {
 
 impl Mailbox {
     /// Keep `frame` for `topic` unless something as new is already pending or sent.
-    pub fn put(&self, topic: &str, frame: Frame) {
+    pub fn put(&self, topic: &Topic, frame: Frame) {
         let Ok(mut p) = self.pending.lock() else { return };
         if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
             || p.views.get(topic).is_some_and(|f| f.position >= frame.position)
         {
             return;
         }
-        p.views.insert(topic.to_string(), frame);
+        p.views.insert(topic.clone(), frame);
         drop(p);
         self.notify.notify_one();
     }
@@ -79,36 +86,58 @@ impl Mailbox {
         }
     }
 
-    /// Wait until something is pending, then take it all (errors first, then views by position).
-    pub async fn next_batch(&self) -> Vec<Utf8Bytes> {
+    /// Wait until something is pending, then move it all into `out` (errors first, then views
+    /// by position).
+    pub async fn next_batch(&self, out: &mut Vec<Utf8Bytes>) {
         loop {
             let notified = self.notify.notified();
-            if let Some(batch) = self.take() {
-                return batch;
+            if self.take(out) {
+                return;
             }
             notified.await;
         }
     }
 
-    fn take(&self) -> Option<Vec<Utf8Bytes>> {
-        let mut p = self.pending.lock().ok()?;
+    /// Move what is pending into `out`; false if nothing was.
+    fn take(&self, out: &mut Vec<Utf8Bytes>) -> bool {
+        let Ok(mut p) = self.pending.lock() else { return false };
         if p.views.is_empty() && p.errors.is_empty() {
-            return None;
+            return false;
         }
-        let mut out: Vec<Utf8Bytes> = std::mem::take(&mut p.errors);
-        let mut views: Vec<(String, Frame)> = std::mem::take(&mut p.views).into_iter().collect();
-        views.sort_by_key(|(_, f)| f.position);
-        for (topic, frame) in views {
-            p.sent.insert(topic, frame.position);
-            out.push(frame.text);
+        let p = &mut *p;
+        out.append(&mut p.errors);
+        if p.views.len() == 1 {
+            // One topic (a member's portal page): nothing to order.
+            for (topic, frame) in p.views.drain() {
+                record_sent(&mut p.sent, topic, frame.position);
+                out.push(frame.text);
+            }
+            return true;
         }
-        Some(out)
+        let mut views: Vec<Frame> = Vec::with_capacity(p.views.len());
+        for (topic, frame) in p.views.drain() {
+            record_sent(&mut p.sent, topic, frame.position);
+            views.push(frame);
+        }
+        // Several topics at once (the staff console's `members`): oldest change first.
+        views.sort_by_key(|frame| frame.position);
+        out.extend(views.into_iter().map(|frame| frame.text));
+        true
+    }
+}
+
+fn record_sent(sent: &mut HashMap<Topic, u64>, topic: Topic, position: u64) {
+    match sent.get_mut(&topic) {
+        Some(p) => *p = position,
+        None => {
+            sent.insert(topic, position);
+        }
     }
 }
 
 #[derive(Default)]
 pub struct Hub {
-    topics: Mutex<HashMap<String, HashMap<u64, Arc<Mailbox>>>>,
+    topics: Mutex<HashMap<Topic, HashMap<u64, Arc<Mailbox>>>>,
     next_id: AtomicU64,
 }
 
@@ -123,7 +152,14 @@ impl Hub {
 
     pub fn subscribe(&self, topic: &str, mailbox: &Arc<Mailbox>) {
         if let Ok(mut topics) = self.topics.lock() {
-            topics.entry(topic.to_string()).or_default().insert(mailbox.id, mailbox.clone());
+            match topics.get_mut(topic) {
+                Some(subs) => {
+                    subs.insert(mailbox.id, mailbox.clone());
+                }
+                None => {
+                    topics.insert(topic.into(), HashMap::from([(mailbox.id, mailbox.clone())]));
+                }
+            }
         }
     }
 
@@ -145,20 +181,25 @@ impl Hub {
 
     /// Push one view (already serialized) on its topic.
     pub fn publish(&self, topic: &str, position: u64, view_json: &str) {
-        let recipients: Vec<Arc<Mailbox>> = match self.topics.lock() {
-            Ok(topics) => [topic, MEMBERS_TOPIC]
-                .iter()
-                .filter_map(|t| topics.get(*t))
-                .flat_map(|subs| subs.values().cloned())
-                .collect(),
+        let (key, recipients): (Option<Topic>, Vec<Arc<Mailbox>>) = match self.topics.lock() {
+            Ok(topics) => (
+                topics.get_key_value(topic).map(|(key, _)| key.clone()),
+                [topic, MEMBERS_TOPIC]
+                    .iter()
+                    .filter_map(|t| topics.get(*t))
+                    .flat_map(|subs| subs.values().cloned())
+                    .collect(),
+            ),
             Err(_) => return,
         };
         if recipients.is_empty() {
             return;
         }
+        // Pending frames are kept per member topic, also for `members` subscribers.
+        let key = key.unwrap_or_else(|| topic.into());
         let frame = view_frame(topic, position, view_json);
         for mailbox in recipients {
-            mailbox.put(topic, frame.clone());
+            mailbox.put(&key, frame.clone());
         }
     }
 }
@@ -166,6 +207,12 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the socket would send next, if anything.
+    fn take(mailbox: &Mailbox) -> Option<Vec<Utf8Bytes>> {
+        let mut out = Vec::new();
+        mailbox.take(&mut out).then_some(out)
+    }
 
     #[test]
     fn a_slow_client_gets_only_the_newest_view_per_topic() {
@@ -176,10 +223,10 @@ mod tests {
             hub.publish("member:a", p, &format!(r#"{{"n":{p}}}"#));
         }
         hub.publish("member:b", 7, "{}"); // not subscribed
-        let batch = mb.take().expect("something pending");
+        let batch = take(&mb).expect("something pending");
         assert_eq!(batch.len(), 1);
         assert!(batch[0].as_str().contains(r#""position":100"#));
-        assert!(mb.take().is_none());
+        assert!(take(&mb).is_none());
     }
 
     #[test]
@@ -188,9 +235,9 @@ mod tests {
         let mb = hub.mailbox();
         hub.subscribe("member:a", &mb);
         hub.publish("member:a", 5, "{}");
-        assert_eq!(mb.take().map(|b| b.len()), Some(1));
+        assert_eq!(take(&mb).map(|b| b.len()), Some(1));
         hub.publish("member:a", 4, "{}");
-        assert!(mb.take().is_none());
+        assert!(take(&mb).is_none());
     }
 
     #[test]
@@ -198,9 +245,13 @@ mod tests {
         let hub = Hub::default();
         let mb = hub.mailbox();
         hub.subscribe(MEMBERS_TOPIC, &mb);
-        hub.publish("member:a", 1, "{}");
         hub.publish("member:b", 2, "{}");
-        assert_eq!(mb.take().map(|b| b.len()), Some(2));
+        hub.publish("member:a", 1, "{}");
+        let batch = take(&mb).expect("something pending");
+        assert_eq!(batch.len(), 2);
+        // Oldest change first, whatever order the topics were published in.
+        assert!(batch[0].as_str().contains(r#""topic":"member:a""#), "{:?}", batch[0]);
+        assert!(batch[1].as_str().contains(r#""topic":"member:b""#), "{:?}", batch[1]);
     }
 
     #[test]

@@ -21,8 +21,19 @@ struct ViewHead {
 }
 
 /// Position of a `view` message, read without building the whole view.
+///
+/// The server writes the head of every view message the same way (`live::view_frame`:
+/// `{"type":"view","topic":"…","position":N,"view":…}`), so the position is read from there
+/// without scanning the ~1.5 KiB view: with 10,000 clients on the same two cores as the server,
+/// that scan was a seventh of the clients' work per change. Anything else is parsed in full.
 fn position_of(text: &str) -> Option<u64> {
-    serde_json::from_str::<ViewHead>(text).ok().map(|head| head.position)
+    let head = text.strip_prefix(r#"{"type":"view","topic":""#).and_then(|rest| {
+        let (topic, after) = rest.split_once(r#"","position":"#)?;
+        let digits = after.find(|c: char| !c.is_ascii_digit()).map(|end| &after[..end])?;
+        // An escaped quote in the topic would end it early: leave such messages to the parser.
+        (!topic.contains('\\') && after[digits.len()..].starts_with(',')).then(|| digits.parse().ok())?
+    });
+    head.or_else(|| serde_json::from_str::<ViewHead>(text).ok().map(|head| head.position))
 }
 
 /// Socket settings of the load generator's clients. The library zero-fills its whole read buffer
@@ -209,4 +220,21 @@ pub async fn fanout(
         let _ = t.await;
     }
     Ok(Fanout { hist, clients, connected, missing, rss_per_connection_kib })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::position_of;
+    use server::live::view_frame;
+
+    #[test]
+    fn reads_the_position_the_server_wrote() {
+        for topic in ["member:m-1", "members", r#"member:odd"name"#] {
+            let frame = view_frame(topic, 4_211, r#"{"member_id":"m-1","position":7,"n":[1,2]}"#);
+            assert_eq!(position_of(frame.text.as_str()), Some(4_211), "{topic}");
+        }
+        // Another field order or spacing is parsed in full.
+        assert_eq!(position_of(r#"{"position": 9, "type": "view", "view": {}}"#), Some(9));
+        assert_eq!(position_of(r#"{"type":"error","code":"invalid_request","message":"x"}"#), None);
+    }
 }
