@@ -16,6 +16,7 @@ use axum::response::Response;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use std::collections::HashSet;
 use std::sync::Arc;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Per-socket buffers. Clients send only tiny subscribe messages and receive views of a few KiB;
 /// the library defaults (128 KiB each way) would cost far more memory per idle socket than the
@@ -50,7 +51,8 @@ where
     let mailbox = hub.mailbox();
     let mut topics = HashSet::new();
     let outbox = mailbox.clone();
-    let mut send = tokio::spawn(async move {
+    // Aborted when this function returns or is dropped: the send loop never outlives its socket.
+    let mut send = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut batch = Vec::new();
         loop {
             outbox.next_batch(&mut batch).await;
@@ -60,7 +62,7 @@ where
                 }
             }
         }
-    });
+    }));
     let receive = async {
         while let Some(Ok(message)) = stream.next().await {
             match message {
@@ -73,7 +75,7 @@ where
     };
     tokio::select! {
         _ = &mut send => {}
-        _ = receive => send.abort(),
+        _ = receive => {}
     }
     for topic in &topics {
         hub.unsubscribe(topic, &mailbox);
