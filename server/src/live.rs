@@ -43,6 +43,8 @@ struct Pending {
     /// Highest position sent per topic: anything at or below is stale.
     sent: HashMap<Topic, u64>,
     errors: Vec<Utf8Bytes>,
+    /// Scratch for ordering a batch's views (kept for its capacity).
+    order: Vec<Frame>,
 }
 
 /// Errors answer the client's own messages; a client flooding bad messages loses the oldest.
@@ -104,34 +106,16 @@ impl Mailbox {
         if p.views.is_empty() && p.errors.is_empty() {
             return false;
         }
-        let p = &mut *p;
-        out.append(&mut p.errors);
-        if p.views.len() == 1 {
-            // One topic (a member's portal page): nothing to order.
-            for (topic, frame) in p.views.drain() {
-                record_sent(&mut p.sent, topic, frame.position);
-                out.push(frame.text);
-            }
-            return true;
-        }
-        let mut views: Vec<Frame> = Vec::with_capacity(p.views.len());
-        for (topic, frame) in p.views.drain() {
-            record_sent(&mut p.sent, topic, frame.position);
-            views.push(frame);
+        let Pending { views, sent, errors, order } = &mut *p;
+        out.append(errors);
+        for (topic, frame) in views.drain() {
+            sent.insert(topic, frame.position);
+            order.push(frame);
         }
         // Several topics at once (the staff console's `members`): oldest change first.
-        views.sort_by_key(|frame| frame.position);
-        out.extend(views.into_iter().map(|frame| frame.text));
+        order.sort_by_key(|frame| frame.position);
+        out.extend(order.drain(..).map(|frame| frame.text));
         true
-    }
-}
-
-fn record_sent(sent: &mut HashMap<Topic, u64>, topic: Topic, position: u64) {
-    match sent.get_mut(&topic) {
-        Some(p) => *p = position,
-        None => {
-            sent.insert(topic, position);
-        }
     }
 }
 
@@ -152,14 +136,7 @@ impl Hub {
 
     pub fn subscribe(&self, topic: &str, mailbox: &Arc<Mailbox>) {
         if let Ok(mut topics) = self.topics.lock() {
-            match topics.get_mut(topic) {
-                Some(subs) => {
-                    subs.insert(mailbox.id, mailbox.clone());
-                }
-                None => {
-                    topics.insert(topic.into(), HashMap::from([(mailbox.id, mailbox.clone())]));
-                }
-            }
+            topics.entry(Topic::from(topic)).or_default().insert(mailbox.id, mailbox.clone());
         }
     }
 

@@ -27,13 +27,19 @@ struct ViewHead {
 /// without scanning the ~1.5 KiB view: with 10,000 clients on the same two cores as the server,
 /// that scan was a seventh of the clients' work per change. Anything else is parsed in full.
 fn position_of(text: &str) -> Option<u64> {
-    let head = text.strip_prefix(r#"{"type":"view","topic":""#).and_then(|rest| {
-        let (topic, after) = rest.split_once(r#"","position":"#)?;
-        let digits = after.find(|c: char| !c.is_ascii_digit()).map(|end| &after[..end])?;
-        // An escaped quote in the topic would end it early: leave such messages to the parser.
-        (!topic.contains('\\') && after[digits.len()..].starts_with(',')).then(|| digits.parse().ok())?
-    });
-    head.or_else(|| serde_json::from_str::<ViewHead>(text).ok().map(|head| head.position))
+    position_from_head(text).or_else(|| serde_json::from_str::<ViewHead>(text).ok().map(|head| head.position))
+}
+
+/// The position of a message shaped exactly as `live::view_frame` writes it, else `None`.
+fn position_from_head(text: &str) -> Option<u64> {
+    let rest = text.strip_prefix(r#"{"type":"view","topic":""#)?;
+    let (topic, after) = rest.split_once(r#"","position":"#)?;
+    let end = after.find(|c: char| !c.is_ascii_digit())?;
+    // An escaped quote in the topic would end it early: leave such messages to the parser.
+    if topic.contains('\\') || !after[end..].starts_with(',') {
+        return None;
+    }
+    after[..end].parse().ok()
 }
 
 /// Socket settings of the load generator's clients. The library zero-fills its whole read buffer
