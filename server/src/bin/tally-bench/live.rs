@@ -124,7 +124,7 @@ pub async fn freshness(
     let others: Arc<Vec<String>> = Arc::new(members[1..].to_vec());
     let make: load::MakeRequest = Arc::new(move |_, _| {
         let m = &others[rand::rng().random_range(0..others.len())];
-        (reqwest::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 1})))
+        (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 1})))
     });
     let background = tokio::spawn(load::paced(base.to_string(), 64, rate, make, stop.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,11 +1,24 @@
 //! HTTP load: N keep-alive connections, each sending requests back to back for a while.
+//!
+//! Each connection is a plain hyper HTTP/1.1 connection driven by the task that sends on it, so a
+//! request costs the load generator one task and no pool, URL parsing or hand-off between tasks.
+//! The load generator shares the server's two cores: whatever it spends is taken from the server
+//! under test (reqwest's pooled client cost about as much CPU per request as the server's view
+//! route did; see BENCHMARKS.md, seventh session of 2026-11-29).
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
 
 /// What one request is: (method, path, JSON body).
-pub type MakeRequest = Arc<dyn Fn(usize, u64) -> (reqwest::Method, String, Option<serde_json::Value>) + Send + Sync>;
+pub type MakeRequest = Arc<dyn Fn(usize, u64) -> (Method, String, Option<serde_json::Value>) + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct LoadResult {
@@ -30,6 +43,7 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
+/// A pooled client for the few requests outside the measured loops (seeding, status polls).
 pub fn client(connections: usize) -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
@@ -39,33 +53,98 @@ pub fn client(connections: usize) -> reqwest::Client {
         .expect("HTTP client")
 }
 
+/// One keep-alive HTTP/1.1 connection to `base` (`http://host:port`), reconnecting after an error.
+pub struct Conn {
+    authority: HeaderValue,
+    addr: String,
+    open: Option<Open>,
+}
+
+struct Open {
+    sender: http1::SendRequest<Full<Bytes>>,
+    /// The connection's I/O, polled by whoever sends (see [`Conn::exchange`]).
+    driver: http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+}
+
+/// Longest a request may take before it counts as failed (and its connection is dropped).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Conn {
+    pub fn new(base: &str) -> anyhow::Result<Conn> {
+        let addr = base.strip_prefix("http://").unwrap_or(base).trim_end_matches('/').to_string();
+        Ok(Conn { authority: HeaderValue::from_str(&addr)?, addr, open: None })
+    }
+
+    async fn connect(&mut self) -> anyhow::Result<&mut Open> {
+        if self.open.is_none() {
+            let stream = TcpStream::connect(&self.addr).await?;
+            stream.set_nodelay(true)?;
+            let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+            self.open = Some(Open { sender, driver });
+        }
+        self.open.as_mut().ok_or_else(|| anyhow::anyhow!("not connected"))
+    }
+
+    /// Send one request and read the whole answer: `Ok(true)` for a 2xx. Any failure drops the
+    /// connection, so the next request opens a new one.
+    pub async fn exchange(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<bool> {
+        let mut request = Request::builder().method(method).uri(path).header(HOST, self.authority.clone());
+        let body = match body {
+            Some(body) => {
+                request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Bytes::from(serde_json::to_vec(body)?)
+            }
+            None => Bytes::new(),
+        };
+        let request = request.body(Full::new(body))?;
+        let open = self.connect().await?;
+        let Open { sender, driver } = open;
+        let answer = async {
+            let response = sender.send_request(request).await?;
+            let ok = response.status().is_success();
+            response.into_body().collect().await?;
+            Ok::<bool, anyhow::Error>(ok)
+        };
+        // The request and the connection's I/O in one task: no wake-up of another task per request.
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            tokio::select! {
+                answer = answer => answer,
+                closed = driver => {
+                    closed?;
+                    Err(anyhow::anyhow!("the server closed the connection"))
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}")));
+        if outcome.is_err() {
+            self.open = None;
+        }
+        outcome
+    }
+}
+
 /// Run `connections` loops for `duration`; a non-2xx answer counts as an error (and as a request).
 pub async fn run(base: &str, connections: usize, duration: Duration, make: MakeRequest) -> LoadResult {
-    let client = client(connections);
     let started = Instant::now();
     let until = started + duration;
     let tasks: Vec<_> = (0..connections)
         .map(|worker| {
-            let client = client.clone();
             let make = make.clone();
-            let base = base.to_string();
+            let conn = Conn::new(base);
             tokio::spawn(async move {
                 let mut hist = histogram();
                 let (mut n, mut errors) = (0u64, 0u64);
+                let Ok(mut conn) = conn else { return (0, 1, hist) };
                 while Instant::now() < until {
                     let (method, path, body) = make(worker, n);
-                    let mut req = client.request(method, format!("{base}{path}"));
-                    if let Some(body) = body {
-                        req = req.json(&body);
-                    }
                     let sent = Instant::now();
-                    let ok = match req.send().await {
-                        Ok(resp) => {
-                            let ok = resp.status().is_success();
-                            ok && resp.bytes().await.is_ok()
-                        }
-                        Err(_) => false,
-                    };
+                    let ok = conn.exchange(method, &path, body.as_ref()).await.unwrap_or(false);
                     let _ = hist.record((sent.elapsed().as_micros() as u64).max(1));
                     n += 1;
                     if !ok {
@@ -96,13 +175,14 @@ pub async fn paced(
     make: MakeRequest,
     stop: tokio_util::sync::CancellationToken,
 ) -> (u64, f64) {
-    let client = client(connections);
     let started = Instant::now();
     let per_task = Duration::from_secs_f64(connections as f64 / rate.max(1.0));
     let tasks: Vec<_> = (0..connections)
         .map(|worker| {
-            let (client, make, base, stop) = (client.clone(), make.clone(), base.clone(), stop.clone());
+            let (make, stop) = (make.clone(), stop.clone());
+            let conn = Conn::new(&base);
             tokio::spawn(async move {
+                let Ok(mut conn) = conn else { return 0 };
                 let mut tick = tokio::time::interval(per_task);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut n = 0u64;
@@ -112,13 +192,7 @@ pub async fn paced(
                         _ = stop.cancelled() => return n,
                     }
                     let (method, path, body) = make(worker, n);
-                    let mut req = client.request(method, format!("{base}{path}"));
-                    if let Some(body) = body {
-                        req = req.json(&body);
-                    }
-                    if let Ok(resp) = req.send().await {
-                        let _ = resp.bytes().await;
-                    }
+                    let _ = conn.exchange(method, &path, body.as_ref()).await;
                     n += 1;
                 }
             })

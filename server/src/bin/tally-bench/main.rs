@@ -10,11 +10,11 @@ mod load;
 mod proc;
 
 use clap::{Args, Parser};
-use futures::StreamExt;
 use load::MakeRequest;
 use rand::Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -244,9 +244,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(move |worker, n| {
             let m = &members[(worker * 7919 + (n as usize / 2) * 64) % members.len()];
             if n % 2 == 0 {
-                (reqwest::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 10})))
+                (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 10})))
             } else {
-                (reqwest::Method::POST, format!("/api/members/{m}/points/redeem"), Some(json!({"points": 5})))
+                (hyper::Method::POST, format!("/api/members/{m}/points/redeem"), Some(json!({"points": 5})))
             }
         })
     };
@@ -398,29 +398,40 @@ async fn start_server(tally: &Path, db: &Path, work: &Path) -> anyhow::Result<Se
 }
 
 fn get_path(path: &'static str) -> MakeRequest {
-    Arc::new(move |_, _| (reqwest::Method::GET, path.to_string(), None))
+    Arc::new(move |_, _| (hyper::Method::GET, path.to_string(), None))
 }
 
 fn view_request(members: Arc<Vec<String>>) -> MakeRequest {
     Arc::new(move |_, _| {
         let m = &members[rand::rng().random_range(0..members.len())];
-        (reqwest::Method::GET, format!("/api/members/{m}"), None)
+        (hyper::Method::GET, format!("/api/members/{m}"), None)
     })
 }
 
-/// POST every body, `connections` at a time; returns how many were accepted (2xx).
+/// POST every body over `connections` connections; returns how many were accepted (2xx).
 async fn send_all(base: &str, connections: usize, requests: impl Iterator<Item = (String, Value)>) -> usize {
-    let client = load::client(connections);
-    futures::stream::iter(requests)
-        .map(|(path, body)| {
-            let client = client.clone();
-            let url = format!("{base}{path}");
-            async move { client.post(url).json(&body).send().await.is_ok_and(|r| r.status().is_success()) }
+    let requests: Arc<Vec<(String, Value)>> = Arc::new(requests.collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (requests, next, conn) = (requests.clone(), next.clone(), load::Conn::new(base));
+            tokio::spawn(async move {
+                let Ok(mut conn) = conn else { return 0 };
+                let mut accepted = 0;
+                while let Some((path, body)) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if conn.exchange(hyper::Method::POST, path, Some(body)).await.unwrap_or(false) {
+                        accepted += 1;
+                    }
+                }
+                accepted
+            })
         })
-        .buffer_unordered(connections)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await
+        .collect();
+    let mut accepted = 0;
+    for worker in workers {
+        accepted += worker.await.unwrap_or(0);
+    }
+    accepted
 }
 
 /// Wait until every consumer has caught up; returns the head.
@@ -492,7 +503,7 @@ async fn composition(
         let members = members.clone();
         let request: MakeRequest = Arc::new(move |_, _| {
             let m = &members[rand::rng().random_range(0..members.len())];
-            (reqwest::Method::GET, format!("/members/{m}"), None)
+            (hyper::Method::GET, format!("/members/{m}"), None)
         });
         let composed = load::run(&gateway.base, args.connections, secs, request.clone()).await;
         let (view, cpu, rss) = if latency == 0 {
