@@ -438,7 +438,7 @@ async fn an_event_the_projections_cannot_read_is_reported_and_never_skipped() {
         "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at) \
          VALUES ('member-broken', 1, 'MemberEnrolled', 1, '{}', '{}', '2026-01-01T00:00:00Z')",
     )
-    .execute(&app.state.store.write)
+    .execute(&mut *app.state.store.write.acquire().await.expect("write connection"))
     .await
     .expect("insert an unreadable event");
     let earned = app.earn("m1", 100).await;

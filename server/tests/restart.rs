@@ -187,11 +187,13 @@ async fn views_ahead_of_the_log_are_rebuilt_from_it_at_start() {
     let changed = sqlx::query(
         "UPDATE membership_view SET view = replace(view, '\"points_balance\":250', '\"points_balance\":9250')",
     )
-    .execute(&store.views)
+    .execute(&mut *store.views.acquire().await.expect("views connection"))
     .await
     .expect("update view");
     assert_eq!(changed.rows_affected(), 1);
-    sqlx::query("UPDATE checkpoints SET position = $1").bind(head + 3).execute(&store.views).await.expect("move");
+    let mut views = store.views.acquire().await.expect("views connection");
+    sqlx::query("UPDATE checkpoints SET position = $1").bind(head + 3).execute(&mut *views).await.expect("move");
+    drop(views);
     store.write.close().await;
     store.views.close().await;
     store.read.close().await;

@@ -210,6 +210,7 @@ async fn commit_batch(
         Ok(results) => results,
         Err(err) => {
             cache.clear();
+            store.write.reset().await;
             tracing::warn!(error = %err, size = jobs.len(), "group commit failed; retrying its commands one by one");
             let mut results = Vec::with_capacity(jobs.len());
             for envelope in &envelopes {
@@ -217,6 +218,7 @@ async fn commit_batch(
                     Ok(mut alone) => alone.pop().unwrap_or(Err(CommandError::Unavailable)),
                     Err(err) => {
                         cache.clear();
+                        store.write.reset().await;
                         // Another writer took the stream version first: the client may retry.
                         if store::is_unique_violation(&err) {
                             Err(CommandError::VersionConflict { expected: -1, actual: -1 })

@@ -14,10 +14,10 @@ mod row_cache;
 
 use crate::clock;
 use crate::fanout::ViewFeed;
-use crate::store::{Store, StoredEvent};
+use crate::store::{Store, StoredEvent, Writes};
 use app::views::ConsumerStatus;
 use async_trait::async_trait;
-use sqlx::{AnyConnection, AnyPool, Row};
+use sqlx::{AnyConnection, Row};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -312,7 +312,7 @@ enum Work<'e> {
 struct Runner {
     store: Store,
     /// Where this group's effects and checkpoints are written.
-    pool: AnyPool,
+    pool: Writes,
     members: Vec<Member>,
     head: Arc<watch::Sender<i64>>,
     feed: Arc<ViewFeed>,
@@ -516,6 +516,7 @@ impl Runner {
             Err(err) => {
                 // Whatever the batch kept in memory may not have committed.
                 self.forget();
+                self.pool.reset().await;
                 let message = format!("{err:#}");
                 match failing {
                     Some(i) => self.fail(i, &message).await,
@@ -558,13 +559,13 @@ impl Runner {
 
 /// Make sure the consumer's row exists in `pool`, where its group commits (it is locked for every
 /// batch), and read it.
-async fn init_checkpoint(store: &Store, pool: &AnyPool, name: &str) -> Result<i64, sqlx::Error> {
+async fn init_checkpoint(store: &Store, pool: &Writes, name: &str) -> Result<i64, sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkpoints (name, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING",
     )
     .bind(name)
     .bind(clock::now())
-    .execute(pool)
+    .execute(&mut *pool.acquire().await?)
     .await?;
     load_checkpoint(store, name).await
 }
@@ -606,12 +607,12 @@ pub async fn save_checkpoint(conn: &mut AnyConnection, name: &str, position: i64
     Ok(())
 }
 
-async fn record_error(pool: &AnyPool, name: &str, message: &str) -> Result<(), sqlx::Error> {
+async fn record_error(pool: &Writes, name: &str, message: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE checkpoints SET updated_at = $2, last_error = $3 WHERE name = $1")
         .bind(name)
         .bind(clock::now())
         .bind(message)
-        .execute(pool)
+        .execute(&mut *pool.acquire().await?)
         .await?;
     Ok(())
 }

@@ -7,15 +7,18 @@
 //! Three pools: `write` for what changes the event store (commands, the loyalty policy), `views`
 //! for the projections' views and checkpoints, `read` for queries. On SQLite the views are in a
 //! file of their own (see `views_file`), and each write pool has one connection: SQLite has one
-//! writer per file anyway, and queueing in the pool instead of on the file lock means no
-//! `SQLITE_BUSY`, and positions commit in order. On PostgreSQL `views` is `write`.
+//! writer per file anyway, and queueing for that connection instead of on the file lock means no
+//! `SQLITE_BUSY`, and positions commit in order. That connection is kept out of its pool and lent
+//! in turn (see `writes`). On PostgreSQL `views` is `write`.
 
 mod append;
 pub mod checkpointer;
 mod recent;
+mod writes;
 
 pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
 use recent::RecentEvents;
+pub use writes::{WriteConn, Writes};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -32,10 +35,10 @@ pub enum Backend {
 
 #[derive(Clone)]
 pub struct Store {
-    pub write: AnyPool,
+    pub write: Writes,
     /// Where the projections write their views and checkpoints: on SQLite a file (and a write
     /// connection) of their own, on PostgreSQL the same pool as `write`.
-    pub views: AnyPool,
+    pub views: Writes,
     pub read: AnyPool,
     pub backend: Backend,
     /// Commands are on disk before they are answered (on SQLite the command writer's flusher
@@ -193,6 +196,11 @@ impl Store {
             Backend::Postgres => false,
         };
         let recent = (backend == Backend::Sqlite).then(Default::default);
+        let (write, views) = match backend {
+            // Each SQLite file's one write connection is lent rather than pooled (see `writes`).
+            Backend::Sqlite => (Writes::new(write, true), Writes::new(views, true)),
+            Backend::Postgres => (Writes::new(write, false), Writes::new(views, false)),
+        };
         Ok(Store { write, views, read, backend, durable, sqlite_path, wal, recent })
     }
 
@@ -260,7 +268,7 @@ impl Store {
         let cutoff = crate::clock::rfc3339(chrono::Utc::now() - keep);
         let done = sqlx::query("DELETE FROM idempotency_keys WHERE scope = 'api' AND created_at < $1")
             .bind(cutoff)
-            .execute(&self.write)
+            .execute(&mut *self.write.acquire().await?)
             .await?;
         Ok(done.rows_affected())
     }
