@@ -21,6 +21,7 @@ use anyhow::Context;
 use app::{shell, App};
 use axum::extract::FromRef;
 use axum::response::IntoResponse;
+use axum::serve::ListenerExt;
 use axum::Router;
 use config::ServeArgs;
 use leptos::prelude::*;
@@ -180,7 +181,14 @@ impl Tally {
     pub async fn serve(self) -> anyhow::Result<()> {
         let token = self.shutdown.clone();
         tracing::info!(addr = %self.listener.local_addr()?, "tally listening");
-        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+        // No Nagle delay: a live view pushed right after another would otherwise wait for the
+        // client's acknowledgement of the first.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await
             .context("serving HTTP")?;
