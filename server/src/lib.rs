@@ -104,9 +104,6 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         feed.clone(),
         Duration::from_millis(args.poll_ms.max(10)),
     );
-    if let Some(views) = store.views_path() {
-        store::checkpointer::start(views, shutdown.clone());
-    }
     let mut tasks = vec![writer, tokio::spawn(prune_keys(store.clone(), shutdown.clone()))];
     match store.backend {
         // One node: run the consumers here, now.

@@ -51,6 +51,8 @@ pub struct Store {
     /// SQLite: the newest appended events, for the consumers (see `recent`). PostgreSQL has
     /// other nodes appending, so its consumers always read the table.
     recent: Option<Arc<RecentEvents>>,
+    /// SQLite: stops the files' checkpointer threads once the last clone of the store is gone.
+    _checkpointers: Option<Arc<tokio_util::sync::DropGuard>>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -135,9 +137,7 @@ impl Store {
         let views_path = sqlite_path.as_deref().map(views_file);
         let synchronous = if durable { "FULL" } else { "NORMAL" };
         // `attach`: the views' file, for connections that read both (see `views_file`).
-        // `checkpoints`: whether commits copy the log into the file (not the views', see
-        // `checkpointer`).
-        let options = |max: u32, attach: Option<String>, checkpoints: bool| {
+        let options = |max: u32, attach: Option<String>| {
             AnyPoolOptions::new().max_connections(max).acquire_timeout(Duration::from_secs(30)).after_connect(
                 move |conn, _meta| {
                     let attach = attach.clone();
@@ -154,9 +154,9 @@ impl Store {
                             // per page a statement changed was a fifth of the write connection's
                             // system calls.
                             conn.execute("PRAGMA temp_store = MEMORY").await?;
-                            if !checkpoints {
-                                conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                            }
+                            // No commit copies its log into the file: threads of their own do
+                            // (see `checkpointer`).
+                            conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                             if let Some(path) = attach {
                                 sqlx::query("ATTACH DATABASE $1 AS views").bind(path).execute(&mut *conn).await?;
                             }
@@ -173,19 +173,19 @@ impl Store {
             Backend::Sqlite => 1,
             Backend::Postgres => sizes.write.max(2),
         };
-        let write = connect(options(write_size, None, true), url.clone()).await?;
+        let write = connect(options(write_size, None), url.clone()).await?;
         migrate(&write, backend).await?;
         let views = match &views_path {
             Some(path) => {
                 let url = format!("sqlite://{}?mode=rwc", path.display());
-                let views = connect(options(1, None, false), url).await?;
+                let views = connect(options(1, None), url).await?;
                 sqlx::migrate!("./migrations/sqlite-views").run(&views).await.context("running view migrations")?;
                 views
             }
             None => write.clone(),
         };
         let attach = views_path.as_ref().map(|p| p.display().to_string());
-        let read = connect(options(sizes.read.max(1), attach, true), url.clone()).await?;
+        let read = connect(options(sizes.read.max(1), attach), url.clone()).await?;
         // A file system may refuse WAL mode (SQLite then keeps a rollback journal); only a
         // write-ahead log can be made durable after the commit (see `flush_behind`).
         let wal = match backend {
@@ -201,7 +201,17 @@ impl Store {
             Backend::Sqlite => (Writes::new(write, true), Writes::new(views, true)),
             Backend::Postgres => (Writes::new(write, false), Writes::new(views, false)),
         };
-        Ok(Store { write, views, read, backend, durable, sqlite_path, wal, recent })
+        // Both files are copied out of their logs by threads of their own, not inside commits.
+        let checkpointers = match (&sqlite_path, &views_path) {
+            (Some(events), Some(views)) => {
+                let stop = tokio_util::sync::CancellationToken::new();
+                checkpointer::start(events.clone(), "events", stop.clone());
+                checkpointer::start(views.clone(), "views", stop.clone());
+                Some(Arc::new(stop.drop_guard()))
+            }
+            _ => None,
+        };
+        Ok(Store { write, views, read, backend, durable, sqlite_path, wal, recent, _checkpointers: checkpointers })
     }
 
     /// SQLite: the views' own file, next to the database (see `views_file`).
