@@ -257,17 +257,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             id: "P3",
             measure: format!("durable commands over HTTP (earn/redeem 1:1), {} connections", args.connections),
             result: format!(
-                "{:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                "{:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}",
                 cmds.rps(),
                 cmds.ms(0.5),
                 cmds.ms(0.99),
+                cmds.ms(0.999),
+                cmds.ms(1.0),
                 cmds.errors
             ),
             target: "≥ 25,000/s, p99 ≤ 10 ms",
             met: Some(cmds.rps() >= 25_000.0 && cmds.ms(0.99) <= 10.0),
             server_cpu_percent: Some(cpu),
             server_rss_mib: Some(rss),
-            figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99), "errors": cmds.errors}),
+            // The tail beyond p99 too: a stall of the one writer (a checkpoint waiting for it, a
+            // slow sync) is short and rare, so p99 alone can hide it.
+            figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99),
+                "p999_ms": cmds.ms(0.999), "max_ms": cmds.ms(1.0), "errors": cmds.errors}),
         });
         wait_caught_up(server.base()).await?;
     }
