@@ -180,9 +180,9 @@ impl Store {
                 let url = format!("sqlite://{}?mode=rwc", path.display());
                 let views = connect(options(1, None), url).await?;
                 sqlx::migrate!("./migrations/sqlite-views").run(&views).await.context("running view migrations")?;
-                views
+                Some(views)
             }
-            None => write.clone(),
+            None => None,
         };
         let attach = views_path.as_ref().map(|p| p.display().to_string());
         let read = connect(options(sizes.read.max(1), attach), url.clone()).await?;
@@ -196,10 +196,14 @@ impl Store {
             Backend::Postgres => false,
         };
         let recent = (backend == Backend::Sqlite).then(Default::default);
-        let (write, views) = match backend {
-            // Each SQLite file's one write connection is lent rather than pooled (see `writes`).
-            Backend::Sqlite => (Writes::new(write, true), Writes::new(views, true)),
-            Backend::Postgres => (Writes::new(write, false), Writes::new(views, false)),
+        // Each SQLite file's one write connection is lent rather than pooled (see `writes`).
+        // Without a views file the views are written through the very same `Writes`, so there is
+        // still one lender for the one connection.
+        let lent = backend == Backend::Sqlite;
+        let write = Writes::new(write, lent);
+        let views = match views {
+            Some(pool) => Writes::new(pool, lent),
+            None => write.clone(),
         };
         // Both files are copied out of their logs by threads of their own, not inside commits.
         let checkpointers = match (&sqlite_path, &views_path) {
