@@ -4,10 +4,12 @@
 mod common;
 
 use app::domain::transaction::{Channel, Purchase};
+use futures::FutureExt;
 use server::commands::{
-    execute_batch, Answer, Command, CommandError, Envelope, Idempotency, MemberAction, Meta, StateCache,
+    execute_batch, Answer, BatchIo, Command, CommandError, Envelope, Executed, Idempotency, MemberAction, Meta,
+    StateCache,
 };
-use server::store::{PoolSizes, Store, StoredEvent};
+use server::store::{NewEvent, PoolSizes, Store, StoredEvent};
 use sqlx::Row;
 
 fn member(id: &str, action: MemberAction) -> Envelope {
@@ -52,14 +54,24 @@ async fn open() -> (Store, std::sync::Arc<tempfile::TempDir>) {
     (store, dir)
 }
 
-/// One batch in one transaction, committed.
+/// One batch in one transaction, committed, the way the command writer runs it: on a SQLite
+/// file's native connection, else through sqlx.
 async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) -> Vec<Result<Answer, CommandError>> {
+    const NOW: &str = "2026-11-23T10:00:00Z";
     let mut conn = store.write.acquire().await.expect("connection");
-    let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
     let refs: Vec<&Envelope> = envelopes.iter().collect();
     let head = store.head().await.expect("head");
-    let executed = execute_batch(&mut tx, &refs, "2026-11-23T10:00:00Z", Some(cache)).await.expect("batch");
-    tx.commit().await.expect("commit");
+    let executed: Executed = match &store.native {
+        Some(native) => native
+            .run(|tx| execute_batch(tx, &refs, NOW, Some(cache)).now_or_never().expect("a native batch never waits"))
+            .expect("batch"),
+        None => {
+            let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
+            let executed = execute_batch(&mut *tx, &refs, NOW, Some(cache)).await.expect("batch");
+            tx.commit().await.expect("commit");
+            executed
+        }
+    };
     // What the batch reports appending is what the log holds (the consumers take it from memory).
     let stored = store.read_all(head, 10_000).await.expect("read back");
     let as_json = |events: &[StoredEvent]| serde_json::to_value(events).expect("json");
@@ -209,4 +221,35 @@ async fn states_cached_by_the_writer_follow_events_appended_by_others() {
     let answers = batch(&store, &mut cache, &[earn("m1", 2)]).await;
     let body: serde_json::Value = serde_json::from_str(&answers[0].as_ref().expect("earn").body).expect("json");
     assert_eq!(body["version"], 5);
+}
+
+#[tokio::test]
+async fn a_native_batch_that_fails_leaves_nothing_and_names_the_clash() {
+    // Always a SQLite file: only SQLite has the native connection.
+    let dir = tempfile::tempdir().expect("dir");
+    let url = dir.path().join("native.db").display().to_string();
+    let store = Store::open(&url, &PoolSizes { read: 2, write: 2 }, true).await.expect("store");
+    let native = store.native.clone().expect("a SQLite file has a native connection");
+    let mut cache = StateCache::default();
+    batch(&store, &mut cache, &[enroll("m1", "ada@example.com")]).await;
+
+    let event = |version: i64| NewEvent {
+        stream_id: "member-m1".into(),
+        stream_version: version,
+        event_type: "PointsEarned",
+        schema_version: 1,
+        data: serde_json::json!({"points": 1}),
+        metadata: serde_json::json!({}),
+    };
+    // Version 2 is free, version 1 is taken: the second insert fails after the first succeeded.
+    let failed =
+        native.run(|tx| tx.append(vec![event(2), event(1)], "2026-11-23T10:00:00Z").now_or_never().expect("no wait"));
+    let err = failed.expect_err("a taken stream version must fail the batch");
+    assert!(server::store::is_unique_violation(&err), "not reported as a unique violation: {err}");
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM events").await, 1, "part of a failed batch was kept");
+
+    // The connection is sound afterwards: the next batch commits.
+    let answers = batch(&store, &mut cache, &[earn("m1", 3)]).await;
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM events").await, 2);
 }

@@ -11,14 +11,13 @@
 //! appended between the catch-up and the insert). An `Err` means the transaction must be rolled
 //! back and the cache cleared: nothing of the batch stands.
 
-use super::{Answer, Command, CommandError, Envelope, MemberAction};
-use crate::store::{self, NewEvent, StoredEvent, EVENT_COLUMNS};
+use super::{Answer, BatchIo, Command, CommandError, Envelope, MemberAction};
+use crate::store::{NewEvent, StoredEvent};
 use app::domain::member::{points_earned, Member, MemberAggregate, MemberCommand, MemberEvent};
 use app::domain::transaction::{Transaction, TransactionAggregate, TransactionCommand};
 use app::domain::validate::email_key;
 use app::domain::Aggregate;
 use serde_json::json;
-use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
 use tokio::sync::watch;
 
@@ -95,7 +94,7 @@ impl StateCache {
     }
 
     /// Bring every cached state up to the head of the log.
-    async fn catch_up(&mut self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    async fn catch_up(&mut self, conn: &mut (impl BatchIo + ?Sized)) -> Result<(), sqlx::Error> {
         let seen = self.seen.filter(|_| !self.members.is_empty());
         if let (Some(seen), Some(head)) = (seen, &self.local_head) {
             if *head.borrow() <= seen {
@@ -104,19 +103,16 @@ impl StateCache {
         }
         let Some(seen) = seen else {
             self.members.clear();
-            let row =
-                sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events").fetch_one(&mut *conn).await?;
-            self.seen = Some(row.try_get("head")?);
+            self.seen = Some(conn.head().await?);
             return Ok(());
         };
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
-        let rows = sqlx::query(&sql).bind(seen).bind(CATCH_UP_LIMIT).fetch_all(&mut *conn).await?;
-        if rows.len() as i64 >= CATCH_UP_LIMIT {
-            self.seen = None;
-            return Box::pin(self.catch_up(conn)).await;
+        let events = conn.events_after(seen, CATCH_UP_LIMIT).await?;
+        if events.len() as i64 >= CATCH_UP_LIMIT {
+            self.members.clear();
+            self.seen = Some(conn.head().await?);
+            return Ok(());
         }
-        for row in &rows {
-            let event = StoredEvent::from_row(row)?;
+        for event in events {
             self.seen = Some(event.position);
             let Some(folded) = self.members.get_mut(&event.stream_id) else { continue };
             // A gap or an unreadable event: drop the entry; the stream is loaded when next needed.
@@ -182,7 +178,7 @@ pub struct Executed {
 /// `cache` kept between batches (the command writer's), known members are not read again;
 /// without one, every stream is read for this batch only.
 pub async fn execute_batch(
-    conn: &mut AnyConnection,
+    conn: &mut (impl BatchIo + ?Sized),
     envelopes: &[&Envelope],
     now: &str,
     cache: Option<&mut StateCache>,
@@ -211,7 +207,7 @@ pub async fn execute_batch(
     }
     wanted.sort();
     wanted.dedup();
-    let mut loaded = store::load_streams(conn, &wanted.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    let mut loaded = conn.load_streams(&wanted.iter().map(String::as_str).collect::<Vec<_>>()).await?;
     let mut purchases: HashMap<String, Folded<Transaction>> = HashMap::new();
     let mut unreadable: HashMap<String, serde_json::Error> = HashMap::new();
     for stream in wanted {
@@ -299,9 +295,9 @@ pub async fn execute_batch(
     }
 
     // Write: events, then email reservations, then the answers under their keys.
-    let appended = store::append(conn, rows, now).await?;
+    let appended = conn.append(rows, now).await?;
     for reservation in &reservations {
-        reservation.write(conn).await?;
+        conn.write_reservation(reservation).await?;
     }
     let position_of = |at: At| match at {
         At::Known(p) => p,
@@ -340,7 +336,7 @@ pub async fn execute_batch(
             _ => None,
         })
         .collect();
-    save_idempotency_keys(conn, &records, now).await?;
+    conn.save_idempotency_keys(&records, now).await?;
 
     // The cached states now know where their events landed.
     for (stream, row) in last_row {
@@ -504,37 +500,13 @@ fn member_command(member_id: &str, action: &MemberAction, now: &str, email_owner
 }
 
 /// A change to the one-member-per-email reservations, written with the events.
-enum Reservation {
+pub enum Reservation {
     Take { key: String, member_id: String },
     Release { key: String, member_id: String },
 }
 
-impl Reservation {
-    async fn write(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        match self {
-            // Decided against the reservations read under the append lock, so this cannot clash;
-            // the primary key still guards it (a clash fails the batch, which is then retried).
-            Reservation::Take { key, member_id } => {
-                sqlx::query("INSERT INTO email_reservations (email, member_id) VALUES ($1, $2)")
-                    .bind(key)
-                    .bind(member_id)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            Reservation::Release { key, member_id } => {
-                sqlx::query("DELETE FROM email_reservations WHERE email = $1 AND member_id = $2")
-                    .bind(key)
-                    .bind(member_id)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-}
-
 async fn load_email_owners(
-    conn: &mut AnyConnection,
+    conn: &mut (impl BatchIo + ?Sized),
     envelopes: &[&Envelope],
 ) -> Result<HashMap<String, Option<String>>, sqlx::Error> {
     let mut keys: Vec<String> = envelopes
@@ -551,18 +523,17 @@ async fn load_email_owners(
     keys.dedup();
     let mut owners: HashMap<String, Option<String>> = keys.iter().map(|k| (k.clone(), None)).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let sql = "SELECT email, member_id FROM email_reservations WHERE email IN ({})";
-    for row in store::select_in(conn, sql, &[], &keys).await? {
-        owners.insert(row.try_get("email")?, Some(row.try_get("member_id")?));
+    for (email, member_id) in conn.email_owners(&keys).await? {
+        owners.insert(email, Some(member_id));
     }
     Ok(owners)
 }
 
 /// A stored idempotency key's first answer.
-struct StoredKey {
-    request: String,
-    status: u16,
-    response: String,
+pub struct StoredKey {
+    pub(super) request: String,
+    pub(super) status: u16,
+    pub(super) response: String,
 }
 
 impl StoredKey {
@@ -573,7 +544,7 @@ impl StoredKey {
 }
 
 async fn load_idempotency_keys(
-    conn: &mut AnyConnection,
+    conn: &mut (impl BatchIo + ?Sized),
     envelopes: &[&Envelope],
 ) -> Result<HashMap<(String, String), StoredKey>, sqlx::Error> {
     let mut by_scope: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -581,43 +552,10 @@ async fn load_idempotency_keys(
         by_scope.entry(idem.scope.as_str()).or_default().push(idem.key.as_str());
     }
     let mut found = HashMap::new();
-    let sql = "SELECT key, request, status, response FROM idempotency_keys WHERE scope = $1 AND key IN ({})";
     for (scope, keys) in by_scope {
-        for row in store::select_in(conn, sql, &[scope], &keys).await? {
-            let stored = StoredKey {
-                request: row.try_get("request")?,
-                status: row.try_get::<i64, _>("status")? as u16,
-                response: row.try_get("response")?,
-            };
-            found.insert((scope.to_string(), row.try_get("key")?), stored);
+        for (key, stored) in conn.idempotency_keys(scope, &keys).await? {
+            found.insert((scope.to_string(), key), stored);
         }
     }
     Ok(found)
-}
-
-async fn save_idempotency_keys(
-    conn: &mut AnyConnection,
-    records: &[(&Envelope, &Answer)],
-    now: &str,
-) -> Result<(), sqlx::Error> {
-    for chunk in records.chunks(store::MAX_PARAMS / 6) {
-        let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 6 + 1, 6))).collect::<Vec<_>>();
-        let sql = format!(
-            "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES {}",
-            values.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (envelope, answer) in chunk {
-            let Some(idem) = &envelope.idempotency else { continue };
-            query = query
-                .bind(&idem.scope)
-                .bind(&idem.key)
-                .bind(&idem.request)
-                .bind(answer.status as i64)
-                .bind(&answer.body)
-                .bind(now);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
 }

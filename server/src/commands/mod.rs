@@ -8,9 +8,11 @@
 
 mod batch;
 mod flush;
+mod io;
 
 pub use batch::{execute_batch, member_stream, Executed, Folded, StateCache};
 pub use flush::Flusher;
+pub use io::BatchIo;
 
 use crate::clock;
 use crate::store::{self, Store};
@@ -18,6 +20,7 @@ use app::domain::member::MemberError;
 use app::domain::transaction::{Purchase, TransactionError};
 use app::domain::Aggregate;
 use flush::Reply;
+use futures::FutureExt;
 use sqlx::AnyConnection;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -267,8 +270,19 @@ async fn try_commit(
     cache: &mut StateCache,
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
     let mut conn = store.write.acquire().await?;
+    if let Some(native) = &store.native {
+        // SQLite with a file: the whole batch on the native connection, in one go, while the
+        // lock on the write connection is held (see `store::native`).
+        let executed = native.run(|tx| {
+            execute_batch(tx, envelopes, now, Some(cache))
+                .now_or_never()
+                .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))
+        })?;
+        store.committed(executed.appended);
+        return Ok(executed.answers);
+    }
     let mut tx = store.begin_commands(&mut conn).await?;
-    let executed = execute_batch(&mut tx, envelopes, now, Some(cache)).await?;
+    let executed = execute_batch(&mut *tx, envelopes, now, Some(cache)).await?;
     crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&executed.answers)).await?;
     tx.commit().await?;
     // Before the write connection goes back, so the tail gets the events in position order.

@@ -117,7 +117,7 @@ async fn earn(
         meta: meta.clone(),
     };
     // A batch of one, inside the runner's transaction; no cached states (the writer's are its own).
-    let mut executed = commands::execute_batch(conn, &[&envelope], now, None).await?;
+    let mut executed = commands::execute_batch(&mut *conn, &[&envelope], now, None).await?;
     effects.appended.append(&mut executed.appended);
     match executed.answers.pop().unwrap_or(Err(CommandError::Unavailable)) {
         Ok(answer) => {

@@ -55,7 +55,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// The event as stored, once appended at `position`.
-    fn stored(self, position: i64, recorded_at: &str) -> StoredEvent {
+    pub fn stored(self, position: i64, recorded_at: &str) -> StoredEvent {
         StoredEvent {
             position,
             stream_id: self.stream_id,

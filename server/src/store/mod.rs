@@ -10,13 +10,19 @@
 //! writer per file anyway, and queueing for that connection instead of on the file lock means no
 //! `SQLITE_BUSY`, and positions commit in order. That connection is kept out of its pool and lent
 //! in turn (see `writes`). On PostgreSQL `views` is `write`.
+//!
+//! The command writer does not write through sqlx on a SQLite file: while it holds `write`'s
+//! lock it runs its whole batch on a native connection of its own (see `native`), so the file
+//! still has one writer at a time.
 
 mod append;
 pub mod checkpointer;
+mod native;
 mod recent;
 mod writes;
 
 pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
+pub use native::{Native, NativeTx};
 use recent::RecentEvents;
 pub use writes::{WriteConn, Writes};
 
@@ -51,6 +57,9 @@ pub struct Store {
     /// SQLite: the newest appended events, for the consumers (see `recent`). PostgreSQL has
     /// other nodes appending, so its consumers always read the table.
     recent: Option<Arc<RecentEvents>>,
+    /// SQLite with a file: the command writer's own connection to the event store, used only
+    /// while holding `write` (see `native`).
+    pub native: Option<Native>,
     /// SQLite: stops the files' checkpointer threads once the last clone of the store is gone.
     _checkpointers: Option<Arc<tokio_util::sync::DropGuard>>,
 }
@@ -196,6 +205,16 @@ impl Store {
             Backend::Postgres => false,
         };
         let recent = (backend == Backend::Sqlite).then(Default::default);
+        let native = match &sqlite_path {
+            Some(path) => {
+                // As `begin_commands` sets it: with the log synced by the flusher, NORMAL.
+                let synchronous = if durable && !wal { "FULL" } else { "NORMAL" };
+                let native = Native::open(path, synchronous)
+                    .with_context(|| format!("cannot open {} for the command writer", path.display()))?;
+                Some(native)
+            }
+            None => None,
+        };
         // Each SQLite file's one write connection is lent rather than pooled (see `writes`).
         // Without a views file the views are written through the very same `Writes`, so there is
         // still one lender for the one connection.
@@ -215,7 +234,18 @@ impl Store {
             }
             _ => None,
         };
-        Ok(Store { write, views, read, backend, durable, sqlite_path, wal, recent, _checkpointers: checkpointers })
+        Ok(Store {
+            write,
+            views,
+            read,
+            backend,
+            durable,
+            sqlite_path,
+            wal,
+            recent,
+            native,
+            _checkpointers: checkpointers,
+        })
     }
 
     /// SQLite: the views' own file, next to the database (see `views_file`).
