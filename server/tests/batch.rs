@@ -62,9 +62,19 @@ async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) ->
     let refs: Vec<&Envelope> = envelopes.iter().collect();
     let head = store.head().await.expect("head");
     let executed: Executed = match &store.native {
-        Some(native) => native
-            .run(|tx| execute_batch(tx, &refs, NOW, Some(cache)).now_or_never().expect("a native batch never waits"))
-            .expect("batch"),
+        Some(native) => {
+            let (owned, mut states) = (envelopes.to_vec(), std::mem::take(cache));
+            let (executed, states) = native
+                .run(move |tx| {
+                    let refs: Vec<&Envelope> = owned.iter().collect();
+                    let executed = execute_batch(tx, &refs, NOW, Some(&mut states)).now_or_never().expect("no wait")?;
+                    Ok((executed, states))
+                })
+                .await
+                .expect("batch");
+            *cache = states;
+            executed
+        }
         None => {
             let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
             let executed = execute_batch(&mut *tx, &refs, NOW, Some(cache)).await.expect("batch");
@@ -242,8 +252,8 @@ async fn a_native_batch_that_fails_leaves_nothing_and_names_the_clash() {
         metadata: serde_json::json!({}),
     };
     // Version 2 is free, version 1 is taken: the second insert fails after the first succeeded.
-    let failed =
-        native.run(|tx| tx.append(vec![event(2), event(1)], "2026-11-23T10:00:00Z").now_or_never().expect("no wait"));
+    let events = vec![event(2), event(1)];
+    let failed = native.run(move |tx| tx.append(events, "2026-11-23T10:00:00Z").now_or_never().expect("no wait")).await;
     let err = failed.expect_err("a taken stream version must fail the batch");
     assert!(server::store::is_unique_violation(&err), "not reported as a unique violation: {err}");
     assert_eq!(count(&store, "SELECT COUNT(*) FROM events").await, 1, "part of a failed batch was kept");

@@ -271,13 +271,22 @@ async fn try_commit(
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
     let mut conn = store.write.acquire().await?;
     if let Some(native) = &store.native {
-        // SQLite with a file: the whole batch on the native connection, in one go, while the
-        // lock on the write connection is held (see `store::native`).
-        let executed = native.run(|tx| {
-            execute_batch(tx, envelopes, now, Some(cache))
-                .now_or_never()
-                .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))
-        })?;
+        // SQLite with a file: the whole batch on the native connection's thread, in one go, while
+        // the lock on the write connection is held (see `store::native`). The cached states go
+        // with it and come back committed; after an error the cache stays cleared.
+        let owned: Vec<Envelope> = envelopes.iter().map(|e| (*e).clone()).collect();
+        let mut states = std::mem::replace(cache, cache.emptied());
+        let now = now.to_string();
+        let (executed, states) = native
+            .run(move |tx| {
+                let refs: Vec<&Envelope> = owned.iter().collect();
+                let executed = execute_batch(tx, &refs, &now, Some(&mut states))
+                    .now_or_never()
+                    .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))?;
+                Ok((executed, states))
+            })
+            .await?;
+        *cache = states;
         store.committed(executed.appended);
         return Ok(executed.answers);
     }
