@@ -6,8 +6,8 @@ mod common;
 use app::domain::transaction::{Channel, Purchase};
 use futures::FutureExt;
 use server::commands::{
-    execute_batch, Answer, BatchIo, Command, CommandError, Envelope, Executed, Idempotency, MemberAction, Meta,
-    StateCache,
+    execute_batch, execute_native, Answer, BatchIo, Command, CommandError, Envelope, Executed, Idempotency,
+    MemberAction, Meta, StateCache,
 };
 use server::store::{NewEvent, PoolSizes, Store, StoredEvent};
 use sqlx::Row;
@@ -62,19 +62,7 @@ async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) ->
     let refs: Vec<&Envelope> = envelopes.iter().collect();
     let head = store.head().await.expect("head");
     let executed: Executed = match &store.native {
-        Some(native) => {
-            let (owned, mut states) = (envelopes.to_vec(), std::mem::take(cache));
-            let (executed, states) = native
-                .run(move |tx| {
-                    let refs: Vec<&Envelope> = owned.iter().collect();
-                    let executed = execute_batch(tx, &refs, NOW, Some(&mut states)).now_or_never().expect("no wait")?;
-                    Ok((executed, states))
-                })
-                .await
-                .expect("batch");
-            *cache = states;
-            executed
-        }
+        Some(native) => execute_native(native, &refs, NOW, cache).await.expect("batch"),
         None => {
             let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
             let executed = execute_batch(&mut *tx, &refs, NOW, Some(cache)).await.expect("batch");

@@ -106,25 +106,24 @@ impl StateCache {
                 return Ok(());
             }
         }
-        let Some(seen) = seen else {
-            self.members.clear();
-            self.seen = Some(conn.head().await?);
-            return Ok(());
-        };
-        let events = conn.events_after(seen, CATCH_UP_LIMIT).await?;
-        if events.len() as i64 >= CATCH_UP_LIMIT {
-            self.members.clear();
-            self.seen = Some(conn.head().await?);
-            return Ok(());
-        }
-        for event in events {
-            self.seen = Some(event.position);
-            let Some(folded) = self.members.get_mut(&event.stream_id) else { continue };
-            // A gap or an unreadable event: drop the entry; the stream is loaded when next needed.
-            if folded.version + 1 != event.stream_version || folded.apply::<MemberAggregate>(&event).is_err() {
-                self.members.remove(&event.stream_id);
+        if let Some(seen) = seen {
+            let events = conn.events_after(seen, CATCH_UP_LIMIT).await?;
+            if (events.len() as i64) < CATCH_UP_LIMIT {
+                for event in events {
+                    self.seen = Some(event.position);
+                    let Some(folded) = self.members.get_mut(&event.stream_id) else { continue };
+                    // A gap or an unreadable event: drop the entry; the stream is loaded when next
+                    // needed.
+                    if folded.version + 1 != event.stream_version || folded.apply::<MemberAggregate>(&event).is_err() {
+                        self.members.remove(&event.stream_id);
+                    }
+                }
+                return Ok(());
             }
         }
+        // Not started, or too far behind to fold: start over at the head.
+        self.members.clear();
+        self.seen = Some(conn.head().await?);
         Ok(())
     }
 

@@ -271,22 +271,9 @@ async fn try_commit(
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
     let mut conn = store.write.acquire().await?;
     if let Some(native) = &store.native {
-        // SQLite with a file: the whole batch on the native connection's thread, in one go, while
-        // the lock on the write connection is held (see `store::native`). The cached states go
-        // with it and come back committed; after an error the cache stays cleared.
-        let owned: Vec<Envelope> = envelopes.iter().map(|e| (*e).clone()).collect();
-        let mut states = std::mem::replace(cache, cache.emptied());
-        let now = now.to_string();
-        let (executed, states) = native
-            .run(move |tx| {
-                let refs: Vec<&Envelope> = owned.iter().collect();
-                let executed = execute_batch(tx, &refs, &now, Some(&mut states))
-                    .now_or_never()
-                    .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))?;
-                Ok((executed, states))
-            })
-            .await?;
-        *cache = states;
+        // SQLite with a file: the whole batch on the native connection, while the lock on the
+        // write connection is held (see `store::native`).
+        let executed = execute_native(native, envelopes, now, cache).await?;
         store.committed(executed.appended);
         return Ok(executed.answers);
     }
@@ -297,6 +284,31 @@ async fn try_commit(
     // Before the write connection goes back, so the tail gets the events in position order.
     store.committed(executed.appended);
     Ok(executed.answers)
+}
+
+/// [`execute_batch`] in one transaction of the native connection, on its thread, in one go. The
+/// cached states go with the batch and come back committed; after an error `cache` is left
+/// cleared (as the caller must leave it anyway).
+pub async fn execute_native(
+    native: &store::Native,
+    envelopes: &[&Envelope],
+    now: &str,
+    cache: &mut StateCache,
+) -> Result<Executed, sqlx::Error> {
+    let owned: Vec<Envelope> = envelopes.iter().map(|e| (*e).clone()).collect();
+    let mut states = std::mem::replace(cache, cache.emptied());
+    let now = now.to_string();
+    let (executed, states) = native
+        .run(move |tx| {
+            let refs: Vec<&Envelope> = owned.iter().collect();
+            let executed = execute_batch(tx, &refs, &now, Some(&mut states))
+                .now_or_never()
+                .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))?;
+            Ok((executed, states))
+        })
+        .await?;
+    *cache = states;
+    Ok(executed)
 }
 
 /// Load a stream, decide with the command `build` makes from its state, append: one command
