@@ -7,18 +7,13 @@ use app::domain::transaction::{Channel, Purchase};
 use futures::FutureExt;
 use server::commands::{
     execute_batch, execute_native, Answer, BatchIo, Command, CommandError, Envelope, Executed, Idempotency,
-    MemberAction, Meta, StateCache,
+    MemberAction, StateCache,
 };
-use server::store::{NewEvent, PoolSizes, Store, StoredEvent};
+use server::store::{NewEvent, PoolSizes, Store, StoredEvent, Streams};
 use sqlx::Row;
 
 fn member(id: &str, action: MemberAction) -> Envelope {
-    Envelope {
-        command: Command::Member { member_id: id.into(), action },
-        expected_version: None,
-        idempotency: None,
-        meta: Meta { correlation_id: "test".into(), causation_id: None, actor: "test".into() },
-    }
+    common::member_command(id, action)
 }
 
 fn enroll(id: &str, email: &str) -> Envelope {
@@ -65,7 +60,8 @@ async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) ->
         Some(native) => execute_native(native, &refs, NOW, cache).await.expect("batch"),
         None => {
             let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
-            let executed = execute_batch(&mut *tx, &refs, NOW, Some(cache)).await.expect("batch");
+            let mut streams = Streams::begin(&mut tx, store.heads()).await.expect("streams");
+            let executed = execute_batch(&mut streams, &refs, NOW, Some(cache)).await.expect("batch");
             tx.commit().await.expect("commit");
             executed
         }

@@ -1,5 +1,5 @@
-//! Where a command batch reads and writes: through sqlx (PostgreSQL, and SQLite without a file
-//! of its own), or on the event store's native SQLite connection (see `store::native`), which
+//! Where a command batch reads and writes: through sqlx (PostgreSQL, SQLite without a file of
+//! its own, and the loyalty policy's batches), or on the event store's native SQLite connection (see `store::native`), which
 //! runs a whole batch without handing each statement to another thread.
 //!
 //! The batch (`batch.rs`) decides; these only load and store. Each method is one of the batch's
@@ -7,8 +7,8 @@
 
 use super::batch::{Reservation, StoredKey};
 use super::{Answer, Envelope};
-use crate::store::{self, NativeTx, NewEvent, StoredEvent, EVENT_COLUMNS};
-use sqlx::{AnyConnection, Row};
+use crate::store::{self, NativeTx, NewEvent, StoredEvent, Streams, EVENT_COLUMNS};
+use sqlx::Row;
 use std::collections::HashMap;
 
 /// A batch's statements, inside the caller's transaction.
@@ -42,25 +42,26 @@ const RELEASE_SQL: &str = "DELETE FROM email_reservations WHERE email = $1 AND m
 const SAVE_KEY_COLUMNS: &str =
     "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES";
 
-impl BatchIo for AnyConnection {
+impl BatchIo for Streams<'_> {
     async fn head(&mut self) -> Result<i64, sqlx::Error> {
-        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events").fetch_one(&mut *self).await?;
+        let row =
+            sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events").fetch_one(&mut *self.conn).await?;
         row.try_get("head")
     }
 
     async fn events_after(&mut self, after: i64, limit: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
-        let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(&mut *self).await?;
+        let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(&mut *self.conn).await?;
         rows.iter().map(StoredEvent::from_row).collect()
     }
 
     async fn load_streams(&mut self, stream_ids: &[&str]) -> Result<HashMap<String, Vec<StoredEvent>>, sqlx::Error> {
-        store::load_streams(self, stream_ids).await
+        Streams::load_streams(self, stream_ids).await
     }
 
     async fn idempotency_keys(&mut self, scope: &str, keys: &[&str]) -> Result<Vec<(String, StoredKey)>, sqlx::Error> {
         let mut found = Vec::new();
-        for row in store::select_in(self, KEYS_SQL, &[scope], keys).await? {
+        for row in store::select_in(self.conn, KEYS_SQL, &[scope], keys).await? {
             let stored = StoredKey {
                 request: row.try_get("request")?,
                 status: row.try_get::<i64, _>("status")? as u16,
@@ -72,7 +73,7 @@ impl BatchIo for AnyConnection {
     }
 
     async fn email_owners(&mut self, emails: &[&str]) -> Result<Vec<(String, String)>, sqlx::Error> {
-        let rows = store::select_in(self, OWNERS_SQL, &[], emails).await?;
+        let rows = store::select_in(self.conn, OWNERS_SQL, &[], emails).await?;
         rows.iter().map(|row| Ok((row.try_get("email")?, row.try_get("member_id")?))).collect()
     }
 
@@ -81,18 +82,18 @@ impl BatchIo for AnyConnection {
             Reservation::Take { key, member_id } => (TAKE_SQL, key, member_id),
             Reservation::Release { key, member_id } => (RELEASE_SQL, key, member_id),
         };
-        sqlx::query(sql).bind(key).bind(member_id).execute(&mut *self).await?;
+        sqlx::query(sql).bind(key).bind(member_id).execute(&mut *self.conn).await?;
         Ok(())
     }
 
     async fn append(&mut self, events: Vec<NewEvent>, recorded_at: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        store::append(self, events, recorded_at).await
+        Streams::append(self, events, recorded_at).await
     }
 
     async fn save_idempotency_keys(&mut self, records: &[(&Envelope, &Answer)], now: &str) -> Result<(), sqlx::Error> {
         for chunk in records.chunks(store::MAX_PARAMS / 6) {
             let values =
-                (0..chunk.len()).map(|i| format!("({})", store::params(self, i * 6 + 1, 6))).collect::<Vec<_>>();
+                (0..chunk.len()).map(|i| format!("({})", store::params(self.conn, i * 6 + 1, 6))).collect::<Vec<_>>();
             let sql = format!("{SAVE_KEY_COLUMNS} {}", values.join(", "));
             let mut query = sqlx::query(&sql);
             for (envelope, answer) in chunk {
@@ -105,7 +106,7 @@ impl BatchIo for AnyConnection {
                     .bind(&answer.body)
                     .bind(now);
             }
-            query.execute(&mut *self).await?;
+            query.execute(&mut *self.conn).await?;
         }
         Ok(())
     }
@@ -167,16 +168,7 @@ impl BatchIo for NativeTx<'_> {
         let mut stored = Vec::with_capacity(events.len());
         for event in events {
             let (data, metadata) = (event.data.to_string(), event.metadata.to_string());
-            let schema_version = i64::from(event.schema_version);
-            let position = self.insert_event(&[
-                &event.stream_id,
-                &event.stream_version,
-                &event.event_type,
-                &schema_version,
-                &data,
-                &metadata,
-                &recorded_at,
-            ])?;
+            let position = self.append_event(&event, &data, &metadata, recorded_at)?;
             stored.push(event.stored(position, recorded_at));
         }
         Ok(stored)

@@ -21,7 +21,6 @@ use app::domain::transaction::{Purchase, TransactionError};
 use app::domain::Aggregate;
 use flush::Reply;
 use futures::FutureExt;
-use sqlx::AnyConnection;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -278,7 +277,8 @@ async fn try_commit(
         return Ok(executed.answers);
     }
     let mut tx = store.begin_commands(&mut conn).await?;
-    let executed = execute_batch(&mut *tx, envelopes, now, Some(cache)).await?;
+    let mut streams = store::Streams::begin(&mut tx, store.heads()).await?;
+    let executed = execute_batch(&mut streams, envelopes, now, Some(cache)).await?;
     crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&executed.answers)).await?;
     tx.commit().await?;
     // Before the write connection goes back, so the tail gets the events in position order.
@@ -315,7 +315,7 @@ pub async fn execute_native(
 /// inside the caller's transaction (the loyalty policy closing a purchase). Returns the position
 /// of the stream's last event; the appended events are added to `appended`.
 pub async fn run<A: Aggregate>(
-    conn: &mut AnyConnection,
+    streams: &mut store::Streams<'_>,
     stream_id: &str,
     build: impl FnOnce(&A::State) -> A::Command,
     metadata: &serde_json::Value,
@@ -325,12 +325,12 @@ pub async fn run<A: Aggregate>(
 where
     CommandError: From<A::Error>,
 {
-    let loaded = store::load_stream(conn, stream_id).await?;
+    let loaded = streams.load_stream(stream_id).await?;
     let folded = Folded::<A::State>::from_events::<A>(&loaded.events)?;
     let events = A::decide(&folded.state, build(&folded.state))?;
     let mut rows = Vec::with_capacity(events.len());
     batch::queue::<A>(&mut rows, stream_id, folded.version, &events, metadata)?;
-    let stored = store::append(conn, rows, now).await?;
+    let stored = streams.append(rows, now).await?;
     let last = stored.last().map_or(folded.last_position, |event| event.position);
     appended.extend(stored);
     Ok(last)

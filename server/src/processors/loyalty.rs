@@ -6,7 +6,8 @@
 use crate::clock;
 use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta};
 use crate::projector::{Consumer, Effects};
-use crate::store::{self, StoredEvent};
+use crate::store::heads::Heads;
+use crate::store::{StoredEvent, Streams};
 use anyhow::Context;
 use app::domain::loyalty_policy::{self, PolicyStep};
 use app::domain::member::{MemberCommand, MemberError};
@@ -22,7 +23,10 @@ pub const NAME: &str = "loyalty_policy";
 /// The only event the policy acts on.
 const TRANSACTION_PERFORMED: &str = "TransactionPerformed";
 
-pub struct LoyaltyPolicy;
+/// `heads`: the store's stream heads (SQLite), which every append is checked against.
+pub struct LoyaltyPolicy {
+    pub heads: Option<Arc<Heads>>,
+}
 
 #[async_trait]
 impl Consumer for LoyaltyPolicy {
@@ -44,8 +48,9 @@ impl Consumer for LoyaltyPolicy {
         events: &[Arc<StoredEvent>],
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
+        let mut streams = Streams::begin(conn, self.heads.as_deref()).await?;
         for event in events.iter().filter(|e| self.handles(&e.event_type)) {
-            self.handle(conn, event, effects).await.with_context(|| {
+            self.handle(&mut streams, event, effects).await.with_context(|| {
                 format!("applying event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
             })?;
         }
@@ -55,12 +60,17 @@ impl Consumer for LoyaltyPolicy {
 
 impl LoyaltyPolicy {
     /// One purchase: earn, then close it.
-    async fn handle(&self, conn: &mut AnyConnection, event: &StoredEvent, effects: &mut Effects) -> anyhow::Result<()> {
+    async fn handle(
+        &self,
+        streams: &mut Streams<'_>,
+        event: &StoredEvent,
+        effects: &mut Effects,
+    ) -> anyhow::Result<()> {
         let TransactionEvent::TransactionPerformed(purchase) = event.decode::<TransactionEvent>()? else {
             return Ok(());
         };
         let stream_id = format!("{}{}", TransactionAggregate::STREAM_PREFIX, purchase.transaction_id);
-        let loaded = store::load_stream(conn, &stream_id).await?;
+        let loaded = streams.load_stream(&stream_id).await?;
         if loaded.version > 1 {
             return Ok(()); // closed already
         }
@@ -73,7 +83,7 @@ impl LoyaltyPolicy {
         let close = match loyalty_policy::react(&purchase) {
             PolicyStep::Close(command) => command,
             PolicyStep::Earn { member_id, command } => {
-                let earned = earn(conn, &member_id, command, &purchase.transaction_id, &meta, &now, effects).await?;
+                let earned = earn(streams, &member_id, command, &purchase.transaction_id, &meta, &now, effects).await?;
                 loyalty_policy::close(&member_id, &earned)
             }
         };
@@ -83,7 +93,7 @@ impl LoyaltyPolicy {
             "idempotency_key": purchase.transaction_id,
             "actor": NAME,
         });
-        commands::run::<TransactionAggregate>(conn, &stream_id, |_| close, &metadata, &now, &mut effects.appended)
+        commands::run::<TransactionAggregate>(streams, &stream_id, |_| close, &metadata, &now, &mut effects.appended)
             .await?;
         Ok(())
     }
@@ -92,7 +102,7 @@ impl LoyaltyPolicy {
 /// Run the earn as a command with the transaction id as idempotency key. A refusal by the member's
 /// rules (unknown, suspended, too small) is an answer, not a failure.
 async fn earn(
-    conn: &mut AnyConnection,
+    streams: &mut Streams<'_>,
     member_id: &str,
     command: MemberCommand,
     transaction_id: &str,
@@ -117,7 +127,7 @@ async fn earn(
         meta: meta.clone(),
     };
     // A batch of one, inside the runner's transaction; no cached states (the writer's are its own).
-    let mut executed = commands::execute_batch(&mut *conn, &[&envelope], now, None).await?;
+    let mut executed = commands::execute_batch(streams, &[&envelope], now, None).await?;
     effects.appended.append(&mut executed.appended);
     match executed.answers.pop().unwrap_or(Err(CommandError::Unavailable)) {
         Ok(answer) => {

@@ -80,13 +80,13 @@ pub fn member_ids<'e>(events: impl IntoIterator<Item = &'e Arc<StoredEvent>>) ->
 /// they read the same events and write only their own tables, and on SQLite's single write
 /// connection one commit per batch instead of two is most of the saving. The loyalty policy runs
 /// alone: it appends events and takes the append lock, which projections need not wait for.
-pub fn groups() -> Vec<Vec<Arc<dyn Consumer>>> {
+pub fn groups(store: &Store) -> Vec<Vec<Arc<dyn Consumer>>> {
     vec![
         vec![
             Arc::new(membership_view::MembershipViewProjection::default()),
             Arc::new(member_search::MemberSearchProjection::default()),
         ],
-        vec![Arc::new(crate::processors::loyalty::LoyaltyPolicy)],
+        vec![Arc::new(crate::processors::loyalty::LoyaltyPolicy { heads: store.heads.clone() })],
     ]
 }
 
@@ -168,7 +168,7 @@ pub struct Consumers {
 
 impl Consumers {
     pub fn new(store: Store, head: Arc<watch::Sender<i64>>, feed: Arc<ViewFeed>, poll: Duration) -> Arc<Consumers> {
-        let groups: Vec<Group> = groups()
+        let groups: Vec<Group> = groups(&store)
             .into_iter()
             .map(|group| group.into_iter().map(|c| (c.clone(), Arc::new(ConsumerHandle::new(c.name())))).collect())
             .collect();

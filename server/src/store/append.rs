@@ -1,10 +1,12 @@
-//! Loading streams and appending to them, inside a caller's transaction.
+//! Loading streams and appending to them through sqlx, inside a caller's transaction.
 //!
-//! Both work on many streams at once: the command writer loads every stream a batch needs with one
-//! query and appends the whole batch with one multi-row `INSERT`. Per-statement cost (a round trip
-//! to PostgreSQL, a thread hand-off in the SQLite driver) is what limits command throughput, not
-//! the rows, so statements per batch, not per command, is what keeps it fast.
+//! On PostgreSQL both work on many streams at once: every stream a batch needs with one query,
+//! the whole batch with one multi-row `INSERT`, since a statement costs a round trip. On SQLite
+//! streams are read along their chains and events appended one by one, each checked against its
+//! stream's head (see `heads`): there a statement costs a hand-off to sqlx's thread, not a round
+//! trip, and the command writer does not come this way at all (see `native`).
 
+use super::heads::{self, Chain, Head, Heads};
 use super::{StoredEvent, EVENT_COLUMNS};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -18,26 +20,93 @@ pub struct LoadedStream {
     pub last_position: i64,
 }
 
-pub async fn load_stream(conn: &mut AnyConnection, stream_id: &str) -> Result<LoadedStream, sqlx::Error> {
-    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version");
-    let rows = sqlx::query(&sql).bind(stream_id).fetch_all(&mut *conn).await?;
-    let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
-    let (version, last_position) = events.last().map(|e| (e.stream_version, e.position)).unwrap_or((0, 0));
-    Ok(LoadedStream { events, version, last_position })
+/// A write transaction's reads and appends of streams through sqlx. On SQLite the log has no
+/// index by stream: each event names its stream's previous one, and the stream heads say where
+/// each stream ends (see `heads`); on PostgreSQL an index and a unique constraint do.
+pub struct Streams<'c> {
+    pub conn: &'c mut AnyConnection,
+    /// SQLite: this transaction's appends, checked and chained against the heads.
+    chain: Option<Chain<'c>>,
 }
 
-/// Every event of each of these streams, oldest first; a stream with no events is absent.
-pub async fn load_streams(
-    conn: &mut AnyConnection,
-    stream_ids: &[&str],
-) -> Result<HashMap<String, Vec<StoredEvent>>, sqlx::Error> {
-    let mut out: HashMap<String, Vec<StoredEvent>> = HashMap::new();
-    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id IN ({{}}) ORDER BY position");
-    for row in select_in(conn, &sql, &[], stream_ids).await? {
-        let event = StoredEvent::from_row(&row)?;
-        out.entry(event.stream_id.clone()).or_default().push(event);
+impl<'c> Streams<'c> {
+    /// Inside the caller's write transaction; `heads`: SQLite's (`Store::heads`). First reads
+    /// back what was appended without reaching the heads.
+    pub async fn begin(conn: &'c mut AnyConnection, heads: Option<&'c Heads>) -> Result<Streams<'c>, sqlx::Error> {
+        if let Some(heads) = heads {
+            heads::sync(conn, heads).await?;
+        }
+        Ok(Streams { conn, chain: heads.map(Chain::new) })
     }
-    Ok(out)
+
+    /// Where `stream_id` ends, as this transaction sees it (SQLite).
+    async fn head(&mut self, stream_id: &str) -> Result<Option<Head>, sqlx::Error> {
+        let Some(chain) = &self.chain else { return Ok(None) };
+        match chain.get(stream_id) {
+            Some(head) => Ok(Some(head)),
+            None => heads::table_head(self.conn, stream_id).await,
+        }
+    }
+
+    pub async fn load_stream(&mut self, stream_id: &str) -> Result<LoadedStream, sqlx::Error> {
+        let events = self.load_streams(&[stream_id]).await?.remove(stream_id).unwrap_or_default();
+        let (version, last_position) = events.last().map(|e| (e.stream_version, e.position)).unwrap_or((0, 0));
+        Ok(LoadedStream { events, version, last_position })
+    }
+
+    /// Every event of each of these streams, oldest first; a stream with no events is absent.
+    pub async fn load_streams(
+        &mut self,
+        stream_ids: &[&str],
+    ) -> Result<HashMap<String, Vec<StoredEvent>>, sqlx::Error> {
+        let mut out: HashMap<String, Vec<StoredEvent>> = HashMap::new();
+        if self.chain.is_some() {
+            for stream_id in stream_ids {
+                if let Some(head) = self.head(stream_id).await? {
+                    out.insert(stream_id.to_string(), heads::read_chain(self.conn, stream_id, head).await?);
+                }
+            }
+            return Ok(out);
+        }
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id IN ({{}}) ORDER BY position");
+        for row in select_in(self.conn, &sql, &[], stream_ids).await? {
+            let event = StoredEvent::from_row(&row)?;
+            out.entry(event.stream_id.clone()).or_default().push(event);
+        }
+        Ok(out)
+    }
+
+    /// Append the events, in order; returns them as stored, each with its position. A stream
+    /// version that is taken (on SQLite: not the stream's next) fails with a unique violation,
+    /// and the caller's transaction must then be rolled back: never a partial append.
+    pub async fn append(&mut self, events: Vec<NewEvent>, recorded_at: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        if self.chain.is_none() {
+            return append_indexed(self.conn, events, recorded_at).await;
+        }
+        let sql = "INSERT INTO events (stream_id, stream_version, previous_position, event_type, schema_version, \
+                   data, metadata, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING position";
+        let mut stored = Vec::with_capacity(events.len());
+        for event in events {
+            let head = self.head(&event.stream_id).await?;
+            let chain = self.chain.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+            let previous = chain.next(&event.stream_id, event.stream_version, head)?;
+            let row = sqlx::query(sql)
+                .bind(&event.stream_id)
+                .bind(event.stream_version)
+                .bind(previous)
+                .bind(event.event_type)
+                .bind(i64::from(event.schema_version))
+                .bind(event.data.to_string())
+                .bind(event.metadata.to_string())
+                .bind(recorded_at)
+                .fetch_one(&mut *self.conn)
+                .await?;
+            let position: i64 = row.try_get(0)?;
+            chain.appended(&event.stream_id, event.stream_version, position);
+            stored.push(event.stored(position, recorded_at));
+        }
+        Ok(stored)
+    }
 }
 
 /// One event to append, its stream version already decided.
@@ -69,10 +138,8 @@ impl NewEvent {
     }
 }
 
-/// Append the events, in order; returns them as stored, each with its position. A stream version
-/// that another writer took first makes this fail with a unique violation (and the caller's
-/// transaction must then be rolled back: never a partial append).
-pub async fn append(
+/// PostgreSQL: one multi-row `INSERT` per chunk; the unique constraint refuses a taken version.
+async fn append_indexed(
     conn: &mut AnyConnection,
     events: Vec<NewEvent>,
     recorded_at: &str,
@@ -80,16 +147,10 @@ pub async fn append(
     let mut positions = Vec::with_capacity(events.len());
     for chunk in events.chunks(MAX_PARAMS / 7) {
         let values = (0..chunk.len()).map(|i| format!("({})", params(conn, i * 7 + 1, 7))).collect::<Vec<_>>();
-        let sqlite = conn.backend_name() == SQLITE;
         let sql = format!(
             "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at) \
-             VALUES {}{}",
-            values.join(", "),
-            if sqlite {
-                "; SELECT last_insert_rowid() AS last, changes() AS inserted"
-            } else {
-                " RETURNING position, stream_id, stream_version"
-            }
+             VALUES {} RETURNING position, stream_id, stream_version",
+            values.join(", ")
         );
         let texts: Vec<(String, String)> =
             chunk.iter().map(|event| (event.data.to_string(), event.metadata.to_string())).collect();
@@ -103,20 +164,6 @@ pub async fn append(
                 .bind(data)
                 .bind(metadata)
                 .bind(recorded_at);
-        }
-        if sqlite {
-            // One writer holds the lock and the statement inserts its rows in order, each taking
-            // the next `AUTOINCREMENT` position: the chunk's positions are the `n` up to the last
-            // one. Asking for them with `RETURNING` would cost a hand-off from the driver's thread
-            // per row.
-            let rows = query.fetch_all(&mut *conn).await?;
-            let row = rows.last().ok_or_else(|| sqlx::Error::RowNotFound)?;
-            let (last, inserted): (i64, i64) = (row.try_get("last")?, row.try_get("inserted")?);
-            if inserted != chunk.len() as i64 {
-                return Err(sqlx::Error::Protocol(format!("appended {inserted} of {} events", chunk.len())));
-            }
-            positions.extend(last + 1 - chunk.len() as i64..=last);
-            continue;
         }
         // RETURNING's row order is not promised by SQL: match rows to events by stream and version.
         let mut returned = HashMap::with_capacity(chunk.len());

@@ -17,11 +17,13 @@
 
 mod append;
 pub mod checkpointer;
+pub mod heads;
 mod native;
 mod recent;
 mod writes;
 
-pub use append::{append, load_stream, load_streams, params, select_in, LoadedStream, NewEvent, MAX_PARAMS};
+pub use append::{params, select_in, LoadedStream, NewEvent, Streams, MAX_PARAMS};
+use heads::Heads;
 pub use native::{Native, NativeTx};
 use recent::RecentEvents;
 pub use writes::{WriteConn, Writes};
@@ -60,8 +62,11 @@ pub struct Store {
     /// SQLite with a file: the command writer's own connection to the event store, used only
     /// while holding `write` (see `native`).
     pub native: Option<Native>,
-    /// SQLite: stops the files' checkpointer threads once the last clone of the store is gone.
-    _checkpointers: Option<Arc<tokio_util::sync::DropGuard>>,
+    /// SQLite: where each stream ends (the log has no index by stream; see `heads`).
+    pub(crate) heads: Option<Arc<Heads>>,
+    /// SQLite: stops the files' checkpointer threads and the heads' writer once the last clone
+    /// of the store is gone.
+    _background: Option<Arc<tokio_util::sync::DropGuard>>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -205,15 +210,22 @@ impl Store {
             Backend::Postgres => false,
         };
         let recent = (backend == Backend::Sqlite).then(Default::default);
-        let native = match &sqlite_path {
-            Some(path) => {
+        let heads = match backend {
+            Backend::Sqlite => {
+                let mut conn = write.acquire().await?;
+                Some(Arc::new(heads::load(&mut conn).await.context("reading the stream heads")?))
+            }
+            Backend::Postgres => None,
+        };
+        let native = match (&sqlite_path, &heads) {
+            (Some(path), Some(heads)) => {
                 // As `begin_commands` sets it: with the log synced by the flusher, NORMAL.
                 let synchronous = if durable && !wal { "FULL" } else { "NORMAL" };
-                let native = Native::open(path, synchronous)
+                let native = Native::open(path, synchronous, heads.clone())
                     .with_context(|| format!("cannot open {} for the command writer", path.display()))?;
                 Some(native)
             }
-            None => None,
+            _ => None,
         };
         // Each SQLite file's one write connection is lent rather than pooled (see `writes`).
         // Without a views file the views are written through the very same `Writes`, so there is
@@ -224,16 +236,17 @@ impl Store {
             Some(pool) => Writes::new(pool, lent),
             None => write.clone(),
         };
-        // Both files are copied out of their logs by threads of their own, not inside commits.
-        let checkpointers = match (&sqlite_path, &views_path) {
-            (Some(events), Some(views)) => {
-                let stop = tokio_util::sync::CancellationToken::new();
-                checkpointer::start(events.clone(), "events", stop.clone());
-                checkpointer::start(views.clone(), "views", stop.clone());
-                Some(Arc::new(stop.drop_guard()))
-            }
-            _ => None,
-        };
+        // Both files are copied out of their logs by threads of their own, not inside commits;
+        // the stream heads are written behind the log by a task of their own.
+        let stop = tokio_util::sync::CancellationToken::new();
+        if let (Some(events), Some(views)) = (&sqlite_path, &views_path) {
+            checkpointer::start(events.clone(), "events", stop.clone());
+            checkpointer::start(views.clone(), "views", stop.clone());
+        }
+        if let Some(heads) = &heads {
+            tokio::spawn(heads::flush_behind(write.clone(), heads.clone(), stop.clone()));
+        }
+        let background = Some(Arc::new(stop.drop_guard()));
         Ok(Store {
             write,
             views,
@@ -244,7 +257,8 @@ impl Store {
             wal,
             recent,
             native,
-            _checkpointers: checkpointers,
+            heads,
+            _background: background,
         })
     }
 
@@ -288,18 +302,42 @@ impl Store {
         Ok(self.read_all(after, limit).await?.into_iter().map(Arc::new).collect())
     }
 
-    /// Hand events just committed (in position order) to the in-memory tail; call after the
-    /// commit and before raising the head.
-    pub fn committed(&self, events: impl IntoIterator<Item = StoredEvent>) {
+    /// Hand events just committed (in position order) to the stream heads and the in-memory
+    /// tail; call after the commit, before giving back the write connection and raising the head.
+    pub fn committed(&self, events: Vec<StoredEvent>) {
+        if let Some(heads) = &self.heads {
+            heads.committed(&events);
+        }
         if let Some(recent) = &self.recent {
             recent.push(events);
         }
     }
 
+    /// SQLite: the stream heads, for a write transaction's [`Streams`].
+    pub fn heads(&self) -> Option<&Heads> {
+        self.heads.as_deref()
+    }
+
+    /// SQLite: write every stream head not yet in the table now (it happens about once a
+    /// second anyway); returns how many were written.
+    pub async fn flush_heads(&self) -> Result<usize, sqlx::Error> {
+        match &self.heads {
+            Some(heads) => heads::flush(&self.write, heads).await,
+            None => Ok(0),
+        }
+    }
+
     /// One stream, oldest first.
     pub async fn read_stream(&self, stream_id: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let mut conn = self.read.acquire().await?;
+        if let Some(heads) = &self.heads {
+            return match heads::read_head(&mut conn, heads, stream_id).await? {
+                Some(head) => heads::read_chain(&mut conn, stream_id, head).await,
+                None => Ok(Vec::new()),
+            };
+        }
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version");
-        let rows = sqlx::query(&sql).bind(stream_id).fetch_all(&self.read).await?;
+        let rows = sqlx::query(&sql).bind(stream_id).fetch_all(&mut *conn).await?;
         rows.iter().map(StoredEvent::from_row).collect()
     }
 

@@ -12,11 +12,12 @@
 //! so it never writes beside sqlx's write connection (which the loyalty policy and the
 //! maintenance tasks use) and positions still commit in order.
 
-use super::StoredEvent;
-use rusqlite::{params_from_iter, Connection, OpenFlags, OptionalExtension};
+use super::heads::{self, Chain, Head, Heads};
+use super::{NewEvent, StoredEvent};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::borrow::Cow;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 /// Something to run on the connection's thread.
 type Work = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -26,12 +27,14 @@ type Work = Box<dyn FnOnce(&mut Connection) + Send>;
 #[derive(Clone)]
 pub struct Native {
     work: mpsc::Sender<Work>,
+    /// The stream heads every append is checked against (see `heads`).
+    heads: Arc<Heads>,
 }
 
 impl Native {
     /// Open the event store's file (already created and migrated by sqlx). `synchronous`: as the
     /// command batches' transactions need it (see `Store::begin_commands`).
-    pub fn open(path: &Path, synchronous: &str) -> anyhow::Result<Native> {
+    pub fn open(path: &Path, synchronous: &str, heads: Arc<Heads>) -> anyhow::Result<Native> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)?;
         // The same settings as sqlx's connections (see `Store::open`).
@@ -47,7 +50,7 @@ impl Native {
                 work(&mut conn);
             }
         })?;
-        Ok(Native { work })
+        Ok(Native { work, heads })
     }
 
     /// Run `work` in one transaction (`BEGIN IMMEDIATE` … `COMMIT`; rolled back on `Err`) on the
@@ -59,10 +62,13 @@ impl Native {
         work: impl FnOnce(&mut NativeTx) -> Result<T, sqlx::Error> + Send + 'static,
     ) -> Result<T, sqlx::Error> {
         let (done, answer) = tokio::sync::oneshot::channel();
+        let heads = self.heads.clone();
         let job: Work = Box::new(move |conn| {
             let go = || {
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(error)?;
-                let out = work(&mut NativeTx { tx: &tx })?;
+                let mut native = NativeTx { tx: &tx, chain: Chain::new(&heads) };
+                native.sync()?;
+                let out = work(&mut native)?;
                 tx.commit().map_err(error)?;
                 Ok(out)
             };
@@ -77,9 +83,40 @@ impl Native {
 /// A batch's transaction on the native connection.
 pub struct NativeTx<'c> {
     tx: &'c rusqlite::Transaction<'c>,
+    /// This transaction's appends, checked and chained against the heads.
+    chain: Chain<'c>,
 }
 
 impl NativeTx<'_> {
+    /// Read back what was appended without reaching the heads (as `heads::sync`).
+    fn sync(&self) -> Result<(), sqlx::Error> {
+        let heads = self.chain.heads();
+        let log: i64 = self.tx.query_row(heads::sql::LOG_HEAD, [], |row| row.get(0)).map_err(error)?;
+        while heads.known() < log {
+            let mut statement = self.tx.prepare_cached(heads::sql::EVENTS_BETWEEN).map_err(error)?;
+            let rows = statement
+                .query_map([heads.known(), log], |row| {
+                    Ok((row.get(0)?, Head { version: row.get(1)?, position: row.get(2)? }))
+                })
+                .map_err(error)?;
+            let read = rows.collect::<Result<Vec<(String, Head)>, _>>().map_err(error)?;
+            if heads.absorb_read(&read, log) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `stream_id` ends, as this transaction sees it.
+    fn head(&self, stream_id: &str) -> Result<Option<Head>, sqlx::Error> {
+        if let Some(head) = self.chain.get(stream_id) {
+            return Ok(Some(head));
+        }
+        self.query_one(heads::sql::TABLE_HEAD, &[&stream_id], |row| {
+            Ok(Head { version: row.get(0)?, position: row.get(1)? })
+        })
+    }
+
     /// The newest position (0 when the log is empty).
     pub fn read_head(&self) -> Result<i64, sqlx::Error> {
         self.tx.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| row.get(0)).map_err(error)
@@ -93,20 +130,16 @@ impl NativeTx<'_> {
         rows.map(event).collect()
     }
 
-    /// Every event of each of these streams, oldest first.
+    /// Every event of each of these streams, oldest first, back along each one's chain.
     pub fn read_streams(&self, stream_ids: &[&str]) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        let mut statement = self
-            .tx
-            .prepare_cached(&format!(
-                "SELECT {} FROM events WHERE stream_id = ?1 ORDER BY stream_version",
-                super::EVENT_COLUMNS
-            ))
-            .map_err(error)?;
+        let mut statement = self.tx.prepare_cached(&heads::sql::chain(super::EVENT_COLUMNS)).map_err(error)?;
         let mut out = Vec::new();
         for stream_id in stream_ids {
-            for row in statement.query_map([stream_id], raw_event).map_err(error)? {
-                out.push(event(row)?);
-            }
+            let Some(head) = self.head(stream_id)? else { continue };
+            let events = statement.query_map([head.position], raw_event).map_err(error)?;
+            let events = events.map(event).collect::<Result<Vec<_>, _>>()?;
+            heads::check_chain(stream_id, head, &events)?;
+            out.extend(events);
         }
         Ok(out)
     }
@@ -126,17 +159,39 @@ impl NativeTx<'_> {
         self.tx.prepare_cached(sql).and_then(|mut s| s.query_row(params, read).optional()).map_err(error)
     }
 
-    /// Append one event; returns its position.
-    pub fn insert_event(&self, values: &[&dyn rusqlite::ToSql]) -> Result<i64, sqlx::Error> {
+    /// Append one event, if its version is its stream's next (else a unique violation), chained
+    /// to the stream's previous event; returns its position.
+    pub fn append_event(
+        &mut self,
+        event: &NewEvent,
+        data: &str,
+        metadata: &str,
+        recorded_at: &str,
+    ) -> Result<i64, sqlx::Error> {
+        let previous = self.chain.next(&event.stream_id, event.stream_version, self.head(&event.stream_id)?)?;
         let mut statement = self
             .tx
             .prepare_cached(
-                "INSERT INTO events (stream_id, stream_version, event_type, schema_version, data, metadata, \
-                 recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO events (stream_id, stream_version, previous_position, event_type, schema_version, \
+                 data, metadata, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .map_err(error)?;
-        statement.execute(params_from_iter(values.iter())).map_err(error)?;
-        Ok(self.tx.last_insert_rowid())
+        let schema_version = i64::from(event.schema_version);
+        statement
+            .execute(rusqlite::params![
+                event.stream_id,
+                event.stream_version,
+                previous,
+                event.event_type,
+                schema_version,
+                data,
+                metadata,
+                recorded_at
+            ])
+            .map_err(error)?;
+        let position = self.tx.last_insert_rowid();
+        self.chain.appended(&event.stream_id, event.stream_version, position);
+        Ok(position)
     }
 }
 
@@ -166,23 +221,37 @@ fn event(raw: rusqlite::Result<RawEvent>) -> Result<StoredEvent, sqlx::Error> {
 /// A rusqlite error as sqlx's, keeping what callers look at: a constraint that failed (see
 /// `is_unique_violation`) and the message.
 pub fn error(err: rusqlite::Error) -> sqlx::Error {
-    sqlx::Error::Database(Box::new(NativeError(err)))
+    sqlx::Error::Database(Box::new(NativeError::Sqlite(err)))
+}
+
+/// A stream version that is not the stream's next: reported as a unique violation, as
+/// PostgreSQL's constraint reports it, so callers treat both alike (`store::is_unique_violation`).
+pub fn version_taken(message: String) -> sqlx::Error {
+    sqlx::Error::Database(Box::new(NativeError::VersionTaken(message)))
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct NativeError(rusqlite::Error);
+enum NativeError {
+    #[error("{0}")]
+    Sqlite(rusqlite::Error),
+    #[error("{0}")]
+    VersionTaken(String),
+}
 
 impl sqlx::error::DatabaseError for NativeError {
     fn message(&self) -> &str {
-        match &self.0 {
-            rusqlite::Error::SqliteFailure(_, Some(message)) => message,
-            _ => "SQLite error",
+        match self {
+            NativeError::Sqlite(rusqlite::Error::SqliteFailure(_, Some(message))) => message,
+            NativeError::Sqlite(_) => "SQLite error",
+            NativeError::VersionTaken(message) => message,
         }
     }
 
     fn code(&self) -> Option<Cow<'_, str>> {
-        self.0.sqlite_error().map(|e| Cow::Owned(e.extended_code.to_string()))
+        match self {
+            NativeError::Sqlite(err) => err.sqlite_error().map(|e| Cow::Owned(e.extended_code.to_string())),
+            NativeError::VersionTaken(_) => None,
+        }
     }
 
     fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
@@ -199,7 +268,11 @@ impl sqlx::error::DatabaseError for NativeError {
 
     fn kind(&self) -> sqlx::error::ErrorKind {
         use rusqlite::ffi;
-        match self.0.sqlite_error().map(|e| e.extended_code) {
+        let err = match self {
+            NativeError::Sqlite(err) => err,
+            NativeError::VersionTaken(_) => return sqlx::error::ErrorKind::UniqueViolation,
+        };
+        match err.sqlite_error().map(|e| e.extended_code) {
             Some(ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY) => {
                 sqlx::error::ErrorKind::UniqueViolation
             }

@@ -34,6 +34,16 @@ impl Reply {
     }
 }
 
+/// A command on a member, as the HTTP handlers build it.
+pub fn member_command(id: &str, action: server::commands::MemberAction) -> server::commands::Envelope {
+    server::commands::Envelope {
+        command: server::commands::Command::Member { member_id: id.into(), action },
+        expected_version: None,
+        idempotency: None,
+        meta: server::commands::Meta { correlation_id: "test".into(), causation_id: None, actor: "test".into() },
+    }
+}
+
 pub fn args(database_url: &str) -> ServeArgs {
     ServeArgs {
         addr: "127.0.0.1:0".parse().expect("address"),
