@@ -329,11 +329,16 @@ async fn a_node_that_leads_again_after_another_did_applies_on_the_current_views(
     signal(&a, "-CONT");
     give_up_leadership(baton).await;
     wait_for_leadership(&client, &a, true).await;
-    assert_eq!(post(&client, format!("{}/api/members/m1/points/earn", a.base), earn(25)).await, 200);
+    let earned = client.post(format!("{}/api/members/m1/points/earn", a.base)).json(&earn(25)).send().await.unwrap();
+    assert_eq!(earned.status(), 200);
+    let position = earned.json::<Value>().await.unwrap()["position"].as_i64().expect("position");
     settle(&client, &a).await;
     signal(&b, "-CONT");
 
-    let view: Value = client.get(format!("{}/api/members/m1", a.base)).send().await.unwrap().json().await.unwrap();
+    // Read-your-writes: the checkpoints can be current a moment before this node has heard the
+    // view change on its listener (its view cache still holds the one before).
+    let url = format!("{}/api/members/m1?min_position={position}", a.base);
+    let view: Value = client.get(url).send().await.unwrap().json().await.unwrap();
     assert_eq!(view["points_balance"], 175, "{view}");
     let activity: Vec<&str> =
         view["recent_activity"].as_array().unwrap().iter().filter_map(|a| a["description"].as_str()).collect();
