@@ -80,15 +80,17 @@ impl<'c> Streams<'c> {
     /// version that is taken (on SQLite: not the stream's next) fails with a unique violation,
     /// and the caller's transaction must then be rolled back: never a partial append.
     pub async fn append(&mut self, events: Vec<NewEvent>, recorded_at: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        if self.chain.is_none() {
+        let Some(chain) = self.chain.as_mut() else {
             return append_indexed(self.conn, events, recorded_at).await;
-        }
+        };
         let sql = "INSERT INTO events (stream_id, stream_version, previous_position, event_type, schema_version, \
                    data, metadata, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING position";
         let mut stored = Vec::with_capacity(events.len());
         for event in events {
-            let head = self.head(&event.stream_id).await?;
-            let chain = self.chain.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+            let head = match chain.get(&event.stream_id) {
+                Some(head) => Some(head),
+                None => heads::table_head(self.conn, &event.stream_id).await?,
+            };
             let previous = chain.next(&event.stream_id, event.stream_version, head)?;
             let row = sqlx::query(sql)
                 .bind(&event.stream_id)

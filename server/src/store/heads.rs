@@ -202,7 +202,8 @@ impl<'h> Chain<'h> {
 /// Events read back per query (as `sql::EVENTS_BETWEEN` says).
 pub const READ_BACK: usize = 10_000;
 
-/// SQL the heads need, the same on both connections (sqlx and native).
+/// SQL the heads need (the native connection runs the same statements, but for the log's head,
+/// which it reads with `NativeTx::read_head`).
 pub mod sql {
     /// The log's head.
     pub const LOG_HEAD: &str = "SELECT COALESCE(MAX(position), 0) FROM events";

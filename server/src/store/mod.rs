@@ -66,7 +66,7 @@ pub struct Store {
     pub(crate) heads: Option<Arc<Heads>>,
     /// SQLite: stops the files' checkpointer threads and the heads' writer once the last clone
     /// of the store is gone.
-    _background: Option<Arc<tokio_util::sync::DropGuard>>,
+    _background: Arc<tokio_util::sync::DropGuard>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -246,7 +246,7 @@ impl Store {
         if let Some(heads) = &heads {
             tokio::spawn(heads::flush_behind(write.clone(), heads.clone(), stop.clone()));
         }
-        let background = Some(Arc::new(stop.drop_guard()));
+        let background = Arc::new(stop.drop_guard());
         Ok(Store {
             write,
             views,

@@ -91,7 +91,7 @@ impl NativeTx<'_> {
     /// Read back what was appended without reaching the heads (as `heads::sync`).
     fn sync(&self) -> Result<(), sqlx::Error> {
         let heads = self.chain.heads();
-        let log: i64 = self.tx.query_row(heads::sql::LOG_HEAD, [], |row| row.get(0)).map_err(error)?;
+        let log = self.read_head()?;
         while heads.known() < log {
             let mut statement = self.tx.prepare_cached(heads::sql::EVENTS_BETWEEN).map_err(error)?;
             let rows = statement
