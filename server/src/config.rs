@@ -56,6 +56,12 @@ pub struct ServeArgs {
     /// Safety-net poll interval of the consumers, in milliseconds (they also wake on every append).
     #[arg(long, env = "TALLY_POLL_MS", default_value_t = 1000)]
     pub poll_ms: u64,
+    /// SQLite: how long the projector may hold changed membership views in memory before it
+    /// writes them with its checkpoint, in milliseconds. Reads and live pushes see a change at
+    /// once either way; after a crash the events since the checkpoint are applied again. 0
+    /// writes them in every batch's transaction.
+    #[arg(long, env = "TALLY_WRITE_BEHIND_MS", default_value_t = 1000)]
+    pub write_behind_ms: u64,
     /// PostgreSQL: how often a standby node tries to take over the consumers (ms). A dead
     /// leader's lock is free as soon as PostgreSQL notices its session is gone.
     #[arg(long, env = "TALLY_LEADER_RETRY_MS", default_value_t = 500)]

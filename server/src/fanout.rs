@@ -44,6 +44,9 @@ impl ViewFeed {
         // On PostgreSQL the cache is off until the listener is connected.
         let cache = ViewCache::new(VIEW_CACHE_ENTRIES);
         cache.set_enabled(backend != Backend::Postgres);
+        if backend == Backend::Sqlite {
+            cache.set_written(start);
+        }
         ViewFeed { hub, cache, backend, position: watch::Sender::new(start), head }
     }
 
@@ -108,6 +111,15 @@ impl ViewFeed {
             self.deliver(&view.member_id, view.position, view.json);
         }
         self.advance(applied);
+    }
+
+    /// The projector stored the views up to `position` with its checkpoint (SQLite writes them
+    /// behind; until then the cache is where reads find them).
+    /// PostgreSQL: the cache holds only what the table holds (the listener reads it from there).
+    pub fn written(&self, position: i64) {
+        if self.backend == Backend::Sqlite {
+            self.cache.set_written(position);
+        }
     }
 
     /// A changed view: into the cache and out to the sockets.

@@ -103,6 +103,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         head.clone(),
         feed.clone(),
         Duration::from_millis(args.poll_ms.max(10)),
+        Duration::from_millis(args.write_behind_ms),
     );
     let mut tasks = vec![writer, tokio::spawn(prune_keys(store.clone(), shutdown.clone()))];
     match store.backend {

@@ -49,7 +49,7 @@ impl Portal for ServerPortal {
     }
 
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError> {
-        queries::search_members(&self.state.store, &query).await.map_err(app_err)
+        queries::search_members(&self.state.store, &self.state.feed.cache, &query).await.map_err(app_err)
     }
 
     async fn consumers(&self) -> Result<Vec<ConsumerStatus>, AppError> {

@@ -46,8 +46,13 @@ pub enum QueryError {
 
 /// Search `member_search`, ordered by name then id, paginated by an opaque cursor. Balances,
 /// lifetime points and positions come from each member's view (the search row does not change
-/// when points do).
-pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<MemberPage, QueryError> {
+/// when points do): the newer of the stored one and the cached one, which on SQLite can be
+/// ahead of the table (the projector writes views behind).
+pub async fn search_members(
+    store: &Store,
+    cache: &crate::view_cache::ViewCache,
+    query: &MemberQuery,
+) -> Result<MemberPage, QueryError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(QueryError::Invalid(format!("limit must be between 1 and {MAX_LIMIT}")));
@@ -80,7 +85,7 @@ pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<Member
     let filter = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
     let sql = format!(
         "SELECT s.member_id, s.name, s.email, s.tier, s.status, s.member_since, s.sort_key, v.view \
-         FROM member_search s JOIN membership_view v ON v.member_id = s.member_id \
+         FROM member_search s LEFT JOIN membership_view v ON v.member_id = s.member_id \
          {filter} ORDER BY s.sort_key, s.member_id LIMIT {}",
         limit + 1
     );
@@ -96,8 +101,19 @@ pub async fn search_members(store: &Store, query: &MemberQuery) -> Result<Member
         let status: String = row.try_get("status")?;
         let member_id: String = row.try_get("member_id")?;
         last_key = Some((row.try_get::<String, _>("sort_key")?, member_id.clone()));
-        let view: String = row.try_get("view")?;
-        let figures: Figures = serde_json::from_str(&view).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        let decode = |json: &str| -> Result<Figures, sqlx::Error> {
+            serde_json::from_str(json).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        };
+        let stored = row.try_get::<Option<String>, _>("view")?.map(|view| decode(&view)).transpose()?;
+        let cached = cache.get(&member_id);
+        let figures = match (stored, cached) {
+            (Some(stored), Some((json, position))) if position > stored.position as i64 => decode(&json)?,
+            (Some(stored), _) => stored,
+            (None, Some((json, _))) => decode(&json)?,
+            // A search row is written after its view is applied, and the view cache keeps every
+            // view the table does not hold yet: only a moment between the two shows neither.
+            (None, None) => Figures { points_balance: 0, lifetime_points: 0, position: 0 },
+        };
         items.push(MemberSummary {
             member_id,
             name: row.try_get("name")?,

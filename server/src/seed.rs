@@ -49,7 +49,13 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
     // it do the projecting (both at once are safe: batches lock their checkpoint).
     let feed =
         Arc::new(crate::fanout::ViewFeed::new(Arc::new(crate::live::Hub::default()), store.backend, 0, head.clone()));
-    let consumers = projector::Consumers::new(store.clone(), head, feed.clone(), Duration::from_millis(200));
+    let consumers = projector::Consumers::new(
+        store.clone(),
+        head,
+        feed.clone(),
+        Duration::from_millis(200),
+        Duration::from_secs(1),
+    );
     let mut tasks = consumers.run(shutdown.clone());
     if store.backend == store::Backend::Postgres {
         let url = store::normalize_url(&args.db.database_url);

@@ -5,20 +5,37 @@
 //! only by a newer position, so a slow database read can never overwrite a fresher change. While
 //! the PostgreSQL feed is disconnected the cache is switched off and emptied, since changes could
 //! be missed.
+//!
+//! On SQLite the projector writes the views behind (see `projector`): a view it applied may not
+//! be in the table yet. Such a view is never dropped to make room, so every read that finds no
+//! entry here finds the current view in the table.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub struct ViewCache {
     entries: RwLock<HashMap<String, (i64, Arc<str>)>>,
     capacity: usize,
     enabled: AtomicBool,
+    /// Views up to this position are in the table; entries past it are kept whatever the
+    /// capacity (at most what the projector holds unwritten).
+    written: AtomicI64,
 }
 
 impl ViewCache {
     pub fn new(capacity: usize) -> Self {
-        ViewCache { entries: RwLock::new(HashMap::new()), capacity, enabled: AtomicBool::new(capacity > 0) }
+        ViewCache {
+            entries: RwLock::new(HashMap::new()),
+            capacity,
+            enabled: AtomicBool::new(capacity > 0),
+            written: AtomicI64::new(i64::MAX),
+        }
+    }
+
+    /// The table holds every view up to `position` (the projector's stored checkpoint).
+    pub fn set_written(&self, position: i64) {
+        self.written.store(position, Ordering::Release);
     }
 
     pub fn get(&self, member_id: &str) -> Option<(Arc<str>, i64)> {
@@ -40,8 +57,10 @@ impl ViewCache {
                 return;
             }
         } else if entries.len() >= self.capacity {
-            // Bounded: make room by dropping an arbitrary entry (it is re-read on demand).
-            if let Some(victim) = entries.keys().next().cloned() {
+            // Bounded: make room by dropping an arbitrary entry the table holds (it is re-read on
+            // demand), never one it does not hold yet.
+            let written = self.written.load(Ordering::Acquire);
+            if let Some(victim) = entries.iter().find(|(_, (p, _))| *p <= written).map(|(id, _)| id.clone()) {
                 entries.remove(&victim);
             }
         }
@@ -82,5 +101,20 @@ mod tests {
         assert!(cache.get("c").is_none());
         cache.put("d", 1, "{}".into());
         assert!(cache.get("d").is_none());
+    }
+
+    #[test]
+    fn views_the_table_does_not_hold_yet_are_never_dropped() {
+        let cache = ViewCache::new(2);
+        cache.set_written(10);
+        cache.put("a", 11, "{}".into());
+        cache.put("b", 12, "{}".into());
+        cache.put("c", 13, "{}".into());
+        // Over capacity rather than lose a view only memory has.
+        assert!(["a", "b", "c"].iter().all(|id| cache.get(id).is_some()));
+        cache.set_written(13);
+        cache.put("d", 14, "{}".into());
+        assert_eq!(["a", "b", "c", "d"].iter().filter(|id| cache.get(id).is_some()).count(), 3);
+        assert!(cache.get("d").is_some());
     }
 }

@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::spawn_app;
+use common::{free_port, spawn_app, start_binary, wait_healthy};
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[tokio::test]
@@ -24,47 +23,13 @@ async fn after_a_restart_every_acknowledged_command_is_in_the_views() {
     assert_eq!(app.get("/api/members?limit=100").await.body["items"].as_array().map(Vec::len), Some(20));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_binary(db: &str, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--database-url", db])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tally starts");
-    Child(child)
-}
-
-async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server at {base} never became healthy");
-}
-
 #[tokio::test]
 async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
     let (db, _dir) = common::fresh_database().await;
     let client = reqwest::Client::new();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut server = start_binary(&db, port);
+    let server = start_binary(&db, port, &[]);
     wait_healthy(&client, &base).await;
 
     let post = |path: String, body: Value| {
@@ -79,13 +44,7 @@ async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
     // Fire concurrent earns; count only the acknowledged ones, then kill -9 at once.
     let earns = (0..200).map(|_| post("/api/members/k/points/earn".into(), json!({"points": 1})));
     let acknowledged = futures::future::join_all(earns).await.into_iter().filter(|r| matches!(r, Ok(200))).count();
-    server.0.kill().expect("kill -9");
-    let _ = server.0.wait();
-
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _server = start_binary(&db, port);
-    wait_healthy(&client, &base).await;
+    let (_server, base) = server.crash_and_restart(&db, &client).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let view: Value =
@@ -149,16 +108,23 @@ async fn a_full_rebuild_reproduces_every_view_byte_for_byte() {
         app.post("/api/transactions", json!({"transaction_id": format!("rt{t}"), "member_id": format!("r{}", t % 8), "amount_cents": 1999, "currency": "EUR", "channel": "pos"})).await;
     }
     app.catch_up().await;
+    let mut served: Vec<Value> = Vec::new();
+    for i in 0..8 {
+        served.push(app.view(&format!("r{i}")).await);
+    }
     let url = app.database_url.clone();
     let files = app.keep_files();
-    let live = all_rows(&app.state.store).await;
+    // Stopping stores what the projector held in memory (SQLite writes views behind).
     app.stop().await;
 
     let store = server::store::Store::open(&url, &server::store::PoolSizes { read: 2, write: 1 }, true).await.unwrap();
+    let live = all_rows(&store).await;
+    assert_eq!(live.len(), 16);
+    let stored: Vec<Value> = live[..8].iter().map(|(_, view)| serde_json::from_str(view).expect("JSON")).collect();
+    assert_eq!(stored, served, "the table holds the views the server served");
     let report = server::rebuild::rebuild(&store).await.expect("rebuild");
     assert_eq!(report.members, 8);
     let rebuilt = all_rows(&store).await;
-    assert_eq!(live.len(), 16);
     assert_eq!(rebuilt, live);
     drop(files);
 }

@@ -68,7 +68,7 @@ pub async fn list_members(
 ) -> Result<Response, ApiError> {
     let query = query_params(params)?;
     let position = state.feed.position();
-    let page = queries::search_members(&state.store, &query).await?;
+    let page = queries::search_members(&state.store, &state.feed.cache, &query).await?;
     Ok(with_view_headers(Json(page).into_response(), position, false))
 }
 

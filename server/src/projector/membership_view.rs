@@ -2,7 +2,7 @@
 //! stored by `GET /api/members/{id}`, the portal page and the `member:<id>` live topic.
 
 use super::row_cache::RowCache;
-use super::{Consumer, Effects};
+use super::{Consumer, Effects, WriteScope};
 use crate::store::{self, StoredEvent};
 use anyhow::Context;
 use app::domain::member::{MemberAggregate, MemberEvent, Status};
@@ -11,14 +11,28 @@ use app::domain::Aggregate;
 use app::views::{Activity, MembershipView, NextTier, RECENT_ACTIVITY};
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub const NAME: &str = "membership_view";
 
 pub struct MembershipViewProjection {
-    /// The views as last written, so a batch reads only members it has not seen lately.
+    /// The views as last applied, so a batch reads only members it has not seen lately.
     kept: RowCache<MembershipView>,
+    /// Views applied but not in the table yet. The runner has them written with the checkpoint:
+    /// in the same transaction on PostgreSQL, behind on SQLite (see `Runner`).
+    unwritten: Mutex<Unwritten>,
+}
+
+/// Views not written yet, and the order in which they must be.
+#[derive(Default)]
+struct Unwritten {
+    rows: HashMap<String, ViewRow>,
+    /// Each unwritten member once, in the order of its oldest unwritten change: when it was
+    /// applied and that event's position. Positions only grow along it, so its front bounds the
+    /// checkpoint: every event before it is in the table.
+    queue: VecDeque<(Instant, i64, String)>,
 }
 
 /// Views kept in memory (about 2.5 KiB each there, so up to ~50 MiB).
@@ -26,7 +40,14 @@ const KEPT_VIEWS: usize = 20_000;
 
 impl Default for MembershipViewProjection {
     fn default() -> Self {
-        MembershipViewProjection { kept: RowCache::new(KEPT_VIEWS) }
+        MembershipViewProjection { kept: RowCache::new(KEPT_VIEWS), unwritten: Mutex::new(Unwritten::default()) }
+    }
+}
+
+impl MembershipViewProjection {
+    fn unwritten(&self) -> std::sync::MutexGuard<'_, Unwritten> {
+        // A panic while holding the lock leaves whole rows: still usable.
+        self.unwritten.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -42,11 +63,45 @@ impl Consumer for MembershipViewProjection {
 
     fn forget(&self) {
         self.kept.forget();
+        // The runner goes back to the stored checkpoint and applies these again.
+        *self.unwritten() = Unwritten::default();
+    }
+
+    fn writes_behind(&self) -> bool {
+        true
+    }
+
+    fn unwritten_rows(&self) -> usize {
+        self.unwritten().rows.len()
+    }
+
+    fn oldest_unwritten(&self) -> Option<Instant> {
+        self.unwritten().queue.front().map(|(at, _, _)| *at)
+    }
+
+    /// The views whose oldest change is in `scope`, in key order, one multi-row upsert per 64.
+    async fn write(&self, conn: &mut AnyConnection, scope: WriteScope) -> anyhow::Result<Option<i64>> {
+        let (mut rows, rest) = {
+            let mut unwritten = self.unwritten();
+            let mut rows = Vec::new();
+            while let Some((at, _, _)) = unwritten.queue.front() {
+                let take = match scope {
+                    WriteScope::All => true,
+                    WriteScope::Due { before, at_least } => *at <= before || rows.len() < at_least,
+                };
+                let Some((_, _, id)) = take.then(|| unwritten.queue.pop_front()).flatten() else { break };
+                rows.extend(unwritten.rows.remove(&id));
+            }
+            (rows, unwritten.queue.front().map(|(_, position, _)| *position))
+        };
+        // Taken out before the commit: if it fails, the runner forgets all and applies again.
+        rows.sort_unstable_by(|a, b| a.member_id.cmp(&b.member_id));
+        save_many(conn, &rows).await?;
+        Ok(rest)
     }
 
     /// Per batch: read the views of the members it touches and does not keep (one query), fold
-    /// in memory, write the changed views back (one multi-row upsert), and hand them to the live
-    /// feed.
+    /// in memory, hand the changed views to the live feed and keep them to be written (`write`).
     async fn apply(
         &self,
         conn: &mut AnyConnection,
@@ -60,6 +115,8 @@ impl Consumer for MembershipViewProjection {
         let (mut views, missing) = self.kept.take(&ids);
         views.extend(load_many(conn, &missing).await?);
         let mut changed: Vec<String> = Vec::new();
+        // Per member, the first event of this batch that changed its view.
+        let mut first: HashMap<&str, i64> = HashMap::new();
         for event in events {
             let Some(member_id) = event.stream_key(MemberAggregate::STREAM_PREFIX) else { continue };
             if views.get(member_id).is_some_and(|v| v.position >= event.position as u64) {
@@ -69,6 +126,7 @@ impl Consumer for MembershipViewProjection {
                 format!("event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
             })?;
             if let Some(view) = evolve(views.remove(member_id), event, &decoded) {
+                first.entry(member_id).or_insert(event.position);
                 changed.push(member_id.to_string());
                 views.insert(member_id.to_string(), view);
             }
@@ -76,8 +134,17 @@ impl Consumer for MembershipViewProjection {
         changed.sort_unstable();
         changed.dedup();
         effects.views = changed.iter().filter_map(|id| views.get(id)).map(ViewRow::new).collect::<Result<_, _>>()?;
-        save_many(conn, &effects.views).await?;
-        self.kept.keep(views);
+        let now = Instant::now();
+        let mut unwritten = self.unwritten();
+        for row in &effects.views {
+            if !unwritten.rows.contains_key(&row.member_id) {
+                let position = first.get(row.member_id.as_str()).copied().unwrap_or(row.position);
+                unwritten.queue.push_back((now, position, row.member_id.clone()));
+            }
+            unwritten.rows.insert(row.member_id.clone(), row.clone());
+        }
+        // The table does not hold the unwritten views yet: they must stay in memory.
+        self.kept.keep_pinned(views, |id| unwritten.rows.contains_key(id));
         Ok(())
     }
 }
@@ -93,6 +160,7 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 }
 
 /// A view as stored: serialized once, for the table, the view cache and the sockets alike.
+#[derive(Clone)]
 pub struct ViewRow {
     pub member_id: String,
     pub version: i64,

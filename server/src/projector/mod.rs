@@ -1,6 +1,8 @@
 //! The subscription runner: feeds every consumer (projection or processor) the events in global
 //! position order, one batch per transaction, with the consumer's checkpoint written in the same
-//! transaction as its effects (exactly-once effect from at-least-once delivery).
+//! transaction as its effects (exactly-once effect from at-least-once delivery). On SQLite the
+//! membership views are applied in memory and written behind, still each with the checkpoint
+//! (see `Runner`).
 //!
 //! Each group of consumers (see `groups`) runs as its own task: it wakes when the head moves (the
 //! command writer bumps it after each commit) and polls slowly as a safety net. A failing event is
@@ -14,7 +16,7 @@ mod row_cache;
 
 use crate::clock;
 use crate::fanout::ViewFeed;
-use crate::store::{Store, StoredEvent, Writes};
+use crate::store::{Backend, Store, StoredEvent, Writes};
 use app::views::ConsumerStatus;
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
@@ -40,7 +42,8 @@ pub struct Effects {
 #[async_trait]
 pub trait Consumer: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Apply a batch of events (in position order) inside the batch's transaction. Must ignore
+    /// Apply a batch of events (in position order) inside the batch's transaction (or, for a
+    /// consumer that `writes_behind`, perhaps outside any: `conn` is then only read). Must ignore
     /// events it already applied (rows remember their position) so a replay is harmless.
     async fn apply(
         &self,
@@ -64,6 +67,37 @@ pub trait Consumer: Send + Sync + 'static {
     /// Drop whatever the consumer keeps in memory between batches (see `row_cache`): its table
     /// may have changed elsewhere, or the batch that wrote it did not commit.
     fn forget(&self) {}
+    /// True when `apply` only changes memory and `write` stores it: the runner then decides when
+    /// to write, with the checkpoint (see `Runner`).
+    fn writes_behind(&self) -> bool {
+        false
+    }
+    /// Rows applied but not written yet.
+    fn unwritten_rows(&self) -> usize {
+        0
+    }
+    /// When the oldest change not written yet was applied.
+    fn oldest_unwritten(&self) -> Option<Instant> {
+        None
+    }
+    /// Write the rows `apply` left unwritten that `scope` asks for, in the transaction that moves
+    /// the checkpoint. Returns the position of the oldest change still unwritten: the checkpoint
+    /// may move only to just before it.
+    async fn write(&self, _conn: &mut AnyConnection, _scope: WriteScope) -> anyhow::Result<Option<i64>> {
+        Ok(None)
+    }
+}
+
+/// Which unwritten rows a transaction writes.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteScope {
+    All,
+    /// Those whose oldest change was applied before `before`, and at least `at_least` of the
+    /// oldest whatever their age.
+    Due {
+        before: Instant,
+        at_least: usize,
+    },
 }
 
 /// The members whose streams these events are on, each once, sorted.
@@ -162,17 +196,25 @@ pub struct Consumers {
     head: Arc<watch::Sender<i64>>,
     feed: Arc<ViewFeed>,
     poll: Duration,
+    /// SQLite: how long applied views may wait in memory before they are written (see `Runner`).
+    write_behind: Duration,
     /// Per group (see `groups`), each consumer with its handle.
     groups: Vec<Group>,
 }
 
 impl Consumers {
-    pub fn new(store: Store, head: Arc<watch::Sender<i64>>, feed: Arc<ViewFeed>, poll: Duration) -> Arc<Consumers> {
+    pub fn new(
+        store: Store,
+        head: Arc<watch::Sender<i64>>,
+        feed: Arc<ViewFeed>,
+        poll: Duration,
+        write_behind: Duration,
+    ) -> Arc<Consumers> {
         let groups: Vec<Group> = groups(&store)
             .into_iter()
             .map(|group| group.into_iter().map(|c| (c.clone(), Arc::new(ConsumerHandle::new(c.name())))).collect())
             .collect();
-        Arc::new(Consumers { store, head, feed, poll, groups })
+        Arc::new(Consumers { store, head, feed, poll, write_behind, groups })
     }
 
     /// Start one task per group; they stop when `stop` is cancelled.
@@ -186,17 +228,24 @@ impl Consumers {
                     true => self.store.write.clone(),
                     false => self.store.views.clone(),
                 };
+                // Only on SQLite: on PostgreSQL other nodes read the views from the table.
+                let behind = self.store.backend == Backend::Sqlite && !self.write_behind.is_zero();
                 let runner = Runner {
                     store: self.store.clone(),
                     pool,
                     members: group
                         .iter()
-                        .map(|(consumer, handle)| Member {
-                            consumer: consumer.clone(),
-                            handle: handle.clone(),
-                            position: 0,
-                            stored: 0,
-                            stored_at: Instant::now(),
+                        .map(|(consumer, handle)| {
+                            let defers = behind && consumer.writes_behind();
+                            Member {
+                                consumer: consumer.clone(),
+                                handle: handle.clone(),
+                                position: 0,
+                                stored: 0,
+                                stored_at: Instant::now(),
+                                defers,
+                                store_every: if defers { self.write_behind } else { CHECKPOINT_EVERY },
+                            }
                         })
                         .collect(),
                     head: self.head.clone(),
@@ -228,7 +277,10 @@ impl Consumers {
             let head = self.store.head().await?;
             loop {
                 let checkpoints = self.checkpoints().await?;
-                let behind = self.handles().find(|h| checkpoints.get(h.name).map(|c| c.0).unwrap_or(0) < head);
+                // Running here, a consumer may be past its stored checkpoint (views written
+                // behind, batches skipped); its reads see what it applied.
+                let at = |h: &ConsumerHandle| checkpoints.get(h.name).map(|c| c.0).unwrap_or(0).max(h.applied());
+                let behind = self.handles().find(|h| at(h) < head);
                 let Some(behind) = behind else { break };
                 if Instant::now() > deadline {
                     anyhow::bail!("{} did not reach position {head} in time", behind.name);
@@ -288,6 +340,15 @@ impl Consumers {
 /// bounds how far back a restart starts and how stale `GET /api/projections` can look under load.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// A consumer that writes behind writes its oldest rows once this many wait, whatever their age,
+/// down to half of it (memory: a view held is about 2.5 KiB).
+const MAX_UNWRITTEN: usize = 20_000;
+
+/// A consumer that writes behind writes what is due at most this many times per `store_every`:
+/// often enough that each write is short (it holds up the projector), rarely enough that each
+/// is one transaction for many views.
+const WRITES_PER_INTERVAL: u32 = 10;
+
 /// One consumer inside a runner.
 struct Member {
     consumer: Arc<dyn Consumer>,
@@ -297,6 +358,36 @@ struct Member {
     /// The position in the checkpoint row (≤ `position`).
     stored: i64,
     stored_at: Instant,
+    /// Applies its batches in memory and writes each change about `store_every` after it was
+    /// applied (SQLite, a consumer that `writes_behind`).
+    defers: bool,
+    /// How long the stored checkpoint may stay behind `position` (a change, unwritten).
+    store_every: Duration,
+}
+
+impl Member {
+    /// Its checkpoint (and what it holds unwritten) should be stored now.
+    fn due(&self, now: Instant) -> bool {
+        let since_stored = now.duration_since(self.stored_at);
+        match self.consumer.oldest_unwritten() {
+            Some(oldest) if self.defers => {
+                self.consumer.unwritten_rows() >= MAX_UNWRITTEN
+                    || (now.duration_since(oldest) >= self.store_every
+                        && since_stored >= self.store_every / WRITES_PER_INTERVAL)
+            }
+            _ => since_stored >= self.store_every,
+        }
+    }
+
+    /// What of its unwritten rows a transaction at `now` writes.
+    fn write_scope(&self, now: Instant, stopping: bool) -> WriteScope {
+        if !self.defers || stopping {
+            return WriteScope::All;
+        }
+        let unwritten = self.consumer.unwritten_rows();
+        let at_least = if unwritten >= MAX_UNWRITTEN { unwritten - MAX_UNWRITTEN / 2 } else { 0 };
+        WriteScope::Due { before: now.checked_sub(self.store_every).unwrap_or(now), at_least }
+    }
 }
 
 /// What one member does in one step.
@@ -310,6 +401,18 @@ enum Work<'e> {
     Checkpoint,
 }
 
+/// Runs one group of consumers.
+///
+/// Writing behind (SQLite): the membership views change with nearly every command, each in a
+/// random page of their table, and writing them in every batch's transaction was most of what
+/// the views cost the command path. So the runner applies such a consumer's batches in memory
+/// (the changed views go to the view cache and the sockets at once, as after a commit) and has
+/// each view written about `write_behind` after its first unwritten change, a member that
+/// changed many times meanwhile once: a transaction every tenth of that interval writes the views
+/// that are due, and moves the checkpoint to just before the oldest change still unwritten (so
+/// the table and the checkpoint always agree). Everything is written at shutdown. Nothing is lost
+/// in a crash: the events after the checkpoint are applied again at start. Reads stay current
+/// because the view cache keeps every view the table does not hold yet (`ViewCache`).
 struct Runner {
     store: Store,
     /// Where this group's effects and checkpoints are written.
@@ -374,6 +477,15 @@ impl Runner {
                 }
             }
         }
+        // Store what was applied in memory (views written behind), so a restart need not apply
+        // it again.
+        let work: Vec<(usize, Work, i64)> = (self.members.iter().enumerate())
+            .filter(|(_, m)| m.defers && m.stored < m.position)
+            .map(|(i, m)| (i, Work::Checkpoint, m.position))
+            .collect();
+        if !work.is_empty() && self.commit(work).await.is_err() {
+            tracing::warn!(consumers = self.names(), "could not store the checkpoints at shutdown");
+        }
         for m in &self.members {
             m.handle.set("stopped", None);
             tracing::info!(consumer = m.handle.name, position = m.position, "consumer stopped");
@@ -432,9 +544,7 @@ impl Runner {
                 // the checkpoint. Not at once when idle: under load a consumer that skips is
                 // idle after every batch, and storing then cost a transaction in the event store
                 // per command batch, each one waiting for the command writer's lock.
-                _ if m.stored < m.position && now.duration_since(m.stored_at) >= CHECKPOINT_EVERY => {
-                    work.push((i, Work::Checkpoint, m.position))
-                }
+                _ if m.stored < m.position && m.due(now) => work.push((i, Work::Checkpoint, m.position)),
                 _ => {}
             }
         }
@@ -442,17 +552,22 @@ impl Runner {
             return Ok(false);
         }
         let needs_tx = work.iter().any(|(i, w, _)| {
-            matches!(w, Work::Apply(_) | Work::Checkpoint)
-                || now.duration_since(self.members[*i].stored_at) >= CHECKPOINT_EVERY
+            let m = &self.members[*i];
+            match w {
+                Work::Apply(_) if m.defers => m.due(now),
+                Work::Apply(_) | Work::Checkpoint => true,
+                Work::Skip => m.due(now),
+            }
         });
         if !needs_tx {
-            for (i, _, to) in work {
-                let m = &mut self.members[i];
-                m.position = to;
-                m.handle.applied.send_replace(to);
-                m.handle.set("running", None);
+            return self.apply_in_memory(work).await.map(|()| true);
+        }
+        // A transaction stores every member that is behind its position (what is due of what
+        // one writes behind, the skipped batches' checkpoints).
+        for (i, m) in self.members.iter().enumerate() {
+            if m.stored < m.position && !work.iter().any(|(j, _, _)| *j == i) {
+                work.push((i, Work::Checkpoint, m.position));
             }
-            return Ok(true);
         }
         if self.isolate && work.len() > 1 {
             // One transaction each: progress for the healthy ones, the error for the failing one.
@@ -475,13 +590,17 @@ impl Runner {
     #[tracing::instrument(skip_all, fields(consumers = self.names()))]
     async fn commit(&mut self, work: Vec<(usize, Work<'_>, i64)>) -> Result<(), ()> {
         let mut effects: Vec<Effects> = work.iter().map(|_| Effects::default()).collect();
+        // Where each checkpoint moves: to the batch's end, or for what writes behind to just
+        // before its oldest change still unwritten.
+        let mut store_to: Vec<i64> = work.iter().map(|(_, _, to)| *to).collect();
+        let (started, stopping) = (Instant::now(), self.shutdown.is_cancelled());
         let mut failing = None;
         let outcome: anyhow::Result<bool> = async {
             let appends =
                 work.iter().any(|(i, w, _)| matches!(w, Work::Apply(_)) && self.members[*i].consumer.appends());
             let mut conn = self.pool.acquire().await?;
             let mut tx = self.store.begin_consumer(&mut conn, appends).await?;
-            for ((i, w, to), effects) in work.iter().zip(&mut effects) {
+            for (((i, w, to), effects), store_to) in work.iter().zip(&mut effects).zip(&mut store_to) {
                 let m = &self.members[*i];
                 failing = Some(*i);
                 if let Work::Apply(events) = w {
@@ -490,7 +609,10 @@ impl Runner {
                         self.feed.in_transaction(&mut tx, &effects.views, *to).await?;
                     }
                 }
-                if !advance_checkpoint(&mut tx, m.handle.name, m.stored, *to).await? {
+                if let Some(oldest) = m.consumer.write(&mut tx, m.write_scope(started, stopping)).await? {
+                    *store_to = (oldest - 1).min(*to);
+                }
+                if !advance_checkpoint(&mut tx, m.handle.name, m.stored, *store_to).await? {
                     // Someone else applied these (a node that briefly believed it led): drop
                     // ours, start from theirs.
                     tx.rollback().await?;
@@ -532,17 +654,76 @@ impl Runner {
             }
         }
         let now = Instant::now();
-        for ((i, w, to), effects) in work.into_iter().zip(effects) {
+        for (((i, w, to), effects), store_to) in work.into_iter().zip(effects).zip(store_to) {
             let m = &mut self.members[i];
             let name = m.handle.name;
             if let Work::Apply(events) = w {
                 m.handle.record(events.len() as u64);
                 metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
             }
-            (m.position, m.stored, m.stored_at) = (to, to, now);
+            if m.defers {
+                let unwritten = m.consumer.unwritten_rows() as f64;
+                metrics::gauge!("tally_consumer_unwritten_rows", "consumer" => name).set(unwritten);
+            }
+            (m.position, m.stored, m.stored_at) = (to, store_to, now);
             m.handle.applied.send_replace(to);
             m.handle.set("running", None);
             metrics::gauge!("tally_consumer_position", "consumer" => name).set(to as f64);
+            if m.consumer.feeds_views() {
+                self.feed.after_commit(effects.views, to);
+                self.feed.written(store_to);
+            }
+        }
+        Ok(())
+    }
+
+    /// No transaction: apply the batches of members that write behind (their reads of rows they
+    /// do not keep go through the group's connection), and move every member's position. Their
+    /// effects go out as after a commit; the next transaction stores them (see `Runner`).
+    async fn apply_in_memory(&mut self, work: Vec<(usize, Work<'_>, i64)>) -> Result<(), ()> {
+        let mut effects: Vec<Effects> = work.iter().map(|_| Effects::default()).collect();
+        let mut failing = None;
+        let outcome: anyhow::Result<()> = async {
+            if work.iter().any(|(_, w, _)| matches!(w, Work::Apply(_))) {
+                let mut conn = self.pool.acquire().await?;
+                for ((i, w, _), effects) in work.iter().zip(&mut effects) {
+                    if let Work::Apply(events) = w {
+                        failing = Some(*i);
+                        self.members[*i].consumer.apply(&mut conn, events, effects).await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = outcome {
+            // What was applied in memory since the checkpoints goes: the runner applies it again.
+            self.forget();
+            self.pool.reset().await;
+            let message = format!("{err:#}");
+            let failed: Vec<usize> = match failing {
+                Some(i) => vec![i],
+                None => work.iter().map(|(i, _, _)| *i).collect(),
+            };
+            for i in failed {
+                self.fail(i, &message).await;
+            }
+            return Err(());
+        }
+        for ((i, w, to), effects) in work.into_iter().zip(effects) {
+            let m = &mut self.members[i];
+            if let Work::Apply(events) = w {
+                m.handle.record(events.len() as u64);
+                metrics::counter!("tally_consumer_events_total", "consumer" => m.handle.name)
+                    .increment(events.len() as u64);
+            }
+            m.position = to;
+            m.handle.applied.send_replace(to);
+            m.handle.set("running", None);
+            if m.defers {
+                let unwritten = m.consumer.unwritten_rows() as f64;
+                metrics::gauge!("tally_consumer_unwritten_rows", "consumer" => m.handle.name).set(unwritten);
+            }
             if m.consumer.feeds_views() {
                 self.feed.after_commit(effects.views, to);
             }

@@ -13,6 +13,10 @@
 //!
 //! A batch takes its rows out of the cache and puts them back only after it wrote them. If the
 //! commit then fails, the runner forgets them again.
+//!
+//! A projection that writes behind (`membership_view` on SQLite) puts rows back before they are
+//! written; it pins them (`keep_pinned`) so that they stay until written, since the table still
+//! holds their older selves.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,9 +51,15 @@ impl<T> RowCache<T> {
 
     /// Keep these rows, as the batch's transaction wrote them.
     pub fn keep(&self, batch: HashMap<String, T>) {
+        self.keep_pinned(batch, |_| false);
+    }
+
+    /// Keep these rows; when starting over, still keep those `pinned` names (rows not in the
+    /// table yet, which a batch could not read back from there).
+    pub fn keep_pinned(&self, batch: HashMap<String, T>, pinned: impl Fn(&str) -> bool) {
         let mut rows = self.lock();
         if rows.len() + batch.len() > self.limit {
-            rows.clear();
+            rows.retain(|id, _| pinned(id));
         }
         rows.extend(batch);
     }
@@ -91,5 +101,13 @@ mod tests {
         cache.keep(HashMap::from([("d".to_string(), 4)]));
         cache.forget();
         assert_eq!(cache.take(&["d"]).1, vec!["d"]);
+    }
+
+    #[test]
+    fn pinned_rows_outlive_a_start_over() {
+        let cache = RowCache::new(2);
+        cache.keep(HashMap::from([("c".to_string(), 3), ("d".to_string(), 4)]));
+        cache.keep_pinned(HashMap::from([("e".to_string(), 5)]), |id| id == "c");
+        assert_eq!(cache.take(&["c", "d", "e"]).1, vec!["d"]);
     }
 }

@@ -50,6 +50,7 @@ pub fn args(database_url: &str) -> ServeArgs {
         db: DatabaseArgs { database_url: database_url.to_string(), durable: true, read_pool: 4, write_pool: 4 },
         demo: false,
         poll_ms: 250,
+        write_behind_ms: 1000,
         leader_retry_ms: 100,
         request_timeout_secs: 30,
     }
@@ -92,8 +93,14 @@ pub async fn spawn_app() -> TestApp {
 
 /// Start the app on a given database (kept alive by `dir`).
 pub async fn spawn_on(database_url: &str, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {
+    spawn_with(&args(database_url), dir).await
+}
+
+/// Start the app with these options (on the database they name, kept alive by `dir`).
+pub async fn spawn_with(args: &ServeArgs, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {
+    let database_url = args.db.database_url.as_str();
     server::telemetry::init_tracing();
-    let tally = server::build(&args(database_url)).await.expect("app builds");
+    let tally = server::build(args).await.expect("app builds");
     let addr = tally.local_addr().expect("bound");
     let state = tally.state.clone();
     let shutdown = tally.shutdown_token();
@@ -181,4 +188,58 @@ impl TestApp {
         assert_eq!(r.status, 200, "view of {id}: {:?}", r.body);
         r.body
     }
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The real `tally` binary, serving; killed (like `kill -9`) when dropped.
+pub struct Binary(pub std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Binary {
+    /// `kill -9` it, then start it again on `db` (a new port) and wait until it is healthy.
+    /// Returns the new server and its base URL.
+    pub async fn crash_and_restart(mut self, db: &str, client: &reqwest::Client) -> (Binary, String) {
+        self.0.kill().expect("kill -9");
+        let _ = self.0.wait();
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let server = start_binary(db, port, &[]);
+        wait_healthy(client, &base).await;
+        (server, base)
+    }
+}
+
+/// Start `tally serve` on `db` at `port`, with these extra environment variables.
+pub fn start_binary(db: &str, port: u16, env: &[(&str, &str)]) -> Binary {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--database-url", db])
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tally starts");
+    Binary(child)
+}
+
+/// Wait until the server at `base` answers `/healthz`.
+pub async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server at {base} never became healthy");
 }

@@ -1,0 +1,189 @@
+//! SQLite: the projector writes the membership views behind, with its checkpoint, about once a
+//! second (`projector::Runner`). What a user must not notice: every read, search and push shows a
+//! change at once, a graceful stop stores what was held, and a crash loses nothing.
+//!
+//! The tests hold the views for minutes (`--write-behind-ms`), so what the table holds while the
+//! server runs is certain, not a race against the timer.
+
+mod common;
+
+use common::{args, free_port, spawn_with, sqlite_database, start_binary, wait_healthy};
+use serde_json::{json, Value};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Row};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const HOLD_MS: u64 = 600_000;
+
+/// The views' file, read straight (while the server runs, as another process could).
+async fn views_file(database: &str) -> sqlx::SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(server::store::views_file(Path::new(database)))
+        .read_only(true)
+        .connect()
+        .await
+        .expect("views file opens")
+}
+
+/// A member's balance as the table row holds it now.
+async fn stored_balance(database: &str, member: &str) -> Option<u64> {
+    let row = sqlx::query("SELECT view FROM membership_view WHERE member_id = ?")
+        .bind(member)
+        .fetch_optional(&mut views_file(database).await)
+        .await
+        .expect("view row read");
+    row.map(|r| {
+        let view: Value = serde_json::from_str(&r.get::<String, _>("view")).expect("stored view is JSON");
+        view["points_balance"].as_u64().expect("balance")
+    })
+}
+
+/// The text of the element marked `data-testid="{id}"` in server-rendered HTML.
+fn test_id_text<'h>(html: &'h str, id: &str) -> Option<&'h str> {
+    let rest = &html[html.find(&format!("data-testid=\"{id}\""))?..];
+    let start = rest.find('>')? + 1;
+    let end = start + rest[start..].find('<')?;
+    Some(&rest[start..end])
+}
+
+#[tokio::test]
+async fn views_held_in_memory_are_read_searched_and_stored_at_a_graceful_stop() {
+    let (url, dir) = sqlite_database();
+    let mut options = args(&url);
+    options.write_behind_ms = HOLD_MS;
+    let app = spawn_with(&options, dir.clone()).await;
+    app.enroll("wb", "Write Behind", "wb@example.com").await;
+    for points in [100, 20, 3] {
+        assert_eq!(app.earn("wb", points).await.status, 200);
+    }
+    app.catch_up().await;
+
+    // Held in memory, not in the table yet (the search row, written at once, is)...
+    assert_eq!(stored_balance(&url, "wb").await, None, "the view is held in memory");
+    // ...and yet every read shows them.
+    assert_eq!(app.view("wb").await["points_balance"], 123);
+    let found = app.get("/api/members?q=write").await.body;
+    assert_eq!(found["items"][0]["member_id"], "wb");
+    assert_eq!(found["items"][0]["points_balance"], 123, "the search takes the balance held in memory");
+    let page = app.get("/members/wb").await;
+    assert_eq!(page.status, 200);
+    let html = page.body.as_str().unwrap_or_default();
+    assert_eq!(test_id_text(html, "points-balance"), Some("123"), "the portal page shows the balance held in memory");
+
+    app.stop().await;
+    assert_eq!(stored_balance(&url, "wb").await, Some(123), "a graceful stop writes what was held");
+    let app = spawn_with(&options, dir).await;
+    assert_eq!(app.view("wb").await["points_balance"], 123);
+}
+
+#[tokio::test]
+async fn changes_held_in_memory_build_on_each_other() {
+    // Each member changes four times, none of them written: every change must start from the
+    // view held in memory.
+    let (url, dir) = sqlite_database();
+    let mut options = args(&url);
+    options.write_behind_ms = HOLD_MS;
+    let app = spawn_with(&options, dir).await;
+    for i in 0..30 {
+        app.enroll(&format!("c{i}"), &format!("Cache {i}"), &format!("c{i}@example.com")).await;
+    }
+    app.catch_up().await;
+    for round in 1..=3 {
+        for i in 0..30 {
+            assert_eq!(app.earn(&format!("c{i}"), round * 10 + i).await.status, 200);
+        }
+    }
+    app.catch_up().await;
+    for i in 0..30 {
+        assert_eq!(stored_balance(&url, &format!("c{i}")).await, None);
+        assert_eq!(app.view(&format!("c{i}")).await["points_balance"], 60 + 3 * i);
+    }
+}
+
+async fn get_json(client: &reqwest::Client, url: String) -> Option<Value> {
+    let response = client.get(url).send().await.ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Wait until the server answers `GET {path}` with 200 and `ok` holds for the body.
+async fn wait_for(client: &reqwest::Client, url: String, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(body) = get_json(client, url.clone()).await.filter(|b| ok(b)) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{url} never answered as expected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_kill_9_loses_no_view_held_in_memory() {
+    let (db, _dir) = sqlite_database();
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = start_binary(&db, port, &[("TALLY_WRITE_BEHIND_MS", &HOLD_MS.to_string())]);
+    wait_healthy(&client, &base).await;
+    let enrolled = client
+        .post(format!("{base}/api/members"))
+        .json(&json!({"member_id": "k9", "name": "Kill Nine", "email": "k9@example.com"}))
+        .send()
+        .await
+        .expect("enroll sent");
+    assert_eq!(enrolled.status(), 201);
+    let mut position = 0;
+    for points in [40, 2] {
+        let earned = client
+            .post(format!("{base}/api/members/k9/points/earn"))
+            .json(&json!({"points": points}))
+            .send()
+            .await
+            .expect("earn sent");
+        assert_eq!(earned.status(), 200);
+        position = earned.json::<Value>().await.expect("answer")["position"].as_u64().expect("position");
+    }
+    let view = format!("{base}/api/members/k9?min_position={position}");
+    wait_for(&client, view.clone(), |v| v["points_balance"] == 42).await;
+    assert_eq!(stored_balance(&db, "k9").await, None, "the view is held in memory when the server dies");
+
+    let (_server, base) = server.crash_and_restart(&db, &client).await;
+    let view = format!("{base}/api/members/k9?min_position={position}");
+    let shown = wait_for(&client, view, |v| v["points_balance"] == 42).await;
+    assert_eq!(shown["recent_activity"].as_array().map(Vec::len), Some(3), "enrolled and two earns, once each");
+}
+
+#[tokio::test]
+async fn a_running_server_writes_each_view_about_the_interval_after_it_changed() {
+    let (url, dir) = sqlite_database();
+    let mut options = args(&url);
+    options.write_behind_ms = 200;
+    let app = spawn_with(&options, dir).await;
+    app.enroll("soon", "Written Soon", "soon@example.com").await;
+    assert_eq!(app.earn("soon", 77).await.status, 200);
+    app.catch_up().await;
+    // Idle now: the consumers' safety-net poll (250 ms in tests) finds the view due.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_balance(&url, "soon").await != Some(77) {
+        assert!(Instant::now() < deadline, "the view never reached the table");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // With nothing left unwritten the stored checkpoint reaches the log's head.
+    let head = app.state.store.head().await.expect("head");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = sqlx::query("SELECT position FROM checkpoints WHERE name = 'membership_view'")
+            .fetch_one(&mut views_file(&url).await)
+            .await
+            .expect("checkpoint row");
+        if row.get::<i64, _>("position") == head {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stored checkpoint never reached the head");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
