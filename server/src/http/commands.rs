@@ -70,9 +70,10 @@ pub struct PurchaseBody {
     pub channel: String,
 }
 
-/// The body as JSON of type `T`, or a 400/413 that says what is wrong. An empty body counts as
-/// `{}` so `POST .../reactivate` works without one.
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, serde_json::Value), ApiError> {
+/// The body as JSON of type `T`, or a 400/413 that says what is wrong, with the body's bytes (for
+/// the idempotency key's canonical request). An empty body counts as `{}` so
+/// `POST .../reactivate` works without one. Parsed once, straight into `T`.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Bytes), ApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
@@ -80,12 +81,12 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T,
             ApiError::InvalidRequest(rejection.body_text())
         }
     })?;
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
-    let typed =
-        serde_json::from_value(value.clone()).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
-    Ok((typed, value))
+    let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { Bytes::from_static(b"{}") } else { bytes };
+    let typed = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid body: {e}")),
+        _ => ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")),
+    })?;
+    Ok((typed, bytes))
 }
 
 fn invalid(message: String) -> ApiError {
@@ -97,12 +98,7 @@ fn member_id(raw: &str) -> Result<String, ApiError> {
 }
 
 /// Build the envelope from headers: idempotency key (with the canonical request), If-Match, ids.
-pub fn envelope(
-    info: &RequestInfo,
-    body: &serde_json::Value,
-    command: Command,
-    actor: &str,
-) -> Result<Envelope, ApiError> {
+pub fn envelope(info: &RequestInfo, body: &[u8], command: Command, actor: &str) -> Result<Envelope, ApiError> {
     let header = |name: &str| info.headers.get(name).map(|v| v.to_str().map(str::trim));
     let expected_version = match header("if-match") {
         None => None,
@@ -117,12 +113,16 @@ pub fn envelope(
     };
     let idempotency = match header("idempotency-key") {
         None => None,
-        Some(Ok(key)) if !key.is_empty() && key.chars().count() <= 200 => Some(Idempotency {
-            scope: "api".into(),
-            key: key.to_string(),
+        Some(Ok(key)) if !key.is_empty() && key.chars().count() <= 200 => {
             // serde_json sorts object keys, so the same body in another layout is the same request.
-            request: format!("{} {} if-match={:?} {}", info.method, info.uri.path(), expected_version, body),
-        }),
+            let body: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
+            Some(Idempotency {
+                scope: "api".into(),
+                key: key.to_string(),
+                request: format!("{} {} if-match={:?} {}", info.method, info.uri.path(), expected_version, body),
+            })
+        }
         Some(_) => return Err(invalid("Idempotency-Key must be 1 to 200 visible characters".into())),
     };
     let correlation_id = match header("x-request-id") {
@@ -161,12 +161,7 @@ pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, 
     Ok(response)
 }
 
-async fn run(
-    state: &AppState,
-    info: RequestInfo,
-    body: serde_json::Value,
-    command: Command,
-) -> Result<Response, ApiError> {
+async fn run(state: &AppState, info: RequestInfo, body: Bytes, command: Command) -> Result<Response, ApiError> {
     let envelope = envelope(&info, &body, command, "api")?;
     dispatch(state, envelope).await
 }
