@@ -35,6 +35,36 @@ struct Unwritten {
     queue: VecDeque<(Instant, i64, String)>,
 }
 
+impl Unwritten {
+    /// Views a batch changed, `first` naming the position of each one's first change in it.
+    fn add(&mut self, views: &[ViewRow], first: &HashMap<&str, i64>, now: Instant) {
+        for row in views {
+            if !self.rows.contains_key(&row.member_id) {
+                let position = first.get(row.member_id.as_str()).copied().unwrap_or(row.position);
+                self.queue.push_back((now, position, row.member_id.clone()));
+            }
+            // Changed again while unwritten: its place in the queue stays that of its oldest change.
+            self.rows.insert(row.member_id.clone(), row.clone());
+        }
+    }
+
+    /// Take out the views `scope` asks for, in key order, and the position of the oldest change
+    /// still unwritten.
+    fn take(&mut self, scope: WriteScope) -> (Vec<ViewRow>, Option<i64>) {
+        let mut rows = Vec::new();
+        while let Some((at, _, _)) = self.queue.front() {
+            let take = match scope {
+                WriteScope::All => true,
+                WriteScope::Due { before, at_least } => *at <= before || rows.len() < at_least,
+            };
+            let Some((_, _, id)) = take.then(|| self.queue.pop_front()).flatten() else { break };
+            rows.extend(self.rows.remove(&id));
+        }
+        rows.sort_unstable_by(|a, b| a.member_id.cmp(&b.member_id));
+        (rows, self.queue.front().map(|(_, position, _)| *position))
+    }
+}
+
 /// Views kept in memory (about 2.5 KiB each there, so up to ~50 MiB).
 const KEPT_VIEWS: usize = 20_000;
 
@@ -81,21 +111,8 @@ impl Consumer for MembershipViewProjection {
 
     /// The views whose oldest change is in `scope`, in key order, one multi-row upsert per 64.
     async fn write(&self, conn: &mut AnyConnection, scope: WriteScope) -> anyhow::Result<Option<i64>> {
-        let (mut rows, rest) = {
-            let mut unwritten = self.unwritten();
-            let mut rows = Vec::new();
-            while let Some((at, _, _)) = unwritten.queue.front() {
-                let take = match scope {
-                    WriteScope::All => true,
-                    WriteScope::Due { before, at_least } => *at <= before || rows.len() < at_least,
-                };
-                let Some((_, _, id)) = take.then(|| unwritten.queue.pop_front()).flatten() else { break };
-                rows.extend(unwritten.rows.remove(&id));
-            }
-            (rows, unwritten.queue.front().map(|(_, position, _)| *position))
-        };
         // Taken out before the commit: if it fails, the runner forgets all and applies again.
-        rows.sort_unstable_by(|a, b| a.member_id.cmp(&b.member_id));
+        let (rows, rest) = self.unwritten().take(scope);
         save_many(conn, &rows).await?;
         Ok(rest)
     }
@@ -134,15 +151,8 @@ impl Consumer for MembershipViewProjection {
         changed.sort_unstable();
         changed.dedup();
         effects.views = changed.iter().filter_map(|id| views.get(id)).map(ViewRow::new).collect::<Result<_, _>>()?;
-        let now = Instant::now();
         let mut unwritten = self.unwritten();
-        for row in &effects.views {
-            if !unwritten.rows.contains_key(&row.member_id) {
-                let position = first.get(row.member_id.as_str()).copied().unwrap_or(row.position);
-                unwritten.queue.push_back((now, position, row.member_id.clone()));
-            }
-            unwritten.rows.insert(row.member_id.clone(), row.clone());
-        }
+        unwritten.add(&effects.views, &first, Instant::now());
         // The table does not hold the unwritten views yet: they must stay in memory.
         self.kept.keep_pinned(views, |id| unwritten.rows.contains_key(id));
         Ok(())
@@ -277,4 +287,42 @@ pub fn evolve(view: Option<MembershipView>, stored: &StoredEvent, event: &Member
     view.version = stored.stream_version as u64;
     view.position = stored.position as u64;
     Some(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn row(member_id: &str, position: i64) -> ViewRow {
+        ViewRow { member_id: member_id.into(), version: 1, position, json: format!("{{\"p\":{position}}}").into() }
+    }
+
+    fn ids(rows: &[ViewRow]) -> Vec<(&str, i64)> {
+        rows.iter().map(|r| (r.member_id.as_str(), r.position)).collect()
+    }
+
+    #[test]
+    fn due_views_are_taken_in_key_order_and_the_rest_bounds_the_checkpoint() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_millis(500), t0 + Duration::from_millis(1000));
+        let mut unwritten = Unwritten::default();
+        unwritten.add(&[row("b", 11), row("a", 12)], &HashMap::from([("b", 10), ("a", 12)]), t0);
+        // `b` changes again later: written once, with its newest view, when its first change is due.
+        unwritten.add(&[row("c", 20), row("b", 21)], &HashMap::from([("c", 20), ("b", 21)]), t1);
+        unwritten.add(&[row("d", 30)], &HashMap::from([("d", 30)]), t2);
+
+        let (rows, rest) = unwritten.take(WriteScope::Due { before: t0, at_least: 0 });
+        assert_eq!(ids(&rows), [("a", 12), ("b", 21)]);
+        assert_eq!(rest, Some(20), "the checkpoint may move to just before c's change");
+
+        let (rows, rest) = unwritten.take(WriteScope::Due { before: t0, at_least: 1 });
+        assert_eq!(ids(&rows), [("c", 20)], "the oldest, however young, when memory asks");
+        assert_eq!(rest, Some(30));
+
+        let (rows, rest) = unwritten.take(WriteScope::All);
+        assert_eq!(ids(&rows), [("d", 30)]);
+        assert_eq!(rest, None, "nothing unwritten: the checkpoint may reach the batch's end");
+        assert!(unwritten.rows.is_empty());
+    }
 }
