@@ -150,7 +150,10 @@ impl Consumer for MembershipViewProjection {
         }
         changed.sort_unstable();
         changed.dedup();
-        effects.views = changed.iter().filter_map(|id| views.get(id)).map(ViewRow::new).collect::<Result<_, _>>()?;
+        let mut buf = Vec::with_capacity(4096);
+        effects.views = (changed.iter().filter_map(|id| views.get(id)))
+            .map(|view| ViewRow::encode(view, &mut buf))
+            .collect::<Result<_, _>>()?;
         let mut unwritten = self.unwritten();
         unwritten.add(&effects.views, &first, Instant::now());
         // The table does not hold the unwritten views yet: they must stay in memory.
@@ -179,12 +182,17 @@ pub struct ViewRow {
 }
 
 impl ViewRow {
-    pub fn new(view: &MembershipView) -> Result<ViewRow, serde_json::Error> {
+    /// Serialize through `buf`, which a batch reuses for all its views: one buffer grows to a
+    /// view's size once, instead of every view's string growing (and being copied) from empty.
+    pub fn encode(view: &MembershipView, buf: &mut Vec<u8>) -> Result<ViewRow, serde_json::Error> {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, view)?;
+        let json = std::str::from_utf8(buf).map_err(<serde_json::Error as serde::ser::Error>::custom)?;
         Ok(ViewRow {
             member_id: view.member_id.clone(),
             version: view.version as i64,
             position: view.position as i64,
-            json: serde_json::to_string(view)?.into(),
+            json: Arc::from(json),
         })
     }
 }
