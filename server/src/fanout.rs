@@ -114,8 +114,8 @@ impl ViewFeed {
     }
 
     /// The projector stored the views up to `position` with its checkpoint (SQLite writes them
-    /// behind; until then the cache is where reads find them).
-    /// PostgreSQL: the cache holds only what the table holds (the listener reads it from there).
+    /// behind; until then the cache is where reads find them). On PostgreSQL the cache holds only
+    /// what the table holds (the listener reads it from there).
     pub fn written(&self, position: i64) {
         if self.backend == Backend::Sqlite {
             self.cache.set_written(position);

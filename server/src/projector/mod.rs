@@ -639,42 +639,57 @@ impl Runner {
             }
             Err(err) => {
                 // Whatever the batch kept in memory may not have committed.
-                self.forget();
-                self.pool.reset().await;
-                let message = format!("{err:#}");
-                match failing {
-                    Some(i) => self.fail(i, &message).await,
-                    None => {
-                        for (i, _, _) in &work {
-                            self.fail(*i, &message).await;
-                        }
-                    }
-                }
+                self.failed(&err, failing, &work).await;
                 return Err(());
             }
         }
         let now = Instant::now();
         for (((i, w, to), effects), store_to) in work.into_iter().zip(effects).zip(store_to) {
             let m = &mut self.members[i];
-            let name = m.handle.name;
-            if let Work::Apply(events) = w {
-                m.handle.record(events.len() as u64);
-                metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
-            }
-            if m.defers {
-                let unwritten = m.consumer.unwritten_rows() as f64;
-                metrics::gauge!("tally_consumer_unwritten_rows", "consumer" => name).set(unwritten);
-            }
-            (m.position, m.stored, m.stored_at) = (to, store_to, now);
-            m.handle.applied.send_replace(to);
-            m.handle.set("running", None);
-            metrics::gauge!("tally_consumer_position", "consumer" => name).set(to as f64);
+            (m.stored, m.stored_at) = (store_to, now);
+            metrics::gauge!("tally_consumer_position", "consumer" => m.handle.name).set(to as f64);
             if m.consumer.feeds_views() {
-                self.feed.after_commit(effects.views, to);
                 self.feed.written(store_to);
             }
+            self.applied(i, &w, to, effects);
         }
         Ok(())
+    }
+
+    /// A member's batch is applied (committed, or in memory): count it, move its position and
+    /// hand over the views it changed.
+    fn applied(&mut self, i: usize, work: &Work<'_>, to: i64, effects: Effects) {
+        let m = &mut self.members[i];
+        let name = m.handle.name;
+        if let Work::Apply(events) = work {
+            m.handle.record(events.len() as u64);
+            metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
+        }
+        if m.defers {
+            let unwritten = m.consumer.unwritten_rows() as f64;
+            metrics::gauge!("tally_consumer_unwritten_rows", "consumer" => name).set(unwritten);
+        }
+        m.position = to;
+        m.handle.applied.send_replace(to);
+        m.handle.set("running", None);
+        if m.consumer.feeds_views() {
+            self.feed.after_commit(effects.views, to);
+        }
+    }
+
+    /// A batch failed: what the consumers keep in memory (and the connection) may not match the
+    /// tables any more. The failing consumer shows the error, or every one when none was at work.
+    async fn failed(&mut self, err: &anyhow::Error, failing: Option<usize>, work: &[(usize, Work<'_>, i64)]) {
+        self.forget();
+        self.pool.reset().await;
+        let message = format!("{err:#}");
+        let failed: Vec<usize> = match failing {
+            Some(i) => vec![i],
+            None => work.iter().map(|(i, _, _)| *i).collect(),
+        };
+        for i in failed {
+            self.fail(i, &message).await;
+        }
     }
 
     /// No transaction: apply the batches of members that write behind (their reads of rows they
@@ -698,35 +713,11 @@ impl Runner {
         .await;
         if let Err(err) = outcome {
             // What was applied in memory since the checkpoints goes: the runner applies it again.
-            self.forget();
-            self.pool.reset().await;
-            let message = format!("{err:#}");
-            let failed: Vec<usize> = match failing {
-                Some(i) => vec![i],
-                None => work.iter().map(|(i, _, _)| *i).collect(),
-            };
-            for i in failed {
-                self.fail(i, &message).await;
-            }
+            self.failed(&err, failing, &work).await;
             return Err(());
         }
         for ((i, w, to), effects) in work.into_iter().zip(effects) {
-            let m = &mut self.members[i];
-            if let Work::Apply(events) = w {
-                m.handle.record(events.len() as u64);
-                metrics::counter!("tally_consumer_events_total", "consumer" => m.handle.name)
-                    .increment(events.len() as u64);
-            }
-            m.position = to;
-            m.handle.applied.send_replace(to);
-            m.handle.set("running", None);
-            if m.defers {
-                let unwritten = m.consumer.unwritten_rows() as f64;
-                metrics::gauge!("tally_consumer_unwritten_rows", "consumer" => m.handle.name).set(unwritten);
-            }
-            if m.consumer.feeds_views() {
-                self.feed.after_commit(effects.views, to);
-            }
+            self.applied(i, &w, to, effects);
         }
         Ok(())
     }
