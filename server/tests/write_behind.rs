@@ -1,5 +1,5 @@
-//! SQLite: the projector writes the membership views behind, with its checkpoint, about once a
-//! second (`projector::Runner`). What a user must not notice: every read, search and push shows a
+//! SQLite: the projector writes the membership views behind, with its checkpoint, about
+//! `TALLY_WRITE_BEHIND_MS` after each change (`projector::Runner`). What a user must not notice: every read, search and push shows a
 //! change at once, a graceful stop stores what was held, and a crash loses nothing.
 //!
 //! The tests hold the views for minutes (`--write-behind-ms`), so what the table holds while the
@@ -186,4 +186,53 @@ async fn a_running_server_writes_each_view_about_the_interval_after_it_changed()
         assert!(Instant::now() < deadline, "the stored checkpoint never reached the head");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How often the server counted a failure of `consumer` (its `/metrics`).
+async fn failures(app: &common::TestApp, consumer: &str) -> u64 {
+    let metrics = app.get("/metrics").await.body;
+    let prefix = format!("tally_consumer_errors_total{{consumer=\"{consumer}\"}} ");
+    (metrics.as_str().unwrap_or_default().lines())
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_neighbour_failing_beside_the_views_loses_none_of_the_views_held_in_memory() {
+    // The views share a group (and its retries) with the search rows. While the search rows fail,
+    // the runner commits each consumer on its own and, after each failure, drops what the group
+    // keeps in memory: the views held unwritten must be applied again, not skipped.
+    let (url, dir) = sqlite_database();
+    let mut options = args(&url);
+    options.write_behind_ms = HOLD_MS;
+    let app = spawn_with(&options, dir.clone()).await;
+    app.enroll("held", "Held Views", "held@example.com").await;
+    assert_eq!(app.earn("held", 50).await.status, 200);
+    app.catch_up().await;
+    assert_eq!(stored_balance(&url, "held").await, None, "the view is held in memory");
+
+    let mut views = SqliteConnectOptions::new()
+        .filename(server::store::views_file(Path::new(&url)))
+        .connect()
+        .await
+        .expect("views file opens");
+    sqlx::query("CREATE TRIGGER refuse_search BEFORE INSERT ON member_search BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        .execute(&mut views)
+        .await
+        .expect("trigger");
+    app.enroll("other", "Other Member", "other@example.com").await;
+    // The first failure commits the group at once; later ones one consumer at a time.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures(&app, "member_search").await < 4 {
+        assert!(Instant::now() < deadline, "the search rows never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("DROP TRIGGER refuse_search").execute(&mut views).await.expect("trigger dropped");
+    app.catch_up().await;
+    assert_eq!(app.view("held").await["points_balance"], 50);
+
+    app.stop().await;
+    assert_eq!(stored_balance(&url, "held").await, Some(50), "the held view is written at the stop");
+    assert!(stored_balance(&url, "other").await.is_some(), "and so is the one applied meanwhile");
 }

@@ -492,9 +492,14 @@ impl Runner {
         }
     }
 
-    fn forget(&self) {
-        for m in &self.members {
+    /// Drop what the consumers keep in memory, and go back to their stored checkpoints: past them,
+    /// what a consumer that writes behind applied was only in that memory, so it must be applied
+    /// again (for the others, the batches they skipped are skipped again).
+    fn forget(&mut self) {
+        for m in &mut self.members {
             m.consumer.forget();
+            m.position = m.stored;
+            m.handle.applied.send_replace(m.stored);
         }
     }
 
