@@ -4,6 +4,9 @@
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 
+/// `TALLY_WRITE_BEHIND_MS` when not set (see `ServeArgs::write_behind_ms`).
+pub const WRITE_BEHIND_MS: u64 = 5000;
+
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about = "Tally: a live, event-sourced loyalty membership portal")]
 pub struct Cli {
@@ -62,7 +65,7 @@ pub struct ServeArgs {
     /// commands/s, 5 s is about 125,000 events). Longer writes a
     /// busy member less often: under load these writes compete with the event log's syncs for
     /// the disk (BENCHMARKS.md). 0 writes them in every batch's transaction.
-    #[arg(long, env = "TALLY_WRITE_BEHIND_MS", default_value_t = 5000)]
+    #[arg(long, env = "TALLY_WRITE_BEHIND_MS", default_value_t = WRITE_BEHIND_MS)]
     pub write_behind_ms: u64,
     /// PostgreSQL: how often a standby node tries to take over the consumers (ms). A dead
     /// leader's lock is free as soon as PostgreSQL notices its session is gone.

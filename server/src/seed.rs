@@ -54,7 +54,7 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
         head,
         feed.clone(),
         Duration::from_millis(200),
-        Duration::from_secs(1),
+        Duration::from_millis(crate::config::WRITE_BEHIND_MS),
     );
     let mut tasks = consumers.run(shutdown.clone());
     if store.backend == store::Backend::Postgres {
