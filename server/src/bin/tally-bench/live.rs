@@ -61,10 +61,14 @@ async fn subscriber(
 ) -> anyhow::Result<()> {
     let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&ws_url, Some(client_config()), true).await?;
     socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await?;
+    // One wait for the stop, kept across messages: a new one per message would join and leave
+    // the token's waiter list (one lock shared by all 10,000 clients) for every view received.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let message = tokio::select! {
             m = socket.next() => m,
-            _ = stop.cancelled() => return Ok(()),
+            _ = &mut stopped => return Ok(()),
         };
         match message {
             Some(Ok(Message::Text(text))) => {
