@@ -62,9 +62,9 @@ pub struct ServeArgs {
     /// SQLite: how long the projector may hold changed membership views in memory before it
     /// writes them with its checkpoint, in milliseconds. Reads and live pushes see a change at
     /// once either way; after a crash the events since the checkpoint are applied again (at 25,000
-    /// commands/s, 5 s is about 125,000 events). Longer writes a
-    /// busy member less often: under load these writes compete with the event log's syncs for
-    /// the disk (BENCHMARKS.md). 0 writes them in every batch's transaction.
+    /// commands/s, 5 s is about 125,000 events). Longer writes a busy member less often: under
+    /// load these writes compete with the event log's syncs for the disk (BENCHMARKS.md). 0
+    /// writes them in every batch's transaction.
     #[arg(long, env = "TALLY_WRITE_BEHIND_MS", default_value_t = WRITE_BEHIND_MS)]
     pub write_behind_ms: u64,
     /// PostgreSQL: how often a standby node tries to take over the consumers (ms). A dead

@@ -1,6 +1,7 @@
 //! SQLite: the projector writes the membership views behind, with its checkpoint, about
-//! `TALLY_WRITE_BEHIND_MS` after each change (`projector::Runner`). What a user must not notice: every read, search and push shows a
-//! change at once, a graceful stop stores what was held, and a crash loses nothing.
+//! `TALLY_WRITE_BEHIND_MS` after each change (`projector::Runner`). What a user must not notice:
+//! every read, search and push shows a change at once, a graceful stop stores what was held, and
+//! a crash loses nothing.
 //!
 //! The tests hold the views for minutes (`--write-behind-ms`), so what the table holds while the
 //! server runs is certain, not a race against the timer.
