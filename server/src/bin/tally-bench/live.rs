@@ -1,13 +1,17 @@
 //! WebSocket measures: freshness under load (P4) and fan-out to many clients (P5).
 
 use crate::load::{self, histogram};
-use futures::{SinkExt, StreamExt};
+use bytes::{Buf, BytesMut};
+use futures::SinkExt;
 use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -42,16 +46,15 @@ fn position_from_head(text: &str) -> Option<u64> {
     after[..end].parse().ok()
 }
 
-/// Socket settings of the load generator's clients. The library zero-fills its whole read buffer
-/// (128 KiB by default) before every read; with 10,000 clients each reading one ~2 KiB view per
-/// change, that `memset` was the clients' largest cost in a profile of P5, and it runs on the same
-/// two cores as the server it measures. Views fit in a few KiB; bigger messages still arrive, in
-/// several reads.
-fn client_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(8 * 1024)
-}
-
 /// Connect, subscribe to `topic`, and report (client, position, arrival) for every view received.
+///
+/// The library makes the connection (handshake, subscribe message); the views are then read
+/// straight off the socket, each frame's header parsed by the library's `FrameHeader::parse`.
+/// Through the library's stream, every read first zero-filled its buffer and went through its own
+/// wakers: with 10,000 clients on the same two cores as the server, that was about a sixth of the
+/// clients' work per change, and so part of the delivery times measured. The server sends only
+/// views (and a close); it sends nothing before the subscription, so no view is left behind in
+/// the library's buffer when reading moves to the socket.
 async fn subscriber(
     ws_url: String,
     topic: String,
@@ -59,29 +62,66 @@ async fn subscriber(
     out: mpsc::UnboundedSender<(usize, u64, Instant)>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&ws_url, Some(client_config()), true).await?;
+    let addr = ws_url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(addr, _)| addr.to_string())
+        .ok_or_else(|| anyhow::anyhow!("not a ws:// address: {ws_url}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    // The library's read buffer serves the handshake only: keep it small for 10,000 clients.
+    let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
+    let (mut socket, _) = tokio_tungstenite::client_async_with_config(&ws_url, tcp, Some(config)).await?;
     socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await?;
+    let tcp = socket.get_mut();
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     // One wait for the stop, kept across messages: a new one per message would join and leave
     // the token's waiter list (one lock shared by all 10,000 clients) for every view received.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
-        let message = tokio::select! {
-            m = socket.next() => m,
-            _ = &mut stopped => return Ok(()),
-        };
-        match message {
-            Some(Ok(Message::Text(text))) => {
-                let at = Instant::now();
-                if let Some(p) = position_of(&text) {
-                    let _ = out.send((client, p, at));
+        // Every complete frame received so far.
+        loop {
+            let mut cursor = std::io::Cursor::new(&buf[..]);
+            let Some((header, length)) = FrameHeader::parse(&mut cursor)? else { break };
+            let start = cursor.position() as usize;
+            let length = usize::try_from(length)
+                .ok()
+                .filter(|length| *length <= MAX_MESSAGE)
+                .ok_or_else(|| anyhow::anyhow!("a {length}-byte frame: views are a few KiB"))?;
+            let end = start + length;
+            if buf.len() < end {
+                buf.reserve(end - buf.len());
+                break;
+            }
+            match header.opcode {
+                OpCode::Data(Data::Text) if header.is_final => {
+                    let at = Instant::now();
+                    if let Some(p) = std::str::from_utf8(&buf[start..end]).ok().and_then(position_of) {
+                        let _ = out.send((client, p, at));
+                    }
+                }
+                OpCode::Control(Control::Close) => return Ok(()),
+                _ => {}
+            }
+            buf.advance(end);
+        }
+        // Room for a whole view in one read (reclaims the space of the frames consumed).
+        buf.reserve(READ_BUFFER);
+        tokio::select! {
+            read = tcp.read_buf(&mut buf) => {
+                if read? == 0 {
+                    return Ok(());
                 }
             }
-            Some(Ok(_)) => {}
-            _ => return Ok(()),
+            _ = &mut stopped => return Ok(()),
         }
     }
 }
+
+/// Bytes asked of each read: a view (~2 KiB) fits.
+const READ_BUFFER: usize = 8 * 1024;
+/// Larger frames are an error: the server sends views of a few KiB.
+const MAX_MESSAGE: usize = 1 << 20;
 
 async fn earn(client: &reqwest::Client, base: &str, member: &str) -> anyhow::Result<(u64, Instant)> {
     let resp =
@@ -165,6 +205,10 @@ pub struct Fanout {
     pub connected: usize,
     pub missing: usize,
     pub rss_per_connection_kib: f64,
+    /// CPU time per delivered message over the rounds (µs): the server's, and this load
+    /// generator's own (its clients run on the same cores, so their cost is in the delivery times).
+    pub server_us_per_message: f64,
+    pub client_us_per_message: f64,
 }
 
 /// P5: `clients` sockets on one topic; each change must reach all of them.
@@ -206,6 +250,7 @@ pub async fn fanout(
     let client = load::client(1);
     let mut hist = histogram();
     let mut missing = 0;
+    let (server_before, client_before) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
     for _ in 0..rounds {
         let (position, acked) = earn(&client, base, member).await?;
         let mut got = std::collections::HashSet::new();
@@ -225,11 +270,25 @@ pub async fn fanout(
         missing += connected - got.len();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (server_after, client_after) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
+    let per_message = |before: crate::proc::Sample, after: crate::proc::Sample| {
+        1e6 * (after.cpu_secs - before.cpu_secs) / hist.len().max(1) as f64
+    };
+    let server_us_per_message = per_message(server_before, server_after);
+    let client_us_per_message = per_message(client_before, client_after);
     stop.cancel();
     for t in tasks {
         let _ = t.await;
     }
-    Ok(Fanout { hist, clients, connected, missing, rss_per_connection_kib })
+    Ok(Fanout {
+        hist,
+        clients,
+        connected,
+        missing,
+        rss_per_connection_kib,
+        server_us_per_message,
+        client_us_per_message,
+    })
 }
 
 #[cfg(test)]

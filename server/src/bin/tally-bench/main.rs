@@ -328,15 +328,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         id: "P5",
         measure: format!("one change to a topic watched by {} sockets ({} connected)", fan.clients, fan.connected),
         result: format!(
-            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {}; server memory {:.1} KiB per connection",
-            fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib
+            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {}; server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs",
+            fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib,
+            fan.server_us_per_message, fan.client_us_per_message
         ),
         target: "p99 ≤ 100 ms; ≤ 16 KiB per connection",
         met: Some(p99 <= 100.0 && fan.rss_per_connection_kib <= 16.0 && fan.missing == 0 && fan.connected == fan.clients),
         server_cpu_percent: Some(cpu),
         server_rss_mib: Some(rss),
         figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
-            "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib}),
+            "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib,
+            "server_us_per_message": fan.server_us_per_message, "client_us_per_message": fan.client_us_per_message}),
     });
     }
 
