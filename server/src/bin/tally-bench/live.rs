@@ -209,6 +209,7 @@ pub struct Fanout {
     /// generator's own (its clients run on the same cores, so their cost is in the delivery times).
     pub server_us_per_message: f64,
     pub client_us_per_message: f64,
+    pub view_bytes: usize,
 }
 
 /// P5: `clients` sockets on one topic; each change must reach all of them.
@@ -248,6 +249,8 @@ pub async fn fanout(
     let rss_per_connection_kib = after.rss_kib.saturating_sub(before.rss_kib) as f64 / connected.max(1) as f64;
 
     let client = load::client(1);
+    // The size of what each socket receives per change (the view, as the REST query answers it).
+    let view_bytes = client.get(format!("{base}/api/members/{member}")).send().await?.bytes().await?.len();
     let mut hist = histogram();
     let mut missing = 0;
     let (server_before, client_before) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
@@ -288,6 +291,7 @@ pub async fn fanout(
         rss_per_connection_kib,
         server_us_per_message,
         client_us_per_message,
+        view_bytes,
     })
 }
 

@@ -326,7 +326,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let p99 = fan.hist.value_at_quantile(0.99) as f64 / 1000.0;
         rows.push(Row {
         id: "P5",
-        measure: format!("one change to a topic watched by {} sockets ({} connected)", fan.clients, fan.connected),
+        measure: format!("one change to a topic watched by {} sockets ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
         result: format!(
             "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {}; server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs",
             fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib,
@@ -338,7 +338,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         server_rss_mib: Some(rss),
         figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
             "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib,
-            "server_us_per_message": fan.server_us_per_message, "client_us_per_message": fan.client_us_per_message}),
+            "server_us_per_message": fan.server_us_per_message, "client_us_per_message": fan.client_us_per_message, "view_bytes": fan.view_bytes}),
     });
     }
 
