@@ -4,9 +4,9 @@
 //! that index, a random 4 KiB page (commands hit random members, so no two in a batch share a
 //! leaf), checksummed, written to the log and synced before the command is answered. That page,
 //! with the member's view in the views' file, was what held command throughput back
-//! (BENCHMARKS.md, third session of 2026-11-30). Instead each event names its stream's previous
-//! event (`previous_position`), so a stream is read by following that chain back from its head,
-//! and a commit adds nothing but rows at the end of the log.
+//! (docs/benchmark-history.md, third session of 2026-11-30). Instead each event names its
+//! stream's previous event (`previous_position`), so a stream is read by following that chain
+//! back from its head, and a commit adds nothing but rows at the end of the log.
 //!
 //! The heads themselves are what this module keeps: the newest `(version, position)` of every
 //! stream appended to lately, in memory, and of every stream in the `stream_heads` table, written

@@ -6,11 +6,11 @@
 //! from sqlx's pool costs two round trips to the driver's thread per use: the pool pings a
 //! connection when it is taken (`test_before_acquire`) and again, in a task of its own, when it
 //! is given back, and the next taker waits for that task. For the command writer that was 40 %
-//! of every batch's time (BENCHMARKS.md, seventh session of 2026-11-29). So on SQLite the one
-//! connection is taken out of the pool once, kept, and lent through a fair (first come, first
-//! served) lock: whoever holds the lock holds the file's write lock too. After an error that may
-//! have left it unusable, [`Writes::reset`] gives it back to the pool, which tests it and opens a
-//! new one if it must.
+//! of every batch's time (docs/benchmark-history.md, seventh session of 2026-11-29). So on
+//! SQLite the one connection is taken out of the pool once, kept, and lent through a fair (first
+//! come, first served) lock: whoever holds the lock holds the file's write lock too. After an
+//! error that may have left it unusable, [`Writes::reset`] gives it back to the pool, which tests
+//! it and opens a new one if it must.
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool};

@@ -286,7 +286,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99),
                 "p999_ms": cmds.ms(0.999), "max_ms": cmds.ms(1.0), "errors": cmds.errors}),
         });
-        wait_caught_up(server.base()).await?;
+        settle(server.base()).await?;
     }
 
     // P4: freshness under load.
@@ -312,7 +312,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         server_rss_mib: Some(rss),
         figures: json!({"p50_ms": p50, "p99_ms": p99, "samples": fresh.hist.len(), "background_rate": fresh.background_rate, "target_rate": args.fresh_rate}),
     });
-        wait_caught_up(server.base()).await?;
+        settle(server.base()).await?;
     }
 
     // P5: fan-out to many sockets on one topic.
@@ -485,6 +485,14 @@ async fn wait_written(base: &str) -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "{unwritten} views still unwritten after two minutes");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Between measures: the consumers caught up and every view the last measure changed written.
+/// P3 changes every member's view, and the server writes each changed view over the next
+/// write-behind interval (5 s): a measure started meanwhile would measure those writes too.
+async fn settle(base: &str) -> anyhow::Result<()> {
+    wait_caught_up(base).await?;
+    wait_written(base).await
 }
 
 /// Append commands until the log holds `target` events.
