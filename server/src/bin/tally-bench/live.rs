@@ -139,12 +139,14 @@ pub struct Freshness {
 }
 
 /// P4: ack of a command → a subscribed client holds the new view, with `clients` other sockets
-/// subscribed and background commands at `rate` per second.
+/// subscribed and background commands at `rate` per second, sampled after `warmup` of that load
+/// (so that the server's writes of the views it changes are under way, as at steady state).
 pub async fn freshness(
     base: &str,
     members: &[String],
     clients: usize,
     rate: f64,
+    warmup: Duration,
     samples: usize,
 ) -> anyhow::Result<Freshness> {
     let ws_url = base.replacen("http://", "ws://", 1) + "/ws";
@@ -171,7 +173,7 @@ pub async fn freshness(
         (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 1})))
     });
     let background = tokio::spawn(load::paced(base.to_string(), 64, rate, make, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(warmup.max(Duration::from_millis(500))).await;
 
     let client = load::client(2);
     let mut hist = histogram();

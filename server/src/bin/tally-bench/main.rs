@@ -58,9 +58,9 @@ struct RunArgs {
     /// Seconds per throughput measure.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// P3: seconds of the same load, not measured, before its measured seconds. The server writes
-    /// each changed view one write-behind interval after its change (`TALLY_WRITE_BEHIND_MS`, 5 s
-    /// by default), so a window that starts with the load would begin without those writes.
+    /// P3 and P4: seconds of the same load, not measured, before the measured part. The server
+    /// writes each changed view one write-behind interval after its change (`TALLY_WRITE_BEHIND_MS`,
+    /// 5 s by default), so a window that starts with the load would begin without those writes.
     #[arg(long, default_value_t = 10)]
     warmup: u64,
     #[arg(long, default_value_t = 64)]
@@ -293,7 +293,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.wants("P4") {
         let (fresh, cpu, rss) = with_usage(
             server.pid(),
-            live::freshness(server.base(), &members, args.fresh_clients, args.fresh_rate, args.fresh_samples),
+            live::freshness(
+                server.base(),
+                &members,
+                args.fresh_clients,
+                args.fresh_rate,
+                Duration::from_secs(args.warmup),
+                args.fresh_samples,
+            ),
         )
         .await;
         let fresh = fresh?;
