@@ -62,12 +62,9 @@ async fn subscriber(
     out: mpsc::UnboundedSender<(usize, u64, Instant)>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let addr = ws_url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split_once('/'))
-        .map(|(addr, _)| addr.to_string())
-        .ok_or_else(|| anyhow::anyhow!("not a ws:// address: {ws_url}"))?;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let uri: hyper::Uri = ws_url.parse()?;
+    let addr = uri.authority().ok_or_else(|| anyhow::anyhow!("no host in {ws_url}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
     // The library's read buffer serves the handshake only: keep it small for 10,000 clients.
     let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
     let (mut socket, _) = tokio_tungstenite::client_async_with_config(&ws_url, tcp, Some(config)).await?;
