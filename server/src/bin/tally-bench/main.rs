@@ -317,7 +317,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         met: Some(p50 <= 5.0 && p99 <= 25.0),
         server_cpu_percent: Some(cpu),
         server_rss_mib: Some(rss),
-        figures: json!({"p50_ms": p50, "p99_ms": p99, "samples": fresh.hist.len(), "background_rate": fresh.background_rate, "target_rate": args.fresh_rate}),
+        figures: json!({"p50_ms": p50, "p99_ms": p99, "samples": fresh.hist.len(), "sockets": fresh.subscribers, "background_rate": fresh.background_rate, "target_rate": args.fresh_rate}),
     });
         settle(server.base()).await?;
     }
