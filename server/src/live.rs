@@ -59,14 +59,24 @@ pub struct Mailbox {
 impl Mailbox {
     /// Keep `frame` for `topic` unless something as new is already pending or sent.
     pub fn put(&self, topic: &Topic, frame: Frame) {
-        let Ok(mut p) = self.pending.lock() else { return };
+        if self.keep(topic, frame) {
+            self.wake();
+        }
+    }
+
+    /// [`Mailbox::put`] without waking the socket's sender: true if it has to be woken.
+    fn keep(&self, topic: &Topic, frame: Frame) -> bool {
+        let Ok(mut p) = self.pending.lock() else { return false };
         if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
             || p.views.get(topic).is_some_and(|f| f.position >= frame.position)
         {
-            return;
+            return false;
         }
         p.views.insert(topic.clone(), frame);
-        drop(p);
+        true
+    }
+
+    fn wake(&self) {
         self.notify.notify_one();
     }
 
@@ -118,6 +128,11 @@ impl Mailbox {
         true
     }
 }
+
+/// Sockets woken at once by one change. Woken all together, 10,000 sockets' senders fill the
+/// runtime's queues, and any task woken after them (a command's answer, after the log's sync)
+/// waits for every one of those sends; woken a chunk at a time, it waits for one chunk.
+const WAKE_CHUNK: usize = 256;
 
 #[derive(Default)]
 pub struct Hub {
@@ -175,8 +190,18 @@ impl Hub {
         // Pending frames are kept per member topic, also for `members` subscribers.
         let key = key.unwrap_or_else(|| topic.into());
         let frame = view_frame(topic, position, view_json);
-        for mailbox in recipients {
-            mailbox.put(&key, frame.clone());
+        let woken: Vec<Arc<Mailbox>> = recipients.into_iter().filter(|m| m.keep(&key, frame.clone())).collect();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if woken.len() > WAKE_CHUNK => {
+                runtime.spawn(async move {
+                    for chunk in woken.chunks(WAKE_CHUNK) {
+                        chunk.iter().for_each(|m| m.wake());
+                        // Whatever was woken meanwhile runs before the next chunk's sends.
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            _ => woken.iter().for_each(|m| m.wake()),
         }
     }
 }
@@ -229,6 +254,45 @@ mod tests {
         // Oldest change first, whatever order the topics were published in.
         assert!(batch[0].as_str().contains(r#""topic":"member:a""#), "{:?}", batch[0]);
         assert!(batch[1].as_str().contains(r#""topic":"member:b""#), "{:?}", batch[1]);
+    }
+
+    /// A task woken after a change to many sockets (a command's answer) waits for one chunk of
+    /// their sends, not for all of them.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_big_fan_out_lets_other_tasks_run_between_chunks() {
+        const SOCKETS: usize = 4 * WAKE_CHUNK;
+        let hub = Arc::new(Hub::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(AtomicU64::new(0));
+        let mut senders = Vec::new();
+        for i in 0..SOCKETS {
+            let mailbox = hub.mailbox();
+            hub.subscribe("member:a", &mailbox);
+            let (order, started) = (order.clone(), started.clone());
+            senders.push(tokio::spawn(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let mut out = Vec::new();
+                mailbox.next_batch(&mut out).await;
+                order.lock().unwrap().push(i);
+            }));
+        }
+        // Every sender waits on its mailbox before the change (one runtime thread: no race).
+        while started.load(Ordering::SeqCst) < SOCKETS as u64 {
+            tokio::task::yield_now().await;
+        }
+        hub.publish("member:a", 1, "{}");
+        let probe = {
+            let order = order.clone();
+            tokio::spawn(async move { order.lock().unwrap().push(usize::MAX) })
+        };
+        probe.await.unwrap();
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        assert_eq!(order.len(), SOCKETS + 1, "every socket got the change");
+        let probe_at = order.iter().position(|i| *i == usize::MAX).unwrap();
+        assert!(probe_at <= WAKE_CHUNK, "the other task ran after {probe_at} sends");
     }
 
     #[test]
