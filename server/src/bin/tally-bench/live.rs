@@ -220,6 +220,32 @@ pub struct Fanout {
     /// Per round, the time from the acknowledgement to the last client's delivery (ms), in
     /// round order: tells a tail that every change has from one that a few slow rounds make.
     pub round_last_ms: Vec<f64>,
+    /// Per round, the command's own round trip (request sent → answer read), in ms.
+    pub answer_ms: Vec<f64>,
+}
+
+/// P5's commands run on a thread and runtime of their own, with a client of their own, so that
+/// the time their answer is read (the origin of the delivery times, and the command's own round
+/// trip) is not also a wait behind the 10,000 clients' reads on the same runtime.
+struct CommandThread {
+    handle: tokio::runtime::Handle,
+    client: reqwest::Client,
+}
+
+impl CommandThread {
+    fn start(stop: &CancellationToken) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let stop = stop.clone();
+        std::thread::Builder::new().name("p5-commands".into()).spawn(move || runtime.block_on(stop.cancelled()))?;
+        Ok(CommandThread { handle, client: load::client(1) })
+    }
+
+    /// Earn a point on the command thread: (position, when its answer was read there).
+    async fn earn(&self, base: &str, member: &str) -> anyhow::Result<(u64, Instant)> {
+        let (client, base, member) = (self.client.clone(), base.to_string(), member.to_string());
+        self.handle.spawn(async move { earn(&client, &base, &member).await }).await?
+    }
 }
 
 /// The newest view one P5 client received, left where the rounds read it. A view arriving costs
@@ -279,14 +305,17 @@ pub async fn fanout(
     let client = load::client(1);
     // The size of what each socket receives per change (the view, as the REST query answers it).
     let view_bytes = client.get(format!("{base}/api/members/{member}")).send().await?.bytes().await?.len();
+    let commands = CommandThread::start(&stop)?;
     let mut hist = histogram();
     let mut hist_from_request = histogram();
     let mut missing = 0;
     let mut round_last_ms = Vec::with_capacity(rounds);
+    let mut answer_ms = Vec::with_capacity(rounds);
     let (server_before, client_before) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
     for _ in 0..rounds {
         let sent = Instant::now();
-        let (position, acked) = earn(&client, base, member).await?;
+        let (position, acked) = commands.earn(base, member).await?;
+        answer_ms.push(acked.saturating_duration_since(sent).as_secs_f64() * 1000.0);
         // The clients time their own arrivals: how often this looks only decides when the
         // round is over, not what it measures.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -330,6 +359,7 @@ pub async fn fanout(
         client_us_per_message,
         view_bytes,
         round_last_ms,
+        answer_ms,
     })
 }
 

@@ -336,11 +336,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lasts.sort_by(f64::total_cmp);
         let last_median = lasts.get(lasts.len() / 2).copied().unwrap_or(0.0);
         let last_max = lasts.last().copied().unwrap_or(0.0);
+        let mut answers = fan.answer_ms.clone();
+        answers.sort_by(f64::total_cmp);
+        let answer_median = answers.get(answers.len() / 2).copied().unwrap_or(0.0);
+        let answer_max = answers.last().copied().unwrap_or(0.0);
         rows.push(Row {
         id: "P5",
         measure: format!("one change to a topic watched by {} sockets ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
         result: format!(
-            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs",
+            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; the change's own command answered in {answer_median:.1} ms (median), {answer_max:.1} ms (slowest); server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs",
             fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib,
             fan.server_us_per_message, fan.client_us_per_message
         ),
@@ -351,7 +355,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
             "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib,
             "server_us_per_message": fan.server_us_per_message, "client_us_per_message": fan.client_us_per_message, "view_bytes": fan.view_bytes,
-            "p99_from_request_ms": p99_from_request, "round_last_median_ms": last_median, "round_last_max_ms": last_max, "round_last_ms": fan.round_last_ms}),
+            "p99_from_request_ms": p99_from_request, "round_last_median_ms": last_median, "round_last_max_ms": last_max, "round_last_ms": fan.round_last_ms,
+            "answer_median_ms": answer_median, "answer_max_ms": answer_max, "answer_ms": fan.answer_ms}),
     });
     }
 
