@@ -275,6 +275,8 @@ pub async fn fanout(
 ) -> anyhow::Result<Fanout> {
     let ws_url = base.replacen("http://", "ws://", 1) + "/ws";
     let stop = CancellationToken::new();
+    // On an early return too: the clients and the command thread stop with the measure.
+    let _stop_on_return = stop.clone().drop_guard();
     let origin = Instant::now();
     let latest: Arc<Vec<Latest>> = Arc::new((0..clients).map(|_| Latest::default()).collect());
     let mut tasks = Vec::with_capacity(clients);
