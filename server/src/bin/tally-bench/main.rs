@@ -173,6 +173,13 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Median and largest of per-round figures (0 for none).
+fn median_and_max(values: &[f64]) -> (f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (sorted.get(sorted.len() / 2).copied().unwrap_or(0.0), sorted.last().copied().unwrap_or(0.0))
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tally = sibling("tally")?;
     let me = std::env::current_exe()?;
@@ -332,14 +339,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let fan = fan?;
         let p99 = fan.hist.value_at_quantile(0.99) as f64 / 1000.0;
         let p99_from_request = fan.hist_from_request.value_at_quantile(0.99) as f64 / 1000.0;
-        let mut lasts = fan.round_last_ms.clone();
-        lasts.sort_by(f64::total_cmp);
-        let last_median = lasts.get(lasts.len() / 2).copied().unwrap_or(0.0);
-        let last_max = lasts.last().copied().unwrap_or(0.0);
-        let mut answers = fan.answer_ms.clone();
-        answers.sort_by(f64::total_cmp);
-        let answer_median = answers.get(answers.len() / 2).copied().unwrap_or(0.0);
-        let answer_max = answers.last().copied().unwrap_or(0.0);
+        let (last_median, last_max) = median_and_max(&fan.round_last_ms);
+        let (answer_median, answer_max) = median_and_max(&fan.answer_ms);
         rows.push(Row {
         id: "P5",
         measure: format!("one change to a topic watched by {} sockets ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
