@@ -59,24 +59,14 @@ pub struct Mailbox {
 impl Mailbox {
     /// Keep `frame` for `topic` unless something as new is already pending or sent.
     pub fn put(&self, topic: &Topic, frame: Frame) {
-        if self.keep(topic, frame) {
-            self.wake();
-        }
-    }
-
-    /// [`Mailbox::put`] without waking the socket's sender: true if it has to be woken.
-    fn keep(&self, topic: &Topic, frame: Frame) -> bool {
-        let Ok(mut p) = self.pending.lock() else { return false };
+        let Ok(mut p) = self.pending.lock() else { return };
         if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
             || p.views.get(topic).is_some_and(|f| f.position >= frame.position)
         {
-            return false;
+            return;
         }
         p.views.insert(topic.clone(), frame);
-        true
-    }
-
-    fn wake(&self) {
+        drop(p);
         self.notify.notify_one();
     }
 
@@ -190,18 +180,22 @@ impl Hub {
         // Pending frames are kept per member topic, also for `members` subscribers.
         let key = key.unwrap_or_else(|| topic.into());
         let frame = view_frame(topic, position, view_json);
-        let woken: Vec<Arc<Mailbox>> = recipients.into_iter().filter(|m| m.keep(&key, frame.clone())).collect();
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if woken.len() > WAKE_CHUNK => {
+            Ok(runtime) if recipients.len() > WAKE_CHUNK => {
+                // A chunk is kept and woken before the next is kept: the first sends start at
+                // once, instead of after the whole loop (about 5 ms for 10,000 sockets, each
+                // mailbox a few cache misses away), and the other cores send meanwhile. Kept
+                // later than the publish, a frame still never overtakes a newer one: `put`
+                // compares positions.
                 runtime.spawn(async move {
-                    for chunk in woken.chunks(WAKE_CHUNK) {
-                        chunk.iter().for_each(|m| m.wake());
+                    for chunk in recipients.chunks(WAKE_CHUNK) {
+                        chunk.iter().for_each(|m| m.put(&key, frame.clone()));
                         // Whatever was woken meanwhile runs before the next chunk's sends.
                         tokio::task::yield_now().await;
                     }
                 });
             }
-            _ => woken.iter().for_each(|m| m.wake()),
+            _ => recipients.iter().for_each(|m| m.put(&key, frame.clone())),
         }
     }
 }
