@@ -59,7 +59,7 @@ fn position_from_head(text: &str) -> Option<u64> {
 async fn subscriber(
     ws_url: String,
     topic: String,
-    mut report: impl FnMut(u64, Instant) + Send + 'static,
+    report: impl FnMut(u64, Instant) + Send + 'static,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let uri: hyper::Uri = ws_url.parse()?;
@@ -69,7 +69,16 @@ async fn subscriber(
     let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
     let (mut socket, _) = tokio_tungstenite::client_async_with_config(&ws_url, tcp, Some(config)).await?;
     socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await?;
-    let tcp = socket.get_mut();
+    read_views(socket.get_mut(), report, stop).await
+}
+
+/// Read WebSocket frames straight off `tcp` until closed or stopped, reporting (position,
+/// arrival) of every view.
+async fn read_views(
+    tcp: &mut tokio::net::TcpStream,
+    mut report: impl FnMut(u64, Instant),
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     // One wait for the stop, kept across messages: a new one per message would join and leave
     // the token's waiter list (one lock shared by all 10,000 clients) for every view received.
@@ -195,9 +204,7 @@ pub async fn freshness(
     }
     stop.cancel();
     let (_, background_rate) = background.await?;
-    for t in tasks {
-        let _ = t.await;
-    }
+    join_clients(tasks, "P4").await;
     Ok(Freshness { hist, background_rate, subscribers: clients })
 }
 
@@ -217,9 +224,14 @@ pub struct Fanout {
     pub server_us_per_message: f64,
     pub client_us_per_message: f64,
     pub view_bytes: usize,
+    /// The view the sockets received, as the REST query answers it.
+    pub view: String,
     /// Per round, the time from the acknowledgement to the last client's delivery (ms), in
     /// round order: tells a tail that every change has from one that a few slow rounds make.
     pub round_last_ms: Vec<f64>,
+    /// Per round, the time from the acknowledgement to the first client's delivery (ms): a
+    /// slow round that also starts late waited for something before its fan-out.
+    pub round_first_ms: Vec<f64>,
     /// Per round, the command's own round trip (request sent → answer read), in ms.
     pub answer_ms: Vec<f64>,
 }
@@ -254,18 +266,88 @@ impl CommandThread {
 #[derive(Default)]
 struct Latest {
     position: AtomicU64,
-    /// Nanoseconds since the measure's origin.
+    /// Nanoseconds since the slots' origin.
     at: AtomicU64,
 }
 
-impl Latest {
-    fn position(&self) -> u64 {
-        self.position.load(Ordering::Acquire)
+/// One [`Latest`] per client, and what a round reads from them.
+#[derive(Clone)]
+struct Slots {
+    latest: Arc<Vec<Latest>>,
+    origin: Instant,
+}
+
+impl Slots {
+    fn new(clients: usize) -> Self {
+        Slots { latest: Arc::new((0..clients).map(|_| Latest::default()).collect()), origin: Instant::now() }
     }
 
-    fn get(&self, origin: Instant) -> (u64, Instant) {
-        let position = self.position();
-        (position, origin + Duration::from_nanos(self.at.load(Ordering::Relaxed)))
+    /// What client `i` calls for each view it receives.
+    fn reporter(&self, i: usize) -> impl FnMut(u64, Instant) + Send + 'static {
+        let slots = self.clone();
+        move |position, at| {
+            let slot = &slots.latest[i];
+            slot.at.store(at.saturating_duration_since(slots.origin).as_nanos() as u64, Ordering::Relaxed);
+            slot.position.store(position, Ordering::Release);
+        }
+    }
+
+    /// Clients holding `position` or newer. Checked every millisecond of a round, on the cores
+    /// the clients share: positions only.
+    fn received(&self, position: u64) -> usize {
+        self.latest.iter().filter(|slot| slot.position.load(Ordering::Acquire) >= position).count()
+    }
+
+    /// Wait until `clients` hold `position`, at most `wait`, looking every `every`. The clients
+    /// time their own arrivals: how often this looks only decides when the wait is over.
+    async fn wait_for(&self, position: u64, clients: usize, wait: Duration, every: Duration) {
+        let deadline = Instant::now() + wait;
+        while self.received(position) < clients && Instant::now() < deadline {
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Arrival times of `position` (or newer), each client's once.
+    fn arrivals(&self, position: u64) -> impl Iterator<Item = Instant> + '_ {
+        (self.latest.iter())
+            .filter(move |slot| slot.position.load(Ordering::Acquire) >= position)
+            .map(|slot| self.origin + Duration::from_nanos(slot.at.load(Ordering::Relaxed)))
+    }
+}
+
+/// Connect `clients` with `connect(i)`, paced so that the listener's backlog keeps up.
+async fn connect_all<F>(
+    clients: usize,
+    mut connect: impl FnMut(usize) -> F,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        tasks.push(tokio::spawn(connect(i)));
+        if i % 250 == 249 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    tasks
+}
+
+/// Wait for stopped clients; say how many failed, and why the first did.
+async fn join_clients(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>, measure: &str) {
+    let mut failed = 0;
+    let mut first = None;
+    for task in tasks {
+        let error = match task.await {
+            Ok(Ok(())) => continue,
+            Ok(Err(err)) => err,
+            Err(err) => err.into(),
+        };
+        failed += 1;
+        first.get_or_insert(error);
+    }
+    if let Some(error) = first {
+        eprintln!("{measure}: {failed} clients failed; the first: {error:#}");
     }
 }
 
@@ -281,68 +363,47 @@ pub async fn fanout(
     let stop = CancellationToken::new();
     // On an early return too: the clients and the command thread stop with the measure.
     let _stop_on_return = stop.clone().drop_guard();
-    let origin = Instant::now();
-    let latest: Arc<Vec<Latest>> = Arc::new((0..clients).map(|_| Latest::default()).collect());
-    let mut tasks = Vec::with_capacity(clients);
+    let slots = Slots::new(clients);
     let before = crate::proc::sample(server_pid);
-    for i in 0..clients {
-        let latest = latest.clone();
-        let report = move |position: u64, at: Instant| {
-            let slot = &latest[i];
-            slot.at.store(at.saturating_duration_since(origin).as_nanos() as u64, Ordering::Relaxed);
-            slot.position.store(position, Ordering::Release);
-        };
-        tasks.push(tokio::spawn(subscriber(ws_url.clone(), format!("member:{member}"), report, stop.clone())));
-        if i % 250 == 249 {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+    let topic = format!("member:{member}");
+    let tasks =
+        connect_all(clients, |i| subscriber(ws_url.clone(), topic.clone(), slots.reporter(i), stop.clone())).await;
     // Every client first receives the current view.
-    // Checked every millisecond of a round, on the cores the clients share: positions only.
-    let received = |position: u64| latest.iter().filter(|slot| slot.position() >= position).count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while received(1) < clients && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let connected = received(1);
+    slots.wait_for(1, clients, Duration::from_secs(60), Duration::from_millis(100)).await;
+    let connected = slots.received(1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = crate::proc::sample(server_pid);
     let rss_per_connection_kib = after.rss_kib.saturating_sub(before.rss_kib) as f64 / connected.max(1) as f64;
 
     let client = load::client(1);
     // The size of what each socket receives per change (the view, as the REST query answers it).
-    let view_bytes = client.get(format!("{base}/api/members/{member}")).send().await?.bytes().await?.len();
+    let view = client.get(format!("{base}/api/members/{member}")).send().await?.text().await?;
+    let view_bytes = view.len();
     let commands = CommandThread::start(&stop)?;
     let mut hist = histogram();
     let mut hist_from_request = histogram();
     let mut missing = 0;
     let mut round_last_ms = Vec::with_capacity(rounds);
+    let mut round_first_ms = Vec::with_capacity(rounds);
     let mut answer_ms = Vec::with_capacity(rounds);
     let (server_before, client_before) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
     for _ in 0..rounds {
         let sent = Instant::now();
         let (position, acked) = commands.earn(base, member).await?;
         answer_ms.push(acked.saturating_duration_since(sent).as_secs_f64() * 1000.0);
-        // The clients time their own arrivals: how often this looks only decides when the
-        // round is over, not what it measures.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while received(position) < connected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let mut last = Duration::ZERO;
+        slots.wait_for(position, connected, Duration::from_secs(10), Duration::from_millis(1)).await;
+        let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
         let mut got = 0;
-        for slot in latest.iter() {
-            let (p, at) = slot.get(origin);
-            if p >= position {
-                got += 1;
-                let took = at.saturating_duration_since(acked);
-                last = last.max(took);
-                let _ = hist.record((took.as_micros() as u64).max(1));
-                let _ = hist_from_request.record((at.saturating_duration_since(sent).as_micros() as u64).max(1));
-            }
+        for at in slots.arrivals(position) {
+            got += 1;
+            let took = at.saturating_duration_since(acked);
+            (first, last) = (first.min(took), last.max(took));
+            let _ = hist.record((took.as_micros() as u64).max(1));
+            let _ = hist_from_request.record((at.saturating_duration_since(sent).as_micros() as u64).max(1));
         }
         missing += connected.saturating_sub(got);
         round_last_ms.push(last.as_secs_f64() * 1000.0);
+        round_first_ms.push(if got == 0 { f64::NAN } else { first.as_secs_f64() * 1000.0 });
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (server_after, client_after) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
@@ -352,9 +413,7 @@ pub async fn fanout(
     let server_us_per_message = per_message(server_before, server_after);
     let client_us_per_message = per_message(client_before, client_after);
     stop.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
+    join_clients(tasks, "P5").await;
     Ok(Fanout {
         hist,
         hist_from_request,
@@ -365,9 +424,92 @@ pub async fn fanout(
         server_us_per_message,
         client_us_per_message,
         view_bytes,
+        view,
         round_last_ms,
+        round_first_ms,
         answer_ms,
     })
+}
+
+/// P5's floor: what the same clients take to receive the same frames from a sender that does
+/// nothing else.
+pub struct Floor {
+    /// Round start (the sender told to write) → each client holds the frame.
+    pub hist: Histogram<u64>,
+    pub connected: usize,
+    pub missing: usize,
+    pub sender_us_per_message: f64,
+    pub client_us_per_message: f64,
+    pub round_last_ms: Vec<f64>,
+}
+
+/// P5's floor: `clients` plain TCP sockets (no handshake, no subscription) read by the clients'
+/// own loop ([`read_views`]), and a separate process ([`crate::floor`]) that writes each round's
+/// view frame, as the server would send it, to every socket in turn.
+pub async fn fanout_floor(view_json: &str, topic: &str, clients: usize, rounds: usize) -> anyhow::Result<Floor> {
+    let view_file = std::env::temp_dir().join(format!("tally-bench-floor-{}.json", std::process::id()));
+    std::fs::write(&view_file, view_json)?;
+    let mut sender = crate::floor::Sender::start(&view_file, topic).await?;
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
+    let slots = Slots::new(clients);
+    let addr = sender.addr.clone();
+    let tasks = connect_all(clients, |i| {
+        let (addr, report, stop) = (addr.clone(), slots.reporter(i), stop.clone());
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(&addr).await?;
+            read_views(&mut tcp, report, stop).await
+        }
+    })
+    .await;
+    // The first frame, again until every client holds it: each round also goes to the sockets
+    // accepted since the last one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while slots.received(1) < clients && Instant::now() < deadline {
+        sender.send(1).await?;
+        slots.wait_for(1, clients, Duration::from_millis(500), Duration::from_millis(20)).await;
+    }
+    let connected = slots.received(1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut hist = histogram();
+    let mut missing = 0;
+    let mut round_last_ms = Vec::with_capacity(rounds);
+    let (sender_before, client_before) = (crate::proc::sample(sender.pid()), crate::proc::sample(std::process::id()));
+    for round in 0..rounds {
+        let position = round as u64 + 2;
+        let start = Instant::now();
+        sender.send(position).await?;
+        slots.wait_for(position, connected, Duration::from_secs(10), Duration::from_millis(1)).await;
+        let mut last = Duration::ZERO;
+        let mut got = 0;
+        for at in slots.arrivals(position) {
+            got += 1;
+            let took = at.saturating_duration_since(start);
+            last = last.max(took);
+            let _ = hist.record((took.as_micros() as u64).max(1));
+        }
+        missing += connected.saturating_sub(got);
+        round_last_ms.push(last.as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (sender_after, client_after) = (crate::proc::sample(sender.pid()), crate::proc::sample(std::process::id()));
+    let per_message = |before: crate::proc::Sample, after: crate::proc::Sample| {
+        1e6 * (after.cpu_secs - before.cpu_secs) / hist.len().max(1) as f64
+    };
+    let floor = Floor {
+        sender_us_per_message: per_message(sender_before, sender_after),
+        client_us_per_message: per_message(client_before, client_after),
+        hist,
+        connected,
+        missing,
+        round_last_ms,
+    };
+    stop.cancel();
+    drop(sender);
+    join_clients(tasks, "P5 floor").await;
+    let _ = std::fs::remove_file(&view_file);
+    Ok(floor)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! written as JSON). The load is generated in this process.
 
 mod compose;
+mod floor;
 mod live;
 mod load;
 mod proc;
@@ -46,6 +47,14 @@ enum Cli {
         points: String,
         #[arg(long)]
         statement: String,
+    },
+    /// (internal) P5's floor: writes view frames to plain TCP sockets (see floor.rs).
+    #[command(hide = true)]
+    FanoutFloorSender {
+        #[arg(long)]
+        view: PathBuf,
+        #[arg(long)]
+        topic: String,
     },
 }
 
@@ -164,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         Cli::Compose { addr, profile, points, statement } => {
             compose::serve_gateway(&addr, profile, points, statement).await
         }
+        Cli::FanoutFloorSender { view, topic } => floor::serve(&view, &topic),
     }
 }
 
@@ -341,13 +351,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let p99_from_request = fan.hist_from_request.value_at_quantile(0.99) as f64 / 1000.0;
         let (last_median, last_max) = median_and_max(&fan.round_last_ms);
         let (answer_median, answer_max) = median_and_max(&fan.answer_ms);
+        // The same frames to as many plain sockets from a process that does nothing else.
+        let topic = format!("member:{}", members[1]);
+        let floor = live::fanout_floor(&fan.view, &topic, args.fanout_clients, args.fanout_rounds).await?;
+        let floor_p99 = floor.hist.value_at_quantile(0.99) as f64 / 1000.0;
+        let (floor_last_median, _) = median_and_max(&floor.round_last_ms);
         rows.push(Row {
         id: "P5",
         measure: format!("one change to a topic watched by {} sockets ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
         result: format!(
-            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; the change's own command answered in {answer_median:.1} ms (median), {answer_max:.1} ms (slowest); server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs",
+            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; the change's own command answered in {answer_median:.1} ms (median), {answer_max:.1} ms (slowest); server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs. Floor (the same frames written to {} plain TCP sockets, read by the same clients, by a process doing nothing else): p99 {floor_p99:.2} ms, last delivery of a round: median {floor_last_median:.1} ms; CPU per message: sender {:.1} µs, load generator {:.1} µs",
             fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib,
-            fan.server_us_per_message, fan.client_us_per_message
+            fan.server_us_per_message, fan.client_us_per_message,
+            floor.connected, floor.sender_us_per_message, floor.client_us_per_message
         ),
         target: "p99 ≤ 100 ms; ≤ 16 KiB per connection",
         met: Some(p99 <= 100.0 && fan.rss_per_connection_kib <= 16.0 && fan.missing == 0 && fan.connected == fan.clients),
@@ -356,8 +372,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
             "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib,
             "server_us_per_message": fan.server_us_per_message, "client_us_per_message": fan.client_us_per_message, "view_bytes": fan.view_bytes,
-            "p99_from_request_ms": p99_from_request, "round_last_median_ms": last_median, "round_last_max_ms": last_max, "round_last_ms": fan.round_last_ms,
-            "answer_median_ms": answer_median, "answer_max_ms": answer_max, "answer_ms": fan.answer_ms}),
+            "p99_from_request_ms": p99_from_request, "round_last_median_ms": last_median, "round_last_max_ms": last_max, "round_last_ms": fan.round_last_ms, "round_first_ms": fan.round_first_ms,
+            "answer_median_ms": answer_median, "answer_max_ms": answer_max, "answer_ms": fan.answer_ms,
+            "floor": {"p50_ms": floor.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": floor_p99, "connected": floor.connected,
+                "missing": floor.missing, "round_last_median_ms": floor_last_median, "round_last_ms": floor.round_last_ms,
+                "sender_us_per_message": floor.sender_us_per_message, "client_us_per_message": floor.client_us_per_message}}),
     });
     }
 
