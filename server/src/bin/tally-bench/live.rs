@@ -447,9 +447,10 @@ pub struct Floor {
 /// own loop ([`read_views`]), and a separate process ([`crate::floor`]) that writes each round's
 /// view frame, as the server would send it, to every socket in turn.
 pub async fn fanout_floor(view_json: &str, topic: &str, clients: usize, rounds: usize) -> anyhow::Result<Floor> {
-    let view_file = std::env::temp_dir().join(format!("tally-bench-floor-{}.json", std::process::id()));
-    std::fs::write(&view_file, view_json)?;
-    let mut sender = crate::floor::Sender::start(&view_file, topic).await?;
+    // Removed when dropped, on an early return too.
+    let view_file = tempfile::Builder::new().prefix("tally-bench-floor-").suffix(".json").tempfile()?;
+    std::fs::write(view_file.path(), view_json)?;
+    let mut sender = crate::floor::Sender::start(view_file.path(), topic).await?;
     let stop = CancellationToken::new();
     let _stop_on_return = stop.clone().drop_guard();
     let slots = Slots::new(clients);
@@ -508,7 +509,6 @@ pub async fn fanout_floor(view_json: &str, topic: &str, clients: usize, rounds: 
     stop.cancel();
     drop(sender);
     join_clients(tasks, "P5 floor").await;
-    let _ = std::fs::remove_file(&view_file);
     Ok(floor)
 }
 
