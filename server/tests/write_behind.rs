@@ -237,3 +237,62 @@ async fn a_neighbour_failing_beside_the_views_loses_none_of_the_views_held_in_me
     assert_eq!(stored_balance(&url, "held").await, Some(50), "the held view is written at the stop");
     assert!(stored_balance(&url, "other").await.is_some(), "and so is the one applied meanwhile");
 }
+
+/// The next `view` message on `socket` within `wait`, if any.
+async fn next_view(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    wait: Duration,
+) -> Option<Value> {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next()).await.ok()??.ok()?;
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let message: Value = serde_json::from_str(&text).ok()?;
+            if message["type"] == "view" {
+                return Some(message);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_change_goes_out_before_the_views_due_with_it_are_written() {
+    // Views due at every batch: each change's batch also writes them, in a transaction. While
+    // another writer holds the views' file that transaction waits; the push must not.
+    let (url, dir) = sqlite_database();
+    let mut options = args(&url);
+    options.write_behind_ms = 1;
+    let app = spawn_with(&options, dir).await;
+    app.enroll("due", "Due Views", "due@example.com").await;
+    app.catch_up().await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr)).await.expect("ws connects");
+    use futures::SinkExt;
+    let subscribe = json!({"subscribe": "member:due"}).to_string();
+    socket.send(tokio_tungstenite::tungstenite::Message::Text(subscribe.into())).await.expect("subscribed");
+    let snapshot = next_view(&mut socket, Duration::from_secs(5)).await.expect("the current view");
+    assert_eq!(snapshot["view"]["points_balance"], 0);
+
+    let mut writer = SqliteConnectOptions::new()
+        .filename(server::store::views_file(Path::new(&url)))
+        .connect()
+        .await
+        .expect("views file opens");
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut writer).await.expect("the views' file locked");
+    let earned = app.earn("due", 40).await;
+    assert_eq!(earned.status, 200, "{:?}", earned.body);
+    // Well within the server's wait for the lock (10 s), and long after a push that did not wait.
+    let pushed = next_view(&mut socket, Duration::from_secs(3)).await;
+    let still_stored = stored_balance(&url, "due").await;
+    sqlx::query("ROLLBACK").execute(&mut writer).await.expect("the views' file unlocked");
+    let pushed = pushed.expect("the change was pushed while its write waited for the lock");
+    assert_eq!(pushed["view"]["points_balance"], 40);
+    assert_ne!(still_stored, Some(40), "the write did wait for the lock");
+
+    // And the write follows once the file is free.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stored_balance(&url, "due").await != Some(40) {
+        assert!(Instant::now() < deadline, "the view never reached the table");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

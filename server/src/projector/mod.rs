@@ -567,6 +567,24 @@ impl Runner {
         if !needs_tx {
             return self.apply_in_memory(work).await.map(|()| true);
         }
+        // What writes behind is applied in memory first, so its changes go out at once; the
+        // transaction then writes what of it is due. Applied inside the transaction, a change
+        // that came with a due write went out only after that commit (6–15 ms later for P5).
+        // Not after a failure: then each consumer runs in a transaction of its own (below), so
+        // that every failing one reports its own error.
+        if !self.isolate {
+            let (early, rest): (Vec<_>, Vec<_>) =
+                work.into_iter().partition(|(i, w, _)| self.members[*i].defers && matches!(w, Work::Apply(_)));
+            work = rest;
+            if !early.is_empty() {
+                let moved: Vec<(usize, i64)> = early.iter().map(|(i, _, to)| (*i, *to)).collect();
+                if self.apply_in_memory(early).await.is_err() {
+                    self.isolate = true;
+                    return Err(());
+                }
+                work.extend(moved.into_iter().map(|(i, to)| (i, Work::Checkpoint, to)));
+            }
+        }
         // A transaction stores every member that is behind its position (what is due of what
         // one writes behind, the skipped batches' checkpoints).
         for (i, m) in self.members.iter().enumerate() {
