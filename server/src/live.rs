@@ -186,7 +186,8 @@ impl Hub {
                 // once, instead of after the whole loop (about 5 ms for 10,000 sockets, each
                 // mailbox a few cache misses away), and the other cores send meanwhile. Kept
                 // later than the publish, a frame still never overtakes a newer one: `put`
-                // compares positions.
+                // compares positions. (A socket that unsubscribes meanwhile can still get this
+                // one view, as it could before between the hub's lock and the put.)
                 runtime.spawn(async move {
                     for chunk in recipients.chunks(WAKE_CHUNK) {
                         chunk.iter().for_each(|m| m.put(&key, frame.clone()));

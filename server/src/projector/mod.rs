@@ -569,7 +569,7 @@ impl Runner {
         }
         // What writes behind is applied in memory first, so its changes go out at once; the
         // transaction then writes what of it is due. Applied inside the transaction, a change
-        // that came with a due write went out only after that commit (6–15 ms later for P5).
+        // that came with a due write went out only after that commit, however long it took.
         // Not after a failure: then each consumer runs in a transaction of its own (below), so
         // that every failing one reports its own error.
         if !self.isolate {
