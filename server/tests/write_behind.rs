@@ -27,6 +27,25 @@ async fn views_file(database: &str) -> sqlx::SqliteConnection {
         .expect("views file opens")
 }
 
+/// The views' file opened for writing, as another process could (to lock it, or to add a
+/// trigger).
+async fn views_writer(database: &str) -> sqlx::SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(server::store::views_file(Path::new(database)))
+        .connect()
+        .await
+        .expect("views file opens")
+}
+
+/// Wait until the table row holds `balance` for `member`, failing the test after `within`.
+async fn wait_stored(database: &str, member: &str, balance: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while stored_balance(database, member).await != Some(balance) {
+        assert!(Instant::now() < deadline, "the view never reached the table");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A member's balance as the table row holds it now.
 async fn stored_balance(database: &str, member: &str) -> Option<u64> {
     let row = sqlx::query("SELECT view FROM membership_view WHERE member_id = ?")
@@ -168,11 +187,7 @@ async fn a_running_server_writes_each_view_about_the_interval_after_it_changed()
     assert_eq!(app.earn("soon", 77).await.status, 200);
     app.catch_up().await;
     // Idle now: the consumers' safety-net poll (250 ms in tests) finds the view due.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stored_balance(&url, "soon").await != Some(77) {
-        assert!(Instant::now() < deadline, "the view never reached the table");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&url, "soon", 77, Duration::from_secs(10)).await;
     // With nothing left unwritten the stored checkpoint reaches the log's head.
     let head = app.state.store.head().await.expect("head");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -213,11 +228,7 @@ async fn a_neighbour_failing_beside_the_views_loses_none_of_the_views_held_in_me
     app.catch_up().await;
     assert_eq!(stored_balance(&url, "held").await, None, "the view is held in memory");
 
-    let mut views = SqliteConnectOptions::new()
-        .filename(server::store::views_file(Path::new(&url)))
-        .connect()
-        .await
-        .expect("views file opens");
+    let mut views = views_writer(&url).await;
     sqlx::query("CREATE TRIGGER refuse_search BEFORE INSERT ON member_search BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
         .execute(&mut views)
         .await
@@ -273,11 +284,7 @@ async fn a_change_goes_out_before_the_views_due_with_it_are_written() {
     let snapshot = next_view(&mut socket, Duration::from_secs(5)).await.expect("the current view");
     assert_eq!(snapshot["view"]["points_balance"], 0);
 
-    let mut writer = SqliteConnectOptions::new()
-        .filename(server::store::views_file(Path::new(&url)))
-        .connect()
-        .await
-        .expect("views file opens");
+    let mut writer = views_writer(&url).await;
     sqlx::query("BEGIN IMMEDIATE").execute(&mut writer).await.expect("the views' file locked");
     let earned = app.earn("due", 40).await;
     assert_eq!(earned.status, 200, "{:?}", earned.body);
@@ -290,9 +297,5 @@ async fn a_change_goes_out_before_the_views_due_with_it_are_written() {
     assert_ne!(still_stored, Some(40), "the write did wait for the lock");
 
     // And the write follows once the file is free.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while stored_balance(&url, "due").await != Some(40) {
-        assert!(Instant::now() < deadline, "the view never reached the table");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&url, "due", 40, Duration::from_secs(15)).await;
 }

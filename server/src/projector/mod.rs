@@ -568,21 +568,18 @@ impl Runner {
             return self.apply_in_memory(work).await.map(|()| true);
         }
         // What writes behind is applied in memory first, so its changes go out at once; the
-        // transaction then writes what of it is due. Applied inside the transaction, a change
-        // that came with a due write went out only after that commit, however long it took.
-        // Not after a failure: then each consumer runs in a transaction of its own (below), so
-        // that every failing one reports its own error.
+        // transaction then writes what of it is due (the loop below adds those members: they are
+        // now behind their position). Applied inside the transaction, a change that came with a
+        // due write went out only after that commit, however long it took. Not after a failure:
+        // then each consumer runs in a transaction of its own (below), so that every failing one
+        // reports its own error.
         if !self.isolate {
             let (early, rest): (Vec<_>, Vec<_>) =
                 work.into_iter().partition(|(i, w, _)| self.members[*i].defers && matches!(w, Work::Apply(_)));
             work = rest;
-            if !early.is_empty() {
-                let moved: Vec<(usize, i64)> = early.iter().map(|(i, _, to)| (*i, *to)).collect();
-                if self.apply_in_memory(early).await.is_err() {
-                    self.isolate = true;
-                    return Err(());
-                }
-                work.extend(moved.into_iter().map(|(i, to)| (i, Work::Checkpoint, to)));
+            if !early.is_empty() && self.apply_in_memory(early).await.is_err() {
+                self.isolate = true;
+                return Err(());
             }
         }
         // A transaction stores every member that is behind its position (what is due of what

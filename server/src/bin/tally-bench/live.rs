@@ -313,6 +313,35 @@ impl Slots {
             .filter(move |slot| slot.position.load(Ordering::Acquire) >= position)
             .map(|slot| self.origin + Duration::from_nanos(slot.at.load(Ordering::Relaxed)))
     }
+
+    /// One round: each arrival of `position` recorded in `hist` as the time since `from`, and
+    /// handed to `each` (for another origin). How many arrived, the first and the last.
+    fn record(
+        &self,
+        position: u64,
+        from: Instant,
+        hist: &mut Histogram<u64>,
+        mut each: impl FnMut(Instant),
+    ) -> (usize, Duration, Duration) {
+        let (mut got, mut first, mut last) = (0, Duration::MAX, Duration::ZERO);
+        for at in self.arrivals(position) {
+            let took = at.saturating_duration_since(from);
+            (got, first, last) = (got + 1, first.min(took), last.max(took));
+            let _ = hist.record(micros(took));
+            each(at);
+        }
+        (got, first, last)
+    }
+}
+
+/// A histogram value: microseconds, at least 1.
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+/// CPU time between two samples per delivered message, in µs.
+fn us_per_message(before: crate::proc::Sample, after: crate::proc::Sample, messages: u64) -> f64 {
+    1e6 * (after.cpu_secs - before.cpu_secs) / messages.max(1) as f64
 }
 
 /// Connect `clients` with `connect(i)`, paced so that the listener's backlog keeps up.
@@ -392,26 +421,17 @@ pub async fn fanout(
         let (position, acked) = commands.earn(base, member).await?;
         answer_ms.push(acked.saturating_duration_since(sent).as_secs_f64() * 1000.0);
         slots.wait_for(position, connected, Duration::from_secs(10), Duration::from_millis(1)).await;
-        let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
-        let mut got = 0;
-        for at in slots.arrivals(position) {
-            got += 1;
-            let took = at.saturating_duration_since(acked);
-            (first, last) = (first.min(took), last.max(took));
-            let _ = hist.record((took.as_micros() as u64).max(1));
-            let _ = hist_from_request.record((at.saturating_duration_since(sent).as_micros() as u64).max(1));
-        }
+        let (got, first, last) = slots.record(position, acked, &mut hist, |at| {
+            let _ = hist_from_request.record(micros(at.saturating_duration_since(sent)));
+        });
         missing += connected.saturating_sub(got);
         round_last_ms.push(last.as_secs_f64() * 1000.0);
         round_first_ms.push(if got == 0 { f64::NAN } else { first.as_secs_f64() * 1000.0 });
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (server_after, client_after) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
-    let per_message = |before: crate::proc::Sample, after: crate::proc::Sample| {
-        1e6 * (after.cpu_secs - before.cpu_secs) / hist.len().max(1) as f64
-    };
-    let server_us_per_message = per_message(server_before, server_after);
-    let client_us_per_message = per_message(client_before, client_after);
+    let server_us_per_message = us_per_message(server_before, server_after, hist.len());
+    let client_us_per_message = us_per_message(client_before, client_after, hist.len());
     stop.cancel();
     join_clients(tasks, "P5").await;
     Ok(Fanout {
@@ -482,25 +502,15 @@ pub async fn fanout_floor(view_json: &str, topic: &str, clients: usize, rounds: 
         let start = Instant::now();
         sender.send(position).await?;
         slots.wait_for(position, connected, Duration::from_secs(10), Duration::from_millis(1)).await;
-        let mut last = Duration::ZERO;
-        let mut got = 0;
-        for at in slots.arrivals(position) {
-            got += 1;
-            let took = at.saturating_duration_since(start);
-            last = last.max(took);
-            let _ = hist.record((took.as_micros() as u64).max(1));
-        }
+        let (got, _, last) = slots.record(position, start, &mut hist, |_| {});
         missing += connected.saturating_sub(got);
         round_last_ms.push(last.as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (sender_after, client_after) = (crate::proc::sample(sender.pid()), crate::proc::sample(std::process::id()));
-    let per_message = |before: crate::proc::Sample, after: crate::proc::Sample| {
-        1e6 * (after.cpu_secs - before.cpu_secs) / hist.len().max(1) as f64
-    };
     let floor = Floor {
-        sender_us_per_message: per_message(sender_before, sender_after),
-        client_us_per_message: per_message(client_before, client_after),
+        sender_us_per_message: us_per_message(sender_before, sender_after, hist.len()),
+        client_us_per_message: us_per_message(client_before, client_after, hist.len()),
         hist,
         connected,
         missing,
