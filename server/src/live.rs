@@ -192,13 +192,33 @@ impl Hub {
                     for chunk in recipients.chunks(WAKE_CHUNK) {
                         chunk.iter().for_each(|m| m.put(&key, frame.clone()));
                         // Whatever was woken meanwhile runs before the next chunk's sends.
-                        tokio::task::yield_now().await;
+                        requeue().await;
                     }
                 });
             }
             _ => recipients.iter().for_each(|m| m.put(&key, frame.clone())),
         }
     }
+}
+
+/// Let the tasks woken so far run first, and stay where another worker can take this one.
+///
+/// `tokio::task::yield_now` keeps the task on its own worker's deferred list until that worker
+/// runs out of work, where no other worker can steal it: when the host takes that worker's CPU
+/// for a while (30–60 ms, seen in P5's profiles), the rest of the fan-out waited with it while
+/// the other core idled. A task that wakes itself goes to the back of its worker's run queue,
+/// behind the senders it woke, and an idle worker steals it from there.
+async fn requeue() {
+    let mut woken = false;
+    std::future::poll_fn(|cx| {
+        if woken {
+            return std::task::Poll::Ready(());
+        }
+        woken = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -288,6 +308,81 @@ mod tests {
         assert_eq!(order.len(), SOCKETS + 1, "every socket got the change");
         let probe_at = order.iter().position(|i| *i == usize::MAX).unwrap();
         assert!(probe_at <= WAKE_CHUNK, "the other task ran after {probe_at} sends");
+    }
+
+    /// Wakes a sender's task, noting the thread that woke it (the one running the fan-out).
+    struct NoteThread {
+        task: std::task::Waker,
+        woken_on: Mutex<Option<std::thread::ThreadId>>,
+    }
+
+    impl std::task::Wake for NoteThread {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref()
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            *self.woken_on.lock().unwrap() = Some(std::thread::current().id());
+            self.task.wake_by_ref()
+        }
+    }
+
+    /// The host can take a CPU away from a worker thread for tens of milliseconds. If that
+    /// happens to the worker that was running a big fan-out, the other worker carries it on: here
+    /// the first sender to run on the thread that woke it (so on the fan-out's thread, between
+    /// two chunks) holds that thread until every other socket has its view, or 10 s.
+    #[test]
+    fn a_stalled_worker_does_not_hold_back_the_rest_of_a_fan_out() {
+        use std::future::Future;
+        const SOCKETS: usize = 4 * WAKE_CHUNK;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+        let hub = Arc::new(Hub::default());
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release = Arc::new(Mutex::new(Some(release_rx)));
+        let ready = Arc::new(AtomicU64::new(0));
+        for i in 0..SOCKETS {
+            let mailbox = hub.mailbox();
+            hub.subscribe("member:a", &mailbox);
+            let (done_tx, release, ready) = (done_tx.clone(), release.clone(), ready.clone());
+            runtime.spawn(async move {
+                let mut out = Vec::new();
+                let mut batch = std::pin::pin!(mailbox.next_batch(&mut out));
+                let mut noted: Option<Arc<NoteThread>> = None;
+                std::future::poll_fn(|cx| {
+                    let note = noted.get_or_insert_with(|| {
+                        ready.fetch_add(1, Ordering::SeqCst);
+                        Arc::new(NoteThread { task: cx.waker().clone(), woken_on: Mutex::new(None) })
+                    });
+                    batch.as_mut().poll(&mut std::task::Context::from_waker(&note.clone().into()))
+                })
+                .await;
+                let woken_on = noted.and_then(|n| *n.woken_on.lock().unwrap());
+                if woken_on == Some(std::thread::current().id()) {
+                    // The first such sender stalls its thread, as the host would.
+                    let stall = release.lock().unwrap().take();
+                    if let Some(stall) = stall {
+                        let _ = stall.recv_timeout(std::time::Duration::from_secs(10));
+                        return;
+                    }
+                }
+                let _ = done_tx.send(i);
+            });
+        }
+        runtime.block_on(async {
+            while ready.load(Ordering::SeqCst) < SOCKETS as u64 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            hub.publish("member:a", 1, "{}");
+            let mut others = 0;
+            let all = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while others < SOCKETS - 1 && done_rx.recv().await.is_some() {
+                    others += 1;
+                }
+            })
+            .await;
+            let _ = release_tx.send(());
+            assert!(all.is_ok(), "{others} of the other {} sockets had the view", SOCKETS - 1);
+        });
     }
 
     #[test]
