@@ -204,10 +204,10 @@ impl Hub {
 /// Let the tasks woken so far run first, and stay where another worker can take this one.
 ///
 /// `tokio::task::yield_now` keeps the task on its own worker's deferred list until that worker
-/// runs out of work, where no other worker can steal it: when the host takes that worker's CPU
-/// for a while (30–60 ms, seen in P5's profiles), the rest of the fan-out waited with it while
-/// the other core idled. A task that wakes itself goes to the back of its worker's run queue,
-/// behind the senders it woke, and an idle worker steals it from there.
+/// runs out of work, where no other worker can steal it: if that worker's thread stalls (the
+/// host takes its CPU, a page fault waits for the disk), the rest of the fan-out waits with it
+/// while the other worker may idle. A task that wakes itself goes to the back of its worker's
+/// run queue, behind the senders it woke, and an idle worker steals it from there.
 async fn requeue() {
     let mut woken = false;
     std::future::poll_fn(|cx| {
