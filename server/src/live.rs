@@ -1,18 +1,23 @@
 //! The live hub: changed views go out to WebSocket subscribers, newest-wins per topic.
 //!
-//! Each socket has a [`Mailbox`] holding at most one pending frame per topic. Publishing replaces
-//! the pending frame if the new one is newer, so a slow client gets the latest view and never a
-//! growing queue; frames are serialized once per change and shared by every subscriber.
+//! Each socket has a [`Mailbox`]: its sending half, and at most one pending frame per topic.
+//! A change is written straight to every socket that is ready for it; a socket that is not
+//! (its client reads slowly) keeps the frame pending, and a newer frame replaces it, so a slow
+//! client gets the latest view and never a growing queue. Frames are serialized once per change
+//! and shared by every subscriber.
 //!
-//! A change on a topic that 10,000 sockets watch is 10,000 `put`s and 10,000 `take`s, so neither
-//! allocates in the common case: topics are shared `Arc<str>`s (the hub's own key) and the maps
-//! keep their capacity between changes.
+//! A change on a topic that 10,000 sockets watch is 10,000 `put`s, so they do not allocate in
+//! the common case: topics are shared `Arc<str>`s (the hub's own key) and the maps keep their
+//! capacity between changes.
 
 use app::views::MEMBERS_TOPIC;
-use axum::extract::ws::Utf8Bytes;
+use axum::extract::ws::{Message, Utf8Bytes};
+use futures::{Sink, SinkExt};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 
 /// A message ready to send.
@@ -36,6 +41,9 @@ pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
 /// A topic name, shared between the hub and every mailbox that watches it.
 pub type Topic = Arc<str>;
 
+/// The sending half of a client's socket (any error means the socket is gone).
+pub type SocketSink = Pin<Box<dyn Sink<Message, Error = ()> + Send>>;
+
 #[derive(Default)]
 struct Pending {
     /// Newest unsent frame per topic.
@@ -47,17 +55,32 @@ struct Pending {
     order: Vec<Frame>,
 }
 
+struct Writer {
+    /// None once the socket failed or its client left.
+    sink: Option<SocketSink>,
+    /// Nothing written is still waiting in the socket's buffers.
+    flushed: bool,
+}
+
 /// Errors answer the client's own messages; a client flooding bad messages loses the oldest.
 const MAX_PENDING_ERRORS: usize = 16;
 
 pub struct Mailbox {
     id: u64,
     pending: Mutex<Pending>,
+    /// Held by the socket's send loop while it writes, or by a publisher writing directly.
+    writer: tokio::sync::Mutex<Writer>,
     notify: Notify,
 }
 
 impl Mailbox {
-    /// Keep `frame` for `topic` unless something as new is already pending or sent.
+    /// Send `frame` for `topic` unless something as new is already pending or sent.
+    ///
+    /// A socket with nothing pending and nothing unflushed gets the frame written at once, by
+    /// the caller: that is one `write` call, where waking the socket's send loop would cost a
+    /// task wake-up and a poll besides, and spread the writes of a big fan-out over time, so the
+    /// clients wake once per write instead of reading many at a time. Otherwise the frame waits
+    /// for the send loop (newest-wins: a slow client never grows a queue).
     pub fn put(&self, topic: &Topic, frame: Frame) {
         let Ok(mut p) = self.pending.lock() else { return };
         if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
@@ -65,9 +88,53 @@ impl Mailbox {
         {
             return;
         }
+        // Written while `pending` is held: the send loop takes frames under that lock too, so a
+        // frame it took is written before this one (it holds the writer until then).
+        if p.views.is_empty() && p.errors.is_empty() && self.write_now(&frame) {
+            match p.sent.get_mut(topic) {
+                Some(sent) => *sent = frame.position,
+                None => {
+                    p.sent.insert(topic.clone(), frame.position);
+                }
+            }
+            return;
+        }
         p.views.insert(topic.clone(), frame);
         drop(p);
         self.notify.notify_one();
+    }
+
+    /// Write without waiting: true if the frame was handed to the socket (or the socket is
+    /// gone), false if the send loop has to send it.
+    fn write_now(&self, frame: &Frame) -> bool {
+        let Ok(mut writer) = self.writer.try_lock() else { return false };
+        let Writer { sink, flushed } = &mut *writer;
+        let (true, Some(socket)) = (*flushed, sink.as_mut()) else { return false };
+        // Never waits: a socket that is not ready leaves the frame to the send loop, which
+        // waits properly (with its own waker).
+        let mut cx = Context::from_waker(Waker::noop());
+        match socket.as_mut().poll_ready(&mut cx) {
+            Poll::Pending => return false,
+            Poll::Ready(Err(())) => {
+                *sink = None;
+                return true;
+            }
+            Poll::Ready(Ok(())) => {}
+        }
+        if socket.as_mut().start_send(Message::Text(frame.text.clone())).is_err() {
+            *sink = None;
+            return true;
+        }
+        match socket.as_mut().poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(())) => *sink = None,
+            // The frame is the socket's; the send loop finishes the flush.
+            Poll::Pending => {
+                *flushed = false;
+                self.notify.notify_one();
+            }
+        }
+        true
     }
 
     pub fn put_error(&self, text: Utf8Bytes) {
@@ -88,19 +155,40 @@ impl Mailbox {
         }
     }
 
-    /// Wait until something is pending, then move it all into `out` (errors first, then views
-    /// by position).
-    pub async fn next_batch(&self, out: &mut Vec<Utf8Bytes>) {
+    /// The socket's send loop: finish flushes and send what waits, until the socket fails or
+    /// is detached.
+    pub async fn send_loop(&self) {
+        let mut batch = Vec::new();
         loop {
-            let notified = self.notify.notified();
-            if self.take(out) {
-                return;
+            self.notify.notified().await;
+            let mut writer = self.writer.lock().await;
+            let Writer { sink, flushed } = &mut *writer;
+            let Some(socket) = sink.as_mut() else { return };
+            if !*flushed {
+                if socket.flush().await.is_err() {
+                    *sink = None;
+                    return;
+                }
+                *flushed = true;
             }
-            notified.await;
+            while self.take(&mut batch) {
+                for text in batch.drain(..) {
+                    if socket.send(Message::Text(text)).await.is_err() {
+                        *sink = None;
+                        return;
+                    }
+                }
+            }
         }
     }
 
-    /// Move what is pending into `out`; false if nothing was.
+    /// Let go of the socket (its client left): nothing is written to it any more.
+    pub async fn detach(&self) {
+        self.writer.lock().await.sink = None;
+    }
+
+    /// Move what is pending into `out` (errors first, then views by position); false if nothing
+    /// was.
     fn take(&self, out: &mut Vec<Utf8Bytes>) -> bool {
         let Ok(mut p) = self.pending.lock() else { return false };
         if p.views.is_empty() && p.errors.is_empty() {
@@ -119,10 +207,10 @@ impl Mailbox {
     }
 }
 
-/// Sockets woken at once by one change. Woken all together, 10,000 sockets' senders fill the
-/// runtime's queues, and any task woken after them (a command's answer, after the log's sync)
-/// waits for every one of those sends; woken a chunk at a time, it waits for one chunk.
-const WAKE_CHUNK: usize = 256;
+/// Sockets written by one change before other tasks get a turn. Written all in one go, 10,000
+/// sockets take tens of milliseconds, and any task woken meanwhile (a command's answer, after
+/// the log's sync) would wait for all of them; a chunk at a time, it waits for one chunk.
+const WRITE_CHUNK: usize = 256;
 
 #[derive(Default)]
 pub struct Hub {
@@ -131,18 +219,25 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn mailbox(&self) -> Arc<Mailbox> {
+    /// A mailbox for a new socket; its send loop is [`Mailbox::send_loop`].
+    pub fn mailbox(&self, sink: SocketSink) -> Arc<Mailbox> {
         Arc::new(Mailbox {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             pending: Mutex::new(Pending::default()),
+            writer: tokio::sync::Mutex::new(Writer { sink: Some(sink), flushed: true }),
             notify: Notify::new(),
         })
     }
 
-    pub fn subscribe(&self, topic: &str, mailbox: &Arc<Mailbox>) {
-        if let Ok(mut topics) = self.topics.lock() {
-            topics.entry(Topic::from(topic)).or_default().insert(mailbox.id, mailbox.clone());
-        }
+    /// Returns the hub's own name for the topic, for frames put directly in the mailbox.
+    pub fn subscribe(&self, topic: &str, mailbox: &Arc<Mailbox>) -> Topic {
+        let Ok(mut topics) = self.topics.lock() else { return topic.into() };
+        let key = match topics.get_key_value(topic) {
+            Some((key, _)) => key.clone(),
+            None => Topic::from(topic),
+        };
+        topics.entry(key.clone()).or_default().insert(mailbox.id, mailbox.clone());
+        key
     }
 
     pub fn unsubscribe(&self, topic: &str, mailbox: &Mailbox) {
@@ -181,20 +276,32 @@ impl Hub {
         let key = key.unwrap_or_else(|| topic.into());
         let frame = view_frame(topic, position, view_json);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if recipients.len() > WAKE_CHUNK => {
-                // A chunk is kept and woken before the next is kept: the first sends start at
-                // once, instead of after the whole loop (about 5 ms for 10,000 sockets, each
-                // mailbox a few cache misses away), and the other cores send meanwhile. Kept
-                // later than the publish, a frame still never overtakes a newer one: `put`
-                // compares positions. (A socket that unsubscribes meanwhile can still get this
-                // one view, as it could before between the hub's lock and the put.)
-                runtime.spawn(async move {
-                    for chunk in recipients.chunks(WAKE_CHUNK) {
-                        chunk.iter().for_each(|m| m.put(&key, frame.clone()));
-                        // Whatever was woken meanwhile runs before the next chunk's sends.
-                        requeue().await;
-                    }
-                });
+            Ok(runtime) if recipients.len() > WRITE_CHUNK => {
+                // Not in the caller (the projector) but in tasks of their own, a chunk at a time.
+                // Written later than the publish, a frame still never overtakes a newer one:
+                // `put` compares positions. (A socket that unsubscribes meanwhile can still get
+                // this one view, as it could before between the hub's lock and the put.)
+                //
+                // One task per worker thread, each with its share of the sockets, so every core
+                // writes (one task alone left the other core to the clients, which then woke
+                // once per write: the median delivery came later).
+                //
+                // Unconstrained: tokio's cooperative budget would turn the socket writes after
+                // the first hundred or so into "not ready", leaving them to the send loops. The
+                // tasks give way between chunks instead.
+                let recipients: Arc<[Arc<Mailbox>]> = recipients.into();
+                let share = recipients.len().div_ceil(runtime.metrics().num_workers().max(1));
+                for start in (0..recipients.len()).step_by(share) {
+                    let (recipients, key, frame) = (recipients.clone(), key.clone(), frame.clone());
+                    runtime.spawn(tokio::task::unconstrained(async move {
+                        let end = (start + share).min(recipients.len());
+                        for chunk in recipients[start..end].chunks(WRITE_CHUNK) {
+                            chunk.iter().for_each(|m| m.put(&key, frame.clone()));
+                            // Whatever was woken meanwhile runs before the next chunk's writes.
+                            requeue().await;
+                        }
+                    }));
+                }
             }
             _ => recipients.iter().for_each(|m| m.put(&key, frame.clone())),
         }
@@ -207,7 +314,7 @@ impl Hub {
 /// runs out of work, where no other worker can steal it: if that worker's thread stalls (the
 /// host takes its CPU, a page fault waits for the disk), the rest of the fan-out waits with it
 /// while the other worker may idle. A task that wakes itself goes to the back of its worker's
-/// run queue, behind the senders it woke, and an idle worker steals it from there.
+/// run queue, behind the tasks woken meanwhile, and an idle worker steals it from there.
 async fn requeue() {
     let mut woken = false;
     std::future::poll_fn(|cx| {
@@ -224,44 +331,144 @@ async fn requeue() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
-    /// What the socket would send next, if anything.
+    /// What a test socket saw, and whether it is ready for more.
+    #[derive(Default)]
+    struct SocketState {
+        sent: Vec<String>,
+        /// Not ready (a client that does not read): the send loop has to wait.
+        blocked: bool,
+        waker: Option<Waker>,
+    }
+
+    /// A socket for the hub's tests: records every message written to it.
+    #[derive(Clone, Default)]
+    struct TestSocket {
+        state: Arc<Mutex<SocketState>>,
+        /// Called on every write (the tests' probes).
+        on_send: Option<Arc<dyn Fn() + Send + Sync>>,
+    }
+
+    impl TestSocket {
+        fn sent(&self) -> Vec<String> {
+            self.state.lock().unwrap().sent.clone()
+        }
+        fn set_blocked(&self, blocked: bool) {
+            let mut state = self.state.lock().unwrap();
+            state.blocked = blocked;
+            if let Some(waker) = state.waker.take() {
+                waker.wake();
+            }
+        }
+        fn mailbox(&self, hub: &Hub) -> Arc<Mailbox> {
+            hub.mailbox(Box::pin(self.clone()))
+        }
+    }
+
+    impl Sink<Message> for TestSocket {
+        type Error = ();
+        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            let mut state = self.state.lock().unwrap();
+            if state.blocked {
+                state.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), ()> {
+            let Message::Text(text) = item else { return Err(()) };
+            self.state.lock().unwrap().sent.push(text.to_string());
+            if let Some(on_send) = &self.on_send {
+                on_send();
+            }
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn position(message: &str) -> u64 {
+        let v: serde_json::Value = serde_json::from_str(message).unwrap();
+        v["position"].as_u64().unwrap()
+    }
+
+    /// What the send loop would send next, if anything.
     fn take(mailbox: &Mailbox) -> Option<Vec<Utf8Bytes>> {
         let mut out = Vec::new();
         mailbox.take(&mut out).then_some(out)
     }
 
     #[test]
-    fn a_slow_client_gets_only_the_newest_view_per_topic() {
+    fn a_ready_socket_gets_each_change_at_once() {
         let hub = Hub::default();
-        let mb = hub.mailbox();
+        let socket = TestSocket::default();
+        let mb = socket.mailbox(&hub);
         hub.subscribe("member:a", &mb);
+        hub.publish("member:a", 1, "{}");
+        hub.publish("member:a", 2, "{}");
+        hub.publish("member:b", 3, "{}"); // not subscribed
+                                          // No send loop runs here: the publisher wrote them.
+        let sent: Vec<u64> = socket.sent().iter().map(|m| position(m)).collect();
+        assert_eq!(sent, [1, 2]);
+        assert!(take(&mb).is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_client_gets_only_the_newest_view_per_topic() {
+        let hub = Hub::default();
+        let socket = TestSocket::default();
+        let mb = socket.mailbox(&hub);
+        let send_loop = {
+            let mb = mb.clone();
+            tokio::spawn(async move { mb.send_loop().await })
+        };
+        hub.subscribe("member:a", &mb);
+        socket.set_blocked(true);
         for p in 1..=100 {
             hub.publish("member:a", p, &format!(r#"{{"n":{p}}}"#));
         }
-        hub.publish("member:b", 7, "{}"); // not subscribed
-        let batch = take(&mb).expect("something pending");
-        assert_eq!(batch.len(), 1);
-        assert!(batch[0].as_str().contains(r#""position":100"#));
-        assert!(take(&mb).is_none());
+        assert!(socket.sent().is_empty());
+        socket.set_blocked(false);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while socket.sent().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the send loop sends once the client reads");
+        // Caught up: the next change is written at once again.
+        hub.publish("member:a", 101, "{}");
+        let sent: Vec<u64> = socket.sent().iter().map(|m| position(m)).collect();
+        assert_eq!(sent, [100, 101]);
+        send_loop.abort();
     }
 
     #[test]
     fn an_older_view_never_follows_a_newer_one() {
         let hub = Hub::default();
-        let mb = hub.mailbox();
+        let socket = TestSocket::default();
+        let mb = socket.mailbox(&hub);
         hub.subscribe("member:a", &mb);
         hub.publish("member:a", 5, "{}");
-        assert_eq!(take(&mb).map(|b| b.len()), Some(1));
         hub.publish("member:a", 4, "{}");
+        socket.set_blocked(true);
+        hub.publish("member:a", 3, "{}");
+        assert_eq!(socket.sent().len(), 1);
         assert!(take(&mb).is_none());
     }
 
     #[test]
     fn members_topic_sees_every_member() {
         let hub = Hub::default();
-        let mb = hub.mailbox();
+        let socket = TestSocket::default();
+        let mb = socket.mailbox(&hub);
         hub.subscribe(MEMBERS_TOPIC, &mb);
+        socket.set_blocked(true);
         hub.publish("member:b", 2, "{}");
         hub.publish("member:a", 1, "{}");
         let batch = take(&mb).expect("something pending");
@@ -271,117 +478,93 @@ mod tests {
         assert!(batch[1].as_str().contains(r#""topic":"member:b""#), "{:?}", batch[1]);
     }
 
+    /// Sockets that each note their index in `log` when written.
+    fn noting_sockets(hub: &Hub, n: usize, log: &Arc<Mutex<Vec<usize>>>) -> Vec<Arc<Mailbox>> {
+        (0..n)
+            .map(|i| {
+                let log = log.clone();
+                let socket = TestSocket {
+                    on_send: Some(Arc::new(move || log.lock().unwrap().push(i))),
+                    ..TestSocket::default()
+                };
+                let mb = socket.mailbox(hub);
+                hub.subscribe("member:a", &mb);
+                mb
+            })
+            .collect()
+    }
+
     /// A task woken after a change to many sockets (a command's answer) waits for one chunk of
-    /// their sends, not for all of them.
+    /// their writes, not for all of them.
     #[tokio::test(flavor = "current_thread")]
     async fn a_big_fan_out_lets_other_tasks_run_between_chunks() {
-        const SOCKETS: usize = 4 * WAKE_CHUNK;
-        let hub = Arc::new(Hub::default());
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let started = Arc::new(AtomicU64::new(0));
-        let mut senders = Vec::new();
-        for i in 0..SOCKETS {
-            let mailbox = hub.mailbox();
-            hub.subscribe("member:a", &mailbox);
-            let (order, started) = (order.clone(), started.clone());
-            senders.push(tokio::spawn(async move {
-                started.fetch_add(1, Ordering::SeqCst);
-                let mut out = Vec::new();
-                mailbox.next_batch(&mut out).await;
-                order.lock().unwrap().push(i);
-            }));
-        }
-        // Every sender waits on its mailbox before the change (one runtime thread: no race).
-        while started.load(Ordering::SeqCst) < SOCKETS as u64 {
-            tokio::task::yield_now().await;
-        }
+        const SOCKETS: usize = 4 * WRITE_CHUNK;
+        let hub = Hub::default();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let _mailboxes = noting_sockets(&hub, SOCKETS, &log);
         hub.publish("member:a", 1, "{}");
         let probe = {
-            let order = order.clone();
-            tokio::spawn(async move { order.lock().unwrap().push(usize::MAX) })
+            let log = log.clone();
+            tokio::spawn(async move { log.lock().unwrap().push(usize::MAX) })
         };
         probe.await.unwrap();
-        for sender in senders {
-            sender.await.unwrap();
-        }
-        let order = order.lock().unwrap();
-        assert_eq!(order.len(), SOCKETS + 1, "every socket got the change");
-        let probe_at = order.iter().position(|i| *i == usize::MAX).unwrap();
-        assert!(probe_at <= WAKE_CHUNK, "the other task ran after {probe_at} sends");
-    }
-
-    /// Wakes a sender's task, noting the thread that woke it (the one running the fan-out).
-    struct NoteThread {
-        task: std::task::Waker,
-        woken_on: Mutex<Option<std::thread::ThreadId>>,
-    }
-
-    impl std::task::Wake for NoteThread {
-        fn wake(self: Arc<Self>) {
-            self.wake_by_ref()
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            *self.woken_on.lock().unwrap() = Some(std::thread::current().id());
-            self.task.wake_by_ref()
-        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while log.lock().unwrap().len() < SOCKETS + 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every socket got the change");
+        let log = log.lock().unwrap();
+        let probe_at = log.iter().position(|i| *i == usize::MAX).unwrap();
+        assert!(probe_at <= WRITE_CHUNK, "the other task ran after {probe_at} writes");
     }
 
     /// The host can take a CPU away from a worker thread for tens of milliseconds. If that
     /// happens to the worker that was running a big fan-out, the other worker carries it on: here
-    /// the first sender to run on the thread that woke it (so on the fan-out's thread, between
-    /// two chunks) holds that thread until every other socket has its view, or 10 s.
+    /// the first write spawns a task that holds the fan-out's thread (it runs there next, between
+    /// two chunks) until every other socket has its view, or 10 s.
     #[test]
     fn a_stalled_worker_does_not_hold_back_the_rest_of_a_fan_out() {
-        use std::future::Future;
-        const SOCKETS: usize = 4 * WAKE_CHUNK;
+        const SOCKETS: usize = 4 * WRITE_CHUNK;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
-        let hub = Arc::new(Hub::default());
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let hub = Hub::default();
+        let written = Arc::new(AtomicUsize::new(0));
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let release = Arc::new(Mutex::new(Some(release_rx)));
-        let ready = Arc::new(AtomicU64::new(0));
-        for i in 0..SOCKETS {
-            let mailbox = hub.mailbox();
-            hub.subscribe("member:a", &mailbox);
-            let (done_tx, release, ready) = (done_tx.clone(), release.clone(), ready.clone());
-            runtime.spawn(async move {
-                let mut out = Vec::new();
-                let mut batch = std::pin::pin!(mailbox.next_batch(&mut out));
-                let mut noted: Option<Arc<NoteThread>> = None;
-                std::future::poll_fn(|cx| {
-                    let note = noted.get_or_insert_with(|| {
-                        ready.fetch_add(1, Ordering::SeqCst);
-                        Arc::new(NoteThread { task: cx.waker().clone(), woken_on: Mutex::new(None) })
+        let stalled = Arc::new(AtomicBool::new(false));
+        let on_send: Arc<dyn Fn() + Send + Sync> = {
+            let (written, stalled) = (written.clone(), stalled.clone());
+            Arc::new(move || {
+                written.fetch_add(1, Ordering::SeqCst);
+                if !stalled.swap(true, Ordering::SeqCst) {
+                    let release = release.clone();
+                    tokio::spawn(async move {
+                        let stall = release.lock().unwrap().take();
+                        if let Some(stall) = stall {
+                            let _ = stall.recv_timeout(std::time::Duration::from_secs(10));
+                        }
                     });
-                    batch.as_mut().poll(&mut std::task::Context::from_waker(&note.clone().into()))
-                })
-                .await;
-                let woken_on = noted.and_then(|n| *n.woken_on.lock().unwrap());
-                if woken_on == Some(std::thread::current().id()) {
-                    // The first such sender stalls its thread, as the host would.
-                    let stall = release.lock().unwrap().take();
-                    if let Some(stall) = stall {
-                        let _ = stall.recv_timeout(std::time::Duration::from_secs(10));
-                        return;
-                    }
                 }
-                let _ = done_tx.send(i);
-            });
-        }
+            })
+        };
+        let _mailboxes: Vec<Arc<Mailbox>> = (0..SOCKETS)
+            .map(|_| {
+                let mb = TestSocket { on_send: Some(on_send.clone()), ..TestSocket::default() }.mailbox(&hub);
+                hub.subscribe("member:a", &mb);
+                mb
+            })
+            .collect();
         runtime.block_on(async {
-            while ready.load(Ordering::SeqCst) < SOCKETS as u64 {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
             hub.publish("member:a", 1, "{}");
-            let mut others = 0;
             let all = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while others < SOCKETS - 1 && done_rx.recv().await.is_some() {
-                    others += 1;
+                while written.load(Ordering::SeqCst) < SOCKETS {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
             })
             .await;
             let _ = release_tx.send(());
-            assert!(all.is_ok(), "{others} of the other {} sockets had the view", SOCKETS - 1);
+            assert!(all.is_ok(), "{} of {SOCKETS} sockets had the view", written.load(Ordering::SeqCst));
         });
     }
 
