@@ -218,7 +218,10 @@ pub struct Fanout {
     pub clients: usize,
     pub connected: usize,
     pub missing: usize,
+    /// Server memory per socket once connected and subscribed (each holding the current view).
     pub rss_per_connection_kib: f64,
+    /// The same after the changes: sockets' write buffers grow to the longest view they sent.
+    pub rss_per_connection_after_kib: f64,
     /// CPU time per delivered message over the rounds (µs): the server's, and this load
     /// generator's own (its clients run on the same cores, so their cost is in the delivery times).
     pub server_us_per_message: f64,
@@ -432,6 +435,8 @@ pub async fn fanout(
     let (server_after, client_after) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
     let server_us_per_message = us_per_message(server_before, server_after, hist.len());
     let client_us_per_message = us_per_message(client_before, client_after, hist.len());
+    let rss_per_connection_after_kib =
+        server_after.rss_kib.saturating_sub(before.rss_kib) as f64 / connected.max(1) as f64;
     stop.cancel();
     join_clients(tasks, "P5").await;
     Ok(Fanout {
@@ -441,6 +446,7 @@ pub async fn fanout(
         connected,
         missing,
         rss_per_connection_kib,
+        rss_per_connection_after_kib,
         server_us_per_message,
         client_us_per_message,
         view_bytes,

@@ -360,17 +360,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         id: "P5",
         measure: format!("one change to a topic watched by {} sockets ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
         result: format!(
-            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; the change's own command answered in {answer_median:.1} ms (median), {answer_max:.1} ms (slowest); server memory {:.1} KiB per connection; CPU per message: server {:.1} µs, load generator {:.1} µs. Floor (the same frames written to {} plain TCP sockets, read by the same clients, by a process doing nothing else): p99 {floor_p99:.2} ms, missing {}, last delivery of a round: median {floor_last_median:.1} ms; CPU per message: sender {:.1} µs, load generator {:.1} µs",
+            "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; the change's own command answered in {answer_median:.1} ms (median), {answer_max:.1} ms (slowest); server memory {:.1} KiB per connection ({:.1} KiB after the changes); CPU per message: server {:.1} µs, load generator {:.1} µs. Floor (the same frames written to {} plain TCP sockets, read by the same clients, by a process doing nothing else): p99 {floor_p99:.2} ms, missing {}, last delivery of a round: median {floor_last_median:.1} ms; CPU per message: sender {:.1} µs, load generator {:.1} µs",
             fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib,
-            fan.server_us_per_message, fan.client_us_per_message,
+            fan.rss_per_connection_after_kib, fan.server_us_per_message, fan.client_us_per_message,
             floor.connected, floor.missing, floor.sender_us_per_message, floor.client_us_per_message
         ),
         target: "p99 ≤ 100 ms; ≤ 16 KiB per connection",
-        met: Some(p99 <= 100.0 && fan.rss_per_connection_kib <= 16.0 && fan.missing == 0 && fan.connected == fan.clients),
+        met: Some(
+            p99 <= 100.0
+                && fan.rss_per_connection_kib.max(fan.rss_per_connection_after_kib) <= 16.0
+                && fan.missing == 0
+                && fan.connected == fan.clients,
+        ),
         server_cpu_percent: Some(cpu),
         server_rss_mib: Some(rss),
         figures: json!({"p50_ms": fan.hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": p99, "clients": fan.clients,
             "connected": fan.connected, "missing": fan.missing, "kib_per_connection": fan.rss_per_connection_kib,
+            "kib_per_connection_after_changes": fan.rss_per_connection_after_kib,
             "server_us_per_message": fan.server_us_per_message, "client_us_per_message": fan.client_us_per_message, "view_bytes": fan.view_bytes,
             "p99_from_request_ms": p99_from_request, "round_last_median_ms": last_median, "round_last_max_ms": last_max, "round_last_ms": fan.round_last_ms, "round_first_ms": fan.round_first_ms,
             "answer_median_ms": answer_median, "answer_max_ms": answer_max, "answer_ms": fan.answer_ms,
