@@ -78,9 +78,8 @@ impl Mailbox {
     ///
     /// A socket with nothing pending and nothing unflushed gets the frame written at once, by
     /// the caller: that is one `write` call, where waking the socket's send loop would cost a
-    /// task wake-up and a poll besides, and spread the writes of a big fan-out over time, so the
-    /// clients wake once per write instead of reading many at a time. Otherwise the frame waits
-    /// for the send loop (newest-wins: a slow client never grows a queue).
+    /// task wake-up and a poll besides. Otherwise the frame waits for the send loop
+    /// (newest-wins: a slow client never grows a queue).
     pub fn put(&self, topic: &Topic, frame: Frame) {
         let Ok(mut p) = self.pending.lock() else { return };
         if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
@@ -91,6 +90,7 @@ impl Mailbox {
         // Written while `pending` is held: the send loop takes frames under that lock too, so a
         // frame it took is written before this one (it holds the writer until then).
         if p.views.is_empty() && p.errors.is_empty() && self.write_now(&frame) {
+            // Updated in place: no clone of the topic for each socket of a fan-out.
             match p.sent.get_mut(topic) {
                 Some(sent) => *sent = frame.position,
                 None => {
@@ -113,27 +113,19 @@ impl Mailbox {
         // Never waits: a socket that is not ready leaves the frame to the send loop, which
         // waits properly (with its own waker).
         let mut cx = Context::from_waker(Waker::noop());
-        match socket.as_mut().poll_ready(&mut cx) {
+        let written = match socket.as_mut().poll_ready(&mut cx) {
             Poll::Pending => return false,
-            Poll::Ready(Err(())) => {
-                *sink = None;
-                return true;
-            }
-            Poll::Ready(Ok(())) => {}
-        }
-        if socket.as_mut().start_send(Message::Text(frame.text.clone())).is_err() {
-            *sink = None;
-            return true;
-        }
-        match socket.as_mut().poll_flush(&mut cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(())) => *sink = None,
+            Poll::Ready(Ok(())) => socket.as_mut().start_send(Message::Text(frame.text.clone())).is_ok(),
+            Poll::Ready(Err(())) => false,
+        };
+        match written.then(|| socket.as_mut().poll_flush(&mut cx)) {
+            Some(Poll::Ready(Ok(()))) => return true,
             // The frame is the socket's; the send loop finishes the flush.
-            Poll::Pending => {
-                *flushed = false;
-                self.notify.notify_one();
-            }
+            Some(Poll::Pending) => *flushed = false,
+            // The socket is gone: the send loop ends, and with it the connection.
+            Some(Poll::Ready(Err(()))) | None => *sink = None,
         }
+        self.notify.notify_one();
         true
     }
 
@@ -411,8 +403,9 @@ mod tests {
         hub.subscribe("member:a", &mb);
         hub.publish("member:a", 1, "{}");
         hub.publish("member:a", 2, "{}");
-        hub.publish("member:b", 3, "{}"); // not subscribed
-                                          // No send loop runs here: the publisher wrote them.
+        // Not subscribed.
+        hub.publish("member:b", 3, "{}");
+        // No send loop runs here: the publisher wrote them.
         let sent: Vec<u64> = socket.sent().iter().map(|m| position(m)).collect();
         assert_eq!(sent, [1, 2]);
         assert!(take(&mb).is_none());
