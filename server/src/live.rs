@@ -1,48 +1,67 @@
 //! The live hub: changed views go out to WebSocket subscribers, newest-wins per topic.
 //!
-//! Each socket has a [`Mailbox`]: its sending half, and at most one pending frame per topic.
+//! Each socket has a [`Mailbox`]: its writing half, and at most one pending frame per topic.
 //! A change is written straight to every socket that is ready for it; a socket that is not
 //! (its client reads slowly) keeps the frame pending, and a newer frame replaces it, so a slow
-//! client gets the latest view and never a growing queue. Frames are serialized once per change
-//! and shared by every subscriber.
+//! client gets the latest view and never a growing queue.
+//!
+//! A change is encoded once, as the WebSocket frame's bytes, and those same bytes are written to
+//! every subscriber's socket: no socket has a write buffer of its own. (Through the WebSocket
+//! library's writer each socket copied every frame into its own buffer, and the first view
+//! longer than any before made all 10,000 buffers grow at once, into fresh memory: that one
+//! change took twice as long as the others.)
 //!
 //! A change on a topic that 10,000 sockets watch is 10,000 `put`s, so they do not allocate in
 //! the common case: topics are shared `Arc<str>`s (the hub's own key) and the maps keep their
 //! capacity between changes.
 
 use app::views::MEMBERS_TOPIC;
-use axum::extract::ws::{Message, Utf8Bytes};
-use futures::{Sink, SinkExt};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
-/// A message ready to send.
+/// A view message ready to send.
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub position: u64,
-    pub text: Utf8Bytes,
+    /// The whole WebSocket frame, header included.
+    pub bytes: Bytes,
 }
 
 /// The `view` message for a topic, built around the view's stored JSON without re-encoding it.
 pub fn view_frame(topic: &str, position: u64, view_json: &str) -> Frame {
     let topic = serde_json::Value::String(topic.to_string());
     let text = format!(r#"{{"type":"view","topic":{topic},"position":{position},"view":{view_json}}}"#);
-    Frame { position, text: text.into() }
+    Frame { position, bytes: text_frame(&text) }
 }
 
-pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
-    serde_json::json!({"type": "error", "code": code, "message": message}).to_string().into()
+pub fn error_frame(code: &str, message: &str) -> Bytes {
+    text_frame(&serde_json::json!({"type": "error", "code": code, "message": message}).to_string())
+}
+
+/// A text message as the server sends it: one final, unmasked frame (RFC 6455, 5.2), header
+/// written by the WebSocket library.
+pub fn text_frame(text: &str) -> Bytes {
+    let header = FrameHeader { is_final: true, opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
+    let mut out = Vec::with_capacity(header.len(text.len() as u64) + text.len());
+    // Into a Vec: cannot fail.
+    let _ = header.format(text.len() as u64, &mut out);
+    out.extend_from_slice(text.as_bytes());
+    out.into()
 }
 
 /// A topic name, shared between the hub and every mailbox that watches it.
 pub type Topic = Arc<str>;
 
-/// The sending half of a client's socket (any error means the socket is gone).
-pub type SocketSink = Pin<Box<dyn Sink<Message, Error = ()> + Send>>;
+/// The writing half of a client's socket (any error means the socket is gone).
+pub type SocketWriter = Pin<Box<dyn AsyncWrite + Send>>;
 
 #[derive(Default)]
 struct Pending {
@@ -50,20 +69,24 @@ struct Pending {
     views: HashMap<Topic, Frame>,
     /// Highest position sent per topic: anything at or below is stale.
     sent: HashMap<Topic, u64>,
-    errors: Vec<Utf8Bytes>,
+    /// Frames answering the client's own messages: errors, and the WebSocket library's pong and
+    /// close replies. Each is one or more whole frames.
+    replies: Vec<Bytes>,
     /// Scratch for ordering a batch's views (kept for its capacity).
     order: Vec<Frame>,
 }
 
 struct Writer {
     /// None once the socket failed or its client left.
-    sink: Option<SocketSink>,
+    io: Option<SocketWriter>,
+    /// The rest of a frame the socket took only part of: written before anything else.
+    rest: Bytes,
     /// Nothing written is still waiting in the socket's buffers.
     flushed: bool,
 }
 
-/// Errors answer the client's own messages; a client flooding bad messages loses the oldest.
-const MAX_PENDING_ERRORS: usize = 16;
+/// Replies answer the client's own messages; a client flooding them loses the oldest.
+const MAX_PENDING_REPLIES: usize = 16;
 
 pub struct Mailbox {
     id: u64,
@@ -89,7 +112,7 @@ impl Mailbox {
         }
         // Written while `pending` is held: the send loop takes frames under that lock too, so a
         // frame it took is written before this one (it holds the writer until then).
-        if p.views.is_empty() && p.errors.is_empty() && self.write_now(&frame) {
+        if p.views.is_empty() && p.replies.is_empty() && self.write_now(&frame) {
             // Updated in place: no clone of the topic for each socket of a fan-out.
             match p.sent.get_mut(topic) {
                 Some(sent) => *sent = frame.position,
@@ -108,33 +131,36 @@ impl Mailbox {
     /// gone), false if the send loop has to send it.
     fn write_now(&self, frame: &Frame) -> bool {
         let Ok(mut writer) = self.writer.try_lock() else { return false };
-        let Writer { sink, flushed } = &mut *writer;
-        let (true, Some(socket)) = (*flushed, sink.as_mut()) else { return false };
+        let Writer { io, rest, flushed } = &mut *writer;
+        let (true, true, Some(socket)) = (*flushed, rest.is_empty(), io.as_mut()) else { return false };
         // Never waits: a socket that is not ready leaves the frame to the send loop, which
         // waits properly (with its own waker).
         let mut cx = Context::from_waker(Waker::noop());
-        let written = match socket.as_mut().poll_ready(&mut cx) {
+        match socket.as_mut().poll_write(&mut cx, &frame.bytes) {
             Poll::Pending => return false,
-            Poll::Ready(Ok(())) => socket.as_mut().start_send(Message::Text(frame.text.clone())).is_ok(),
-            Poll::Ready(Err(())) => false,
-        };
-        match written.then(|| socket.as_mut().poll_flush(&mut cx)) {
-            Some(Poll::Ready(Ok(()))) => return true,
-            // The frame is the socket's; the send loop finishes the flush.
-            Some(Poll::Pending) => *flushed = false,
+            Poll::Ready(Ok(n)) if n == frame.bytes.len() => match socket.as_mut().poll_flush(&mut cx) {
+                Poll::Ready(Ok(())) => return true,
+                // The frame is the socket's; the send loop finishes the flush.
+                Poll::Pending => *flushed = false,
+                Poll::Ready(Err(_)) => *io = None,
+            },
             // The socket is gone: the send loop ends, and with it the connection.
-            Some(Poll::Ready(Err(()))) | None => *sink = None,
+            Poll::Ready(Ok(0) | Err(_)) => *io = None,
+            // The socket's buffer took part of it: the send loop writes the rest.
+            Poll::Ready(Ok(n)) => *rest = frame.bytes.slice(n..),
         }
         self.notify.notify_one();
         true
     }
 
-    pub fn put_error(&self, text: Utf8Bytes) {
+    /// Send `frame` (an error, or the WebSocket library's reply to a ping or a close) before any
+    /// view still pending.
+    pub fn put_reply(&self, frame: Bytes) {
         let Ok(mut p) = self.pending.lock() else { return };
-        if p.errors.len() >= MAX_PENDING_ERRORS {
-            p.errors.remove(0);
+        if p.replies.len() >= MAX_PENDING_REPLIES {
+            p.replies.remove(0);
         }
-        p.errors.push(text);
+        p.replies.push(frame);
         drop(p);
         self.notify.notify_one();
     }
@@ -147,54 +173,67 @@ impl Mailbox {
         }
     }
 
-    /// The socket's send loop: finish flushes and send what waits, until the socket fails or
-    /// is detached.
+    /// The socket's send loop: finish writes and flushes, and send what waits, until the socket
+    /// fails or is closed.
     pub async fn send_loop(&self) {
         let mut batch = Vec::new();
         loop {
             self.notify.notified().await;
             let mut writer = self.writer.lock().await;
-            let Writer { sink, flushed } = &mut *writer;
-            let Some(socket) = sink.as_mut() else { return };
-            if !*flushed {
-                if socket.flush().await.is_err() {
-                    *sink = None;
-                    return;
-                }
-                *flushed = true;
-            }
-            while self.take(&mut batch) {
-                for text in batch.drain(..) {
-                    if socket.send(Message::Text(text)).await.is_err() {
-                        *sink = None;
-                        return;
+            let Writer { io, rest, flushed } = &mut *writer;
+            let Some(socket) = io.as_mut() else { return };
+            let sent = async {
+                socket.write_all(rest).await?;
+                *rest = Bytes::new();
+                while self.take(&mut batch) {
+                    for frame in batch.drain(..) {
+                        socket.write_all(&frame).await?;
                     }
                 }
+                socket.flush().await?;
+                *flushed = true;
+                std::io::Result::Ok(())
+            };
+            if sent.await.is_err() {
+                *io = None;
+                return;
             }
         }
     }
 
-    /// Let go of the socket (its client left): nothing is written to it any more.
-    pub async fn detach(&self) {
-        self.writer.lock().await.sink = None;
+    /// The connection ends: send the replies still pending (the close handshake's reply), for
+    /// at most `grace`, and close the socket. Nothing is written to it afterwards.
+    pub async fn close(&self, grace: std::time::Duration) {
+        let mut writer = self.writer.lock().await;
+        let Some(mut socket) = writer.io.take() else { return };
+        let rest = std::mem::take(&mut writer.rest);
+        let replies = self.pending.lock().map(|mut p| std::mem::take(&mut p.replies)).unwrap_or_default();
+        let finish = async {
+            socket.write_all(&rest).await?;
+            for frame in replies {
+                socket.write_all(&frame).await?;
+            }
+            socket.shutdown().await
+        };
+        let _ = tokio::time::timeout(grace, finish).await;
     }
 
-    /// Move what is pending into `out` (errors first, then views by position); false if nothing
+    /// Move what is pending into `out` (replies first, then views by position); false if nothing
     /// was.
-    fn take(&self, out: &mut Vec<Utf8Bytes>) -> bool {
+    fn take(&self, out: &mut Vec<Bytes>) -> bool {
         let Ok(mut p) = self.pending.lock() else { return false };
-        if p.views.is_empty() && p.errors.is_empty() {
+        if p.views.is_empty() && p.replies.is_empty() {
             return false;
         }
-        let Pending { views, sent, errors, order } = &mut *p;
-        out.append(errors);
+        let Pending { views, sent, replies, order } = &mut *p;
+        out.append(replies);
         for (topic, frame) in views.drain() {
             sent.insert(topic, frame.position);
             order.push(frame);
         }
         // Several topics at once (the staff console's `members`): oldest change first.
         order.sort_by_key(|frame| frame.position);
-        out.extend(order.drain(..).map(|frame| frame.text));
+        out.extend(order.drain(..).map(|frame| frame.bytes));
         true
     }
 }
@@ -212,11 +251,11 @@ pub struct Hub {
 
 impl Hub {
     /// A mailbox for a new socket; its send loop is [`Mailbox::send_loop`].
-    pub fn mailbox(&self, sink: SocketSink) -> Arc<Mailbox> {
+    pub fn mailbox(&self, io: SocketWriter) -> Arc<Mailbox> {
         Arc::new(Mailbox {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             pending: Mutex::new(Pending::default()),
-            writer: tokio::sync::Mutex::new(Writer { sink: Some(sink), flushed: true }),
+            writer: tokio::sync::Mutex::new(Writer { io: Some(io), rest: Bytes::new(), flushed: true }),
             notify: Notify::new(),
         })
     }
@@ -328,9 +367,13 @@ mod tests {
     /// What a test socket saw, and whether it is ready for more.
     #[derive(Default)]
     struct SocketState {
-        sent: Vec<String>,
+        /// Every byte written, in order.
+        written: Vec<u8>,
         /// Not ready (a client that does not read): the send loop has to wait.
         blocked: bool,
+        /// At most this many bytes taken per write (a full kernel buffer takes part of a frame).
+        limit: Option<usize>,
+        shut_down: bool,
         waker: Option<Waker>,
     }
 
@@ -344,7 +387,7 @@ mod tests {
 
     impl TestSocket {
         fn sent(&self) -> Vec<String> {
-            self.state.lock().unwrap().sent.clone()
+            messages(&self.state.lock().unwrap().written)
         }
         fn set_blocked(&self, blocked: bool) {
             let mut state = self.state.lock().unwrap();
@@ -358,30 +401,44 @@ mod tests {
         }
     }
 
-    impl Sink<Message> for TestSocket {
-        type Error = ();
-        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+    impl AsyncWrite for TestSocket {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
             let mut state = self.state.lock().unwrap();
             if state.blocked {
                 state.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            Poll::Ready(Ok(()))
-        }
-        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), ()> {
-            let Message::Text(text) = item else { return Err(()) };
-            self.state.lock().unwrap().sent.push(text.to_string());
+            let n = buf.len().min(state.limit.unwrap_or(usize::MAX));
+            state.written.extend_from_slice(&buf[..n]);
+            drop(state);
             if let Some(on_send) = &self.on_send {
                 on_send();
             }
-            Ok(())
+            Poll::Ready(Ok(n))
         }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
         }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.state.lock().unwrap().shut_down = true;
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// The text messages in `bytes`, as a client would read them; a frame still incomplete at
+    /// the end is left out.
+    fn messages(bytes: &[u8]) -> Vec<String> {
+        let mut cursor = std::io::Cursor::new(bytes);
+        let mut out = Vec::new();
+        while let Some((header, length)) = FrameHeader::parse(&mut cursor).unwrap() {
+            assert!(header.is_final && header.mask.is_none());
+            assert_eq!(header.opcode, OpCode::Data(Data::Text));
+            let start = cursor.position() as usize;
+            let Some(text) = bytes.get(start..start + length as usize) else { break };
+            out.push(String::from_utf8(text.to_vec()).unwrap());
+            cursor.set_position((start + text.len()) as u64);
+        }
+        out
     }
 
     fn position(message: &str) -> u64 {
@@ -390,9 +447,9 @@ mod tests {
     }
 
     /// What the send loop would send next, if anything.
-    fn take(mailbox: &Mailbox) -> Option<Vec<Utf8Bytes>> {
+    fn take(mailbox: &Mailbox) -> Option<Vec<String>> {
         let mut out = Vec::new();
-        mailbox.take(&mut out).then_some(out)
+        mailbox.take(&mut out).then_some(out.iter().flat_map(|frame| messages(frame)).collect())
     }
 
     #[test]
@@ -467,8 +524,8 @@ mod tests {
         let batch = take(&mb).expect("something pending");
         assert_eq!(batch.len(), 2);
         // Oldest change first, whatever order the topics were published in.
-        assert!(batch[0].as_str().contains(r#""topic":"member:a""#), "{:?}", batch[0]);
-        assert!(batch[1].as_str().contains(r#""topic":"member:b""#), "{:?}", batch[1]);
+        assert!(batch[0].contains(r#""topic":"member:a""#), "{:?}", batch[0]);
+        assert!(batch[1].contains(r#""topic":"member:b""#), "{:?}", batch[1]);
     }
 
     /// Sockets that each note their index in `log` when written.
@@ -561,10 +618,67 @@ mod tests {
         });
     }
 
+    /// A socket whose kernel buffer takes only part of a frame gets the rest before anything
+    /// else, from the send loop.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_frame_the_socket_took_in_part_is_finished_before_the_next() {
+        let hub = Hub::default();
+        let socket = TestSocket::default();
+        socket.state.lock().unwrap().limit = Some(10);
+        let mb = socket.mailbox(&hub);
+        let send_loop = {
+            let mb = mb.clone();
+            tokio::spawn(async move { mb.send_loop().await })
+        };
+        hub.subscribe("member:a", &mb);
+        hub.publish("member:a", 1, r#"{"n":1}"#);
+        hub.publish("member:a", 2, r#"{"n":2}"#);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while socket.sent().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both views arrive whole");
+        let sent: Vec<u64> = socket.sent().iter().map(|m| position(m)).collect();
+        assert_eq!(sent, [1, 2]);
+        send_loop.abort();
+    }
+
+    /// Closing sends the replies still pending (the close handshake's), then shuts the socket;
+    /// nothing is written after.
+    #[tokio::test(flavor = "current_thread")]
+    async fn closing_sends_pending_replies_then_shuts_the_socket() {
+        let hub = Hub::default();
+        let socket = TestSocket::default();
+        let mb = socket.mailbox(&hub);
+        hub.subscribe("member:a", &mb);
+        mb.put_reply(error_frame("invalid_request", "bad"));
+        mb.close(std::time::Duration::from_secs(5)).await;
+        hub.publish("member:a", 1, "{}");
+        let sent = socket.sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(sent[0].contains("invalid_request"));
+        assert!(socket.state.lock().unwrap().shut_down);
+    }
+
+    #[test]
+    fn a_view_of_any_length_is_one_whole_frame() {
+        for len in [0, 125, 126, 65_535, 65_536, 200_000] {
+            let view = format!(r#"{{"pad":"{}"}}"#, "x".repeat(len));
+            let frame = view_frame("member:a", 1, &view);
+            let [message] = &messages(&frame.bytes)[..] else { panic!("one message per frame") };
+            assert!(frame.bytes.ends_with(b"}}"), "nothing after the message");
+            let v: serde_json::Value = serde_json::from_str(message).unwrap();
+            assert_eq!(v["view"]["pad"].as_str().map(str::len), Some(len));
+        }
+    }
+
     #[test]
     fn view_frames_are_valid_messages() {
         let frame = view_frame("member:a\"x", 3, r#"{"member_id":"a"}"#);
-        let v: serde_json::Value = serde_json::from_str(frame.text.as_str()).unwrap();
+        let [message] = &messages(&frame.bytes)[..] else { panic!("one message per frame") };
+        let v: serde_json::Value = serde_json::from_str(message).unwrap();
         assert_eq!(v["type"], "view");
         assert_eq!(v["topic"], "member:a\"x");
         assert_eq!(v["position"], 3);

@@ -115,3 +115,44 @@ async fn a_view_appears_on_the_socket_when_the_member_is_enrolled_later() {
     let view = next(&mut socket).await;
     assert_eq!(view["view"]["name"], "Late Comer");
 }
+
+#[tokio::test]
+async fn a_ping_gets_its_pong_and_a_close_gets_its_reply() {
+    let app = spawn_app().await;
+    let mut socket = connect(&app).await;
+    socket.send(Message::Ping(b"are you there".to_vec().into())).await.expect("sent");
+    let pong = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("an answer within 5 s");
+    assert!(matches!(pong, Some(Ok(Message::Pong(ref data))) if &data[..] == b"are you there"), "{pong:?}");
+
+    socket.close(None).await.expect("close sent");
+    // The closing handshake completes: the server's close frame, then the end of the stream
+    // (a connection dropped without it would be an error here).
+    let reply = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("an answer within 5 s");
+    assert!(matches!(reply, Some(Ok(Message::Close(_)))), "{reply:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("closed within 5 s");
+    assert!(end.is_none(), "{end:?}");
+}
+
+#[tokio::test]
+async fn a_plain_request_to_ws_is_refused_with_an_error_code() {
+    let app = spawn_app().await;
+    let reply = app.get("/ws").await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.code(), "invalid_request");
+    let old = app
+        .send(
+            reqwest::Method::GET,
+            "/ws",
+            None,
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "8"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+        )
+        .await;
+    assert_eq!(old.status, 400);
+    assert_eq!(old.code(), "invalid_request");
+    assert_eq!(old.header("sec-websocket-version"), Some("13"));
+}

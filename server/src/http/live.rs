@@ -4,63 +4,136 @@
 //! nothing is missed between page render and socket connect, or across a reconnect.
 
 use crate::fanout::ViewFeed;
+use crate::http::error::ApiError;
 use crate::live::{error_frame, view_frame, Hub, Mailbox};
 use crate::queries;
 use crate::store::Store;
 use crate::AppState;
 use app::domain::validate;
 use app::views::{ClientMessage, MEMBERS_TOPIC};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::response::Response;
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use futures::StreamExt;
+use hyper_util::rt::TokioIo;
 use std::collections::HashSet;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::AbortOnDropHandle;
 
-/// Per-socket buffers. Clients send only tiny subscribe messages and receive views of a few KiB;
-/// the library defaults (128 KiB each way) would cost far more memory per idle socket than the
-/// socket's actual traffic needs.
+/// Clients send only tiny subscribe messages: a small read buffer, and a cap on what they send.
 const READ_BUFFER: usize = 4 * 1024;
-const WRITE_BUFFER: usize = 8 * 1024;
 const MAX_INCOMING: usize = 16 * 1024;
 
-pub async fn ws(upgrade: WebSocketUpgrade, State(state): State<AppState>) -> Response {
-    let upgrade = upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(MAX_INCOMING)
-        .max_frame_size(MAX_INCOMING);
-    upgrade.on_upgrade(move |socket: WebSocket| {
-        let (sink, stream) = socket.split();
-        serve(sink, stream, state.hub.clone(), state.store.clone(), state.feed.clone())
-    })
+/// How long a closing connection may take to send its close reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The WebSocket opening handshake (RFC 6455, 4.2), answered here rather than by axum's
+/// extractor: the upgraded connection is then ours, so the live hub can write each change's
+/// frame, encoded once, straight to every socket (see `live.rs`).
+pub async fn ws(State(state): State<AppState>, mut request: Request) -> Response {
+    let accept = match accept_key(request.headers()) {
+        Ok(accept) => accept,
+        Err(err) => {
+            let mut response = err.into_response();
+            // RFC 6455, 4.4: tell the client which version this server speaks.
+            response.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return response;
+        }
+    };
+    let Some(on_upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::InvalidRequest("this connection cannot be upgraded to a WebSocket (HTTP/1.1 only)".into())
+            .into_response();
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let (hub, store, feed) = (state.hub.clone(), state.store.clone(), state.feed.clone());
+                serve(TokioIo::new(upgraded), hub, store, feed).await
+            }
+            Err(err) => tracing::debug!(error = %err, "WebSocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
 }
 
-/// One client: a receive loop (subscriptions) and a send loop (mailbox) until either ends.
+/// The `Sec-WebSocket-Accept` answer to a valid opening handshake.
+fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    let bad = |message: &str| Err(ApiError::InvalidRequest(message.to_string()));
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return bad("GET /ws is a WebSocket endpoint: send Connection: upgrade and Upgrade: websocket");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+        return bad("unsupported WebSocket version: send Sec-WebSocket-Version: 13");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return bad("missing Sec-WebSocket-Key");
+    };
+    // A nonce of 16 bytes, base64-encoded (RFC 6455, 4.1).
+    if base64::engine::general_purpose::STANDARD.decode(key.as_bytes()).map(|k| k.len()) != Ok(16) {
+        return bad("Sec-WebSocket-Key is not 16 bytes in base64");
+    }
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).or_else(|_| bad("invalid Sec-WebSocket-Key"))
+}
+
+/// One client on an upgraded connection: a receive loop (subscriptions) and a send loop
+/// (mailbox) until either ends.
 ///
-/// The socket's sending half lives in its mailbox: a change is written there by whoever
+/// The connection's writing half lives in its mailbox: a change is written there by whoever
 /// publishes it, and the send loop only sends what had to wait (a client not reading, errors).
 /// The send loop is a task of its own. In one task, every wake-up to send would also poll the
 /// socket for reading, and the WebSocket library zero-fills its read buffer on each such poll.
-pub async fn serve<W, R>(sink: W, mut stream: R, hub: Arc<Hub>, store: Store, feed: Arc<ViewFeed>)
+pub async fn serve<S>(io: S, hub: Arc<Hub>, store: Store, feed: Arc<ViewFeed>)
 where
-    W: Sink<Message> + Send + 'static,
-    R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::gauge!("tally_ws_connections").increment(1.0);
-    let mailbox = hub.mailbox(Box::pin(sink.sink_map_err(|_| ())));
+    let (read, write) = tokio::io::split(io);
+    let mailbox = hub.mailbox(Box::pin(write));
+    // The WebSocket library reads and decodes the client's frames; what it writes (its pong
+    // and close replies) goes through the mailbox like every other frame.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_INCOMING))
+        .max_frame_size(Some(MAX_INCOMING));
+    let reader = ReadSide { read, mailbox: mailbox.clone() };
+    let mut stream = WebSocketStream::from_raw_socket(reader, Role::Server, Some(config)).await;
     let mut topics = HashSet::new();
     let outbox = mailbox.clone();
     // Aborted when this function returns or is dropped: the send loop never outlives its socket.
     let mut send = AbortOnDropHandle::new(tokio::spawn(async move { outbox.send_loop().await }));
     let receive = async {
+        // After a close the library queues its reply and ends the stream on the next read.
         while let Some(Ok(message)) = stream.next().await {
             match message {
                 Message::Text(text) => handle(text.as_str(), &hub, &store, &feed, &mailbox, &mut topics).await,
-                Message::Binary(_) => mailbox.put_error(error_frame("invalid_request", "send JSON text messages")),
-                Message::Close(_) => break,
-                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Binary(_) => mailbox.put_reply(error_frame("invalid_request", "send JSON text messages")),
+                Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     };
@@ -73,8 +146,35 @@ where
     }
     drop(send);
     // A fan-out under way may still hold the mailbox: the socket closes now all the same.
-    mailbox.detach().await;
+    mailbox.close(CLOSE_GRACE).await;
     metrics::gauge!("tally_ws_connections").decrement(1.0);
+}
+
+/// The connection's reading half, as the WebSocket library sees it. The library writes only
+/// replies (pong, close), each call its whole buffer of whole frames (`write_buffer_size(0)`:
+/// at once); they are taken in full and queued in the mailbox, ahead of pending views.
+struct ReadSide<R> {
+    read: R,
+    mailbox: Arc<Mailbox>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ReadSide<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for ReadSide<R> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.mailbox.put_reply(Bytes::copy_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A topic is `members` or `member:<id>`; returns the member id for the latter.
@@ -101,7 +201,7 @@ async fn handle(
         Err(_) => {
             let hint =
                 r#"expected {"subscribe": "member:<id>"}, {"unsubscribe": "member:<id>"} or {"subscribe": "members"}"#;
-            mailbox.put_error(error_frame("invalid_request", hint));
+            mailbox.put_reply(error_frame("invalid_request", hint));
             return;
         }
     };
@@ -109,7 +209,7 @@ async fn handle(
         ClientMessage::Subscribe(topic) => {
             let member_id = match parse_topic(&topic) {
                 Ok(id) => id.map(str::to_string),
-                Err(e) => return mailbox.put_error(error_frame("invalid_request", &e)),
+                Err(e) => return mailbox.put_reply(error_frame("invalid_request", &e)),
             };
             let key = hub.subscribe(&topic, mailbox);
             topics.insert(topic.clone());
@@ -120,14 +220,14 @@ async fn handle(
                     Ok(None) => {}
                     Err(err) => {
                         tracing::error!(error = %err, "cannot read view for a new subscriber");
-                        mailbox.put_error(error_frame("internal", "the current view could not be read"));
+                        mailbox.put_reply(error_frame("internal", "the current view could not be read"));
                     }
                 }
             }
         }
         ClientMessage::Unsubscribe(topic) => {
             if let Err(e) = parse_topic(&topic) {
-                return mailbox.put_error(error_frame("invalid_request", &e));
+                return mailbox.put_reply(error_frame("invalid_request", &e));
             }
             hub.unsubscribe(&topic, mailbox);
             topics.remove(&topic);

@@ -2,30 +2,18 @@
 //!
 //! The P5 measure starts it as `tally-bench fanout-floor-sender` (hidden). It listens on a free
 //! loopback port (its first line of output), accepts plain TCP connections, and for each
-//! position read from its input writes that position's view message, framed as the server frames
-//! it, to every socket accepted so far, then answers `sent <position> to <sockets>`. There is no
-//! HTTP, no WebSocket handshake, no hub, no runtime: what P5's delivery takes beyond this floor
-//! is the server's; the floor itself is the kernel's loopback TCP and the clients.
+//! position read from its input writes that position's view message (the very frame bytes the
+//! server writes) to every socket accepted so far, then answers `sent <position> to <sockets>`.
+//! There is no HTTP, no WebSocket handshake, no hub, no runtime: what P5's delivery takes beyond
+//! this floor is the server's; the floor itself is the kernel's loopback TCP and the clients.
 
 use anyhow::Context;
 use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-
-/// The bytes the server sends for `position`'s view: one unmasked, final text frame.
-pub fn frame_bytes(topic: &str, position: u64, view_json: &str) -> anyhow::Result<Arc<[u8]>> {
-    let text = server::live::view_frame(topic, position, view_json).text;
-    let mut out = Vec::with_capacity(text.len() + 10);
-    let header = FrameHeader { is_final: true, opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
-    header.format(text.len() as u64, &mut out)?;
-    out.extend_from_slice(text.as_bytes());
-    Ok(out.into())
-}
 
 /// The sender process: until its input ends.
 ///
@@ -59,7 +47,8 @@ pub fn serve(view: &Path, topic: &str) -> anyhow::Result<()> {
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         let position: u64 = line.trim().parse().with_context(|| format!("not a position: {line:?}"))?;
-        let frame = frame_bytes(topic, position, &view_json)?;
+        // The very bytes the server writes for this change.
+        let frame = server::live::view_frame(topic, position, &view_json).bytes;
         // Sockets accepted since the last round, dealt out to the writers.
         let mut new: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
         for tcp in accepted.try_iter() {
@@ -93,7 +82,7 @@ const LISTEN_QUEUE: u32 = 16_384;
 
 struct Round {
     sockets: Vec<TcpStream>,
-    frame: Arc<[u8]>,
+    frame: bytes::Bytes,
 }
 
 fn write_rounds(rounds: mpsc::Receiver<Round>, done: mpsc::Sender<usize>) {
@@ -147,26 +136,5 @@ impl Sender {
         let line = self.stdout.next_line().await?.context("the floor sender stopped")?;
         anyhow::ensure!(line.starts_with(&format!("sent {position} ")), "unexpected: {line}");
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::frame_bytes;
-    use std::io::Cursor;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-
-    #[test]
-    fn the_floor_sends_what_the_server_sends() {
-        let view = format!(r#"{{"member_id":"m-1","name":"{}"}}"#, "x".repeat(2_000));
-        let bytes = frame_bytes("member:m-1", 7, &view).unwrap();
-        let mut cursor = Cursor::new(&bytes[..]);
-        let (header, length) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
-        assert!(header.is_final && header.mask.is_none());
-        assert_eq!(header.opcode, OpCode::Data(Data::Text));
-        let payload = &bytes[cursor.position() as usize..];
-        assert_eq!(payload.len() as u64, length);
-        assert_eq!(payload, server::live::view_frame("member:m-1", 7, &view).text.as_bytes());
     }
 }

@@ -532,12 +532,17 @@ pub async fn fanout_floor(view_json: &str, topic: &str, clients: usize, rounds: 
 mod tests {
     use super::position_of;
     use server::live::view_frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
     #[test]
     fn reads_the_position_the_server_wrote() {
         for topic in ["member:m-1", "members", r#"member:odd"name"#] {
             let frame = view_frame(topic, 4_211, r#"{"member_id":"m-1","position":7,"n":[1,2]}"#);
-            assert_eq!(position_of(frame.text.as_str()), Some(4_211), "{topic}");
+            // The message is what follows the frame's header.
+            let mut cursor = std::io::Cursor::new(&frame.bytes[..]);
+            FrameHeader::parse(&mut cursor).unwrap().unwrap();
+            let text = std::str::from_utf8(&frame.bytes[cursor.position() as usize..]).unwrap();
+            assert_eq!(position_of(text), Some(4_211), "{topic}");
         }
         // Another field order or spacing is parsed in full.
         assert_eq!(position_of(r#"{"position": 9, "type": "view", "view": {}}"#), Some(9));
