@@ -48,7 +48,7 @@ pub fn error_frame(code: &str, message: &str) -> Bytes {
 
 /// A text message as the server sends it: one final, unmasked frame (RFC 6455, 5.2), header
 /// written by the WebSocket library.
-pub fn text_frame(text: &str) -> Bytes {
+fn text_frame(text: &str) -> Bytes {
     let header = FrameHeader { is_final: true, opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
     let mut out = Vec::with_capacity(header.len(text.len() as u64) + text.len());
     // Into a Vec: cannot fail.
