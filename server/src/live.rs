@@ -17,7 +17,7 @@
 
 use app::views::MEMBERS_TOPIC;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,11 +99,15 @@ pub struct Mailbox {
 impl Mailbox {
     /// Send `frame` for `topic` unless something as new is already pending or sent.
     ///
+    /// Borrowed: a fan-out's tasks on every core share one frame, and a clone per socket would
+    /// bounce its reference count between the cores twice per socket; only a frame left
+    /// pending is cloned.
+    ///
     /// A socket with nothing pending and nothing unflushed gets the frame written at once, by
     /// the caller: that is one `write` call, where waking the socket's send loop would cost a
     /// task wake-up and a poll besides. Otherwise the frame waits for the send loop
     /// (newest-wins: a slow client never grows a queue).
-    pub fn put(&self, topic: &Topic, frame: Frame) {
+    pub fn put(&self, topic: &Topic, frame: &Frame) {
         let Ok(mut p) = self.pending.lock() else { return };
         if p.sent.get(topic).is_some_and(|sent| *sent >= frame.position)
             || p.views.get(topic).is_some_and(|f| f.position >= frame.position)
@@ -112,7 +116,7 @@ impl Mailbox {
         }
         // Written while `pending` is held: the send loop takes frames under that lock too, so a
         // frame it took is written before this one (it holds the writer until then).
-        if p.views.is_empty() && p.replies.is_empty() && self.write_now(&frame) {
+        if p.views.is_empty() && p.replies.is_empty() && self.write_now(frame) {
             // Updated in place: no clone of the topic for each socket of a fan-out.
             match p.sent.get_mut(topic) {
                 Some(sent) => *sent = frame.position,
@@ -122,7 +126,7 @@ impl Mailbox {
             }
             return;
         }
-        p.views.insert(topic.clone(), frame);
+        p.views.insert(topic.clone(), frame.clone());
         drop(p);
         self.notify.notify_one();
     }
@@ -245,7 +249,10 @@ const WRITE_CHUNK: usize = 256;
 
 #[derive(Default)]
 pub struct Hub {
-    topics: Mutex<HashMap<Topic, HashMap<u64, Arc<Mailbox>>>>,
+    /// Each topic's mailboxes by id, that is in the order their sockets connected: a fan-out
+    /// writes the sockets in that order, and so touches the mailboxes, the kernel's sockets and
+    /// (on one machine) the clients' memory in the order it was allocated, not at random.
+    topics: Mutex<HashMap<Topic, BTreeMap<u64, Arc<Mailbox>>>>,
     next_id: AtomicU64,
 }
 
@@ -284,7 +291,7 @@ impl Hub {
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.topics.lock().map(|t| t.values().map(HashMap::len).sum()).unwrap_or(0)
+        self.topics.lock().map(|t| t.values().map(BTreeMap::len).sum()).unwrap_or(0)
     }
 
     /// Push one view (already serialized) on its topic.
@@ -327,14 +334,14 @@ impl Hub {
                     runtime.spawn(tokio::task::unconstrained(async move {
                         let end = (start + share).min(recipients.len());
                         for chunk in recipients[start..end].chunks(WRITE_CHUNK) {
-                            chunk.iter().for_each(|m| m.put(&key, frame.clone()));
+                            chunk.iter().for_each(|m| m.put(&key, &frame));
                             // Whatever was woken meanwhile runs before the next chunk's writes.
                             requeue().await;
                         }
                     }));
                 }
             }
-            _ => recipients.iter().for_each(|m| m.put(&key, frame.clone())),
+            _ => recipients.iter().for_each(|m| m.put(&key, &frame)),
         }
     }
 }
@@ -542,6 +549,26 @@ mod tests {
                 mb
             })
             .collect()
+    }
+
+    /// A fan-out writes the sockets in the order they subscribed (see [`Hub`]), in the caller for
+    /// a few sockets and in chunks for many.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_fan_out_writes_the_sockets_in_the_order_they_subscribed() {
+        for sockets in [WRITE_CHUNK / 2, 4 * WRITE_CHUNK] {
+            let hub = Hub::default();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let _mailboxes = noting_sockets(&hub, sockets, &log);
+            hub.publish("member:a", 1, "{}");
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while log.lock().unwrap().len() < sockets {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("every socket got the change");
+            assert_eq!(*log.lock().unwrap(), (0..sockets).collect::<Vec<_>>(), "{sockets} sockets");
+        }
     }
 
     /// A task woken after a change to many sockets (a command's answer) waits for one chunk of

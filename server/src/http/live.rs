@@ -215,7 +215,7 @@ async fn handle(
             topics.insert(topic.clone());
             if let Some(id) = member_id {
                 match queries::member_view_cached(store, &feed.cache, &id).await {
-                    Ok(Some((json, position))) => mailbox.put(&key, view_frame(&topic, position.max(0) as u64, &json)),
+                    Ok(Some((json, position))) => mailbox.put(&key, &view_frame(&topic, position.max(0) as u64, &json)),
                     // Not enrolled yet: the view is sent the moment it exists.
                     Ok(None) => {}
                     Err(err) => {
