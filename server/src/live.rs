@@ -551,6 +551,17 @@ mod tests {
             .collect()
     }
 
+    /// Until `n` writes are noted in `log` (the fan-out tasks run meanwhile), at most 5 s.
+    async fn wait_for_writes(log: &Mutex<Vec<usize>>, n: usize) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while log.lock().unwrap().len() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every socket got the change");
+    }
+
     /// A fan-out writes the sockets in the order they subscribed (see [`Hub`]), in the caller for
     /// a few sockets and in chunks for many.
     #[tokio::test(flavor = "current_thread")]
@@ -560,13 +571,7 @@ mod tests {
             let log = Arc::new(Mutex::new(Vec::new()));
             let _mailboxes = noting_sockets(&hub, sockets, &log);
             hub.publish("member:a", 1, "{}");
-            tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while log.lock().unwrap().len() < sockets {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await
-            .expect("every socket got the change");
+            wait_for_writes(&log, sockets).await;
             assert_eq!(*log.lock().unwrap(), (0..sockets).collect::<Vec<_>>(), "{sockets} sockets");
         }
     }
@@ -585,13 +590,7 @@ mod tests {
             tokio::spawn(async move { log.lock().unwrap().push(usize::MAX) })
         };
         probe.await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while log.lock().unwrap().len() < SOCKETS + 1 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("every socket got the change");
+        wait_for_writes(&log, SOCKETS + 1).await;
         let log = log.lock().unwrap();
         let probe_at = log.iter().position(|i| *i == usize::MAX).unwrap();
         assert!(probe_at <= WRITE_CHUNK, "the other task ran after {probe_at} writes");
