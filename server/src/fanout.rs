@@ -12,7 +12,7 @@
 use crate::live::Hub;
 use crate::projector::membership_view::ViewRow;
 use crate::store::{Backend, Store};
-use crate::view_cache::ViewCache;
+use crate::view_cache::{ViewCache, ViewText};
 use app::views::member_topic;
 use sqlx::AnyConnection;
 use std::sync::Arc;
@@ -102,13 +102,13 @@ impl ViewFeed {
     }
 
     /// After the projector's commit (SQLite: deliver locally; PostgreSQL: the listener does).
-    /// The projection hands over each changed view once, already serialized.
+    /// The projection hands over each changed view once, encoded only if something needs it.
     pub fn after_commit(&self, views: Vec<ViewRow>, applied: i64) {
         if self.backend == Backend::Postgres {
             return;
         }
         for view in views {
-            self.deliver(&view.member_id, view.position, view.json);
+            self.deliver(&view.member_id, view.position, view.text);
         }
         self.advance(applied);
     }
@@ -122,10 +122,21 @@ impl ViewFeed {
         }
     }
 
-    /// A changed view: into the cache and out to the sockets.
-    fn deliver(&self, member_id: &str, position: i64, json: Arc<str>) {
-        self.cache.put(member_id, position, json.clone());
-        self.hub.publish(&member_topic(member_id), position.max(0) as u64, &json);
+    /// A changed view: into the cache and out to the sockets, if any watch it (then encoded).
+    ///
+    /// In the cache first: a socket that subscribes after `watched` looked reads the cache, so
+    /// it finds this view there.
+    fn deliver(&self, member_id: &str, position: i64, text: Arc<ViewText>) {
+        self.cache.put_text(member_id, position, text.clone());
+        let topic = member_topic(member_id);
+        if !self.hub.watched(&topic) {
+            return;
+        }
+        match text.json() {
+            Ok(json) => self.hub.publish(&topic, position.max(0) as u64, &json),
+            // Cannot happen for a view's plain fields; a subscriber re-reads on reconnect.
+            Err(err) => tracing::error!(error = %err, member_id, "cannot encode a changed view"),
+        }
     }
 
     /// PostgreSQL only: receive every node's view changes until shut down.
@@ -171,7 +182,7 @@ impl ViewFeed {
             let Ok(position) = position.parse::<i64>() else { continue };
             for id in ids.split(',').filter(|id| !id.is_empty()) {
                 if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
-                    self.deliver(id, view_position, json.into());
+                    self.deliver(id, view_position, Arc::new(ViewText::ready(json.into())));
                 }
             }
             self.advance(position);

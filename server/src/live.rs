@@ -290,6 +290,12 @@ impl Hub {
         mailbox.forget(topic);
     }
 
+    /// Whether any socket watches `topic`, itself or through `members`: a change nobody watches
+    /// need not be encoded.
+    pub fn watched(&self, topic: &str) -> bool {
+        self.topics.lock().is_ok_and(|topics| [topic, MEMBERS_TOPIC].iter().any(|t| topics.contains_key(*t)))
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.topics.lock().map(|t| t.values().map(BTreeMap::len).sum()).unwrap_or(0)
     }
@@ -457,6 +463,20 @@ mod tests {
     fn take(mailbox: &Mailbox) -> Option<Vec<String>> {
         let mut out = Vec::new();
         mailbox.take(&mut out).then_some(out.iter().flat_map(|frame| messages(frame)).collect())
+    }
+
+    #[test]
+    fn a_topic_is_watched_by_its_own_subscribers_and_by_those_of_members() {
+        let hub = Hub::default();
+        let (one, all) = (TestSocket::default(), TestSocket::default());
+        let (one, all) = (one.mailbox(&hub), all.mailbox(&hub));
+        assert!(!hub.watched("member:m-1"));
+        hub.subscribe("member:m-1", &one);
+        assert!(hub.watched("member:m-1") && !hub.watched("member:m-2"));
+        hub.unsubscribe("member:m-1", &one);
+        assert!(!hub.watched("member:m-1"));
+        hub.subscribe(MEMBERS_TOPIC, &all);
+        assert!(hub.watched("member:m-1") && hub.watched("member:m-2"));
     }
 
     #[test]

@@ -190,9 +190,7 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     sqlx::query("DELETE FROM member_search").execute(&mut *tx).await?;
     let views: Vec<MembershipView> = views.into_values().collect();
     let members = views.len() as u64;
-    let mut buf = Vec::with_capacity(4096);
-    let rows =
-        views.iter().map(|view| membership_view::ViewRow::encode(view, &mut buf)).collect::<Result<Vec<_>, _>>()?;
+    let rows: Vec<_> = views.iter().map(|view| membership_view::ViewRow::new(view.clone())).collect();
     membership_view::save_many(&mut tx, &rows).await?;
     let rows: Vec<_> = views
         .iter()

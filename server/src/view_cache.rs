@@ -9,13 +9,49 @@
 //! On SQLite the projector writes the views behind (see `projector`): a view it applied may not
 //! be in the table yet. Such a view is never dropped to make room, so every read that finds no
 //! entry here finds the current view in the table.
+//!
+//! A changed view enters as the projector built it and is encoded to JSON the first time
+//! something needs the text ([`ViewText`]): under a heavy command load most views are replaced
+//! by the next change before anyone reads, watches or writes them, and encoding every one was
+//! the largest item of the server's own code in P3's profile (BENCHMARKS.md).
 
+use app::views::MembershipView;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// A view's JSON, encoded at most once, when first asked for.
+pub struct ViewText(Mutex<Text>);
+
+enum Text {
+    Pending(Box<MembershipView>),
+    Ready(Arc<str>),
+}
+
+impl ViewText {
+    pub fn pending(view: MembershipView) -> Self {
+        ViewText(Mutex::new(Text::Pending(Box::new(view))))
+    }
+
+    pub fn ready(json: Arc<str>) -> Self {
+        ViewText(Mutex::new(Text::Ready(json)))
+    }
+
+    /// The JSON, encoded now if nothing asked for it before (then kept, and the view dropped).
+    pub fn json(&self) -> Result<Arc<str>, serde_json::Error> {
+        // A panic while holding the lock leaves either state whole: still usable.
+        let mut text = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let json: Arc<str> = match &*text {
+            Text::Ready(json) => return Ok(json.clone()),
+            Text::Pending(view) => serde_json::to_string(view)?.into(),
+        };
+        *text = Text::Ready(json.clone());
+        Ok(json)
+    }
+}
 
 pub struct ViewCache {
-    entries: RwLock<HashMap<String, (i64, Arc<str>)>>,
+    entries: RwLock<HashMap<String, (i64, Arc<ViewText>)>>,
     capacity: usize,
     enabled: AtomicBool,
     /// Views up to this position are in the table; entries past it are kept whatever the
@@ -42,12 +78,25 @@ impl ViewCache {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
-        let entries = self.entries.read().ok()?;
-        entries.get(member_id).map(|(p, json)| (json.clone(), *p))
+        let (position, text) = self.entries.read().ok()?.get(member_id).map(|(p, text)| (*p, text.clone()))?;
+        // Encoded outside the map's lock: other readers and the projector's puts go on meanwhile.
+        match text.json() {
+            Ok(json) => Some((json, position)),
+            Err(err) => {
+                // Cannot happen for a view's plain fields; the table's copy is the fallback.
+                tracing::error!(error = %err, member_id, "cannot encode a cached view");
+                None
+            }
+        }
     }
 
     /// Keep `json` at `position` unless a newer one is already here.
     pub fn put(&self, member_id: &str, position: i64, json: Arc<str>) {
+        self.put_text(member_id, position, Arc::new(ViewText::ready(json)));
+    }
+
+    /// Keep `text` at `position` unless a newer one is already here.
+    pub fn put_text(&self, member_id: &str, position: i64, text: Arc<ViewText>) {
         if !self.enabled.load(Ordering::Acquire) {
             return;
         }
@@ -64,7 +113,7 @@ impl ViewCache {
                 entries.remove(&victim);
             }
         }
-        entries.insert(member_id.to_string(), (position, json));
+        entries.insert(member_id.to_string(), (position, text));
     }
 
     /// Empty and stop caching (`false`), or start caching again (`true`).
@@ -88,6 +137,36 @@ mod tests {
         assert_eq!(cache.get("a").map(|(j, p)| (j.to_string(), p)), Some(("five".into(), 5)));
         cache.put("a", 7, "seven".into());
         assert_eq!(cache.get("a").map(|(_, p)| p), Some(7));
+    }
+
+    #[test]
+    fn a_view_is_encoded_once_when_first_read_as_serde_json_would() {
+        let view = MembershipView {
+            member_id: "m-1".into(),
+            name: "Ada \"Countess\" Lovelace".into(),
+            email: "ada@example.com".into(),
+            status: Default::default(),
+            tier: Default::default(),
+            points_balance: 120,
+            lifetime_points: 150,
+            next_tier: None,
+            recent_activity: vec![app::views::Activity {
+                position: 3,
+                kind: "earned".into(),
+                points: 150,
+                description: "Purchase\nof 150".into(),
+                at: "2026-12-03T09:00:00Z".into(),
+            }],
+            member_since: "2026-12-03T08:00:00Z".into(),
+            version: 3,
+            position: 3,
+        };
+        let cache = ViewCache::new(10);
+        cache.put_text("m-1", 3, Arc::new(ViewText::pending(view.clone())));
+        let (first, position) = cache.get("m-1").expect("cached");
+        assert_eq!((&*first, position), (serde_json::to_string(&view).expect("encodes").as_str(), 3));
+        let (second, _) = cache.get("m-1").expect("cached");
+        assert!(Arc::ptr_eq(&first, &second), "the second read reuses the first one's text");
     }
 
     #[test]

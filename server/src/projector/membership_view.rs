@@ -4,6 +4,7 @@
 use super::row_cache::RowCache;
 use super::{Consumer, Effects, WriteScope};
 use crate::store::{self, StoredEvent};
+use crate::view_cache::ViewText;
 use anyhow::Context;
 use app::domain::member::{MemberAggregate, MemberEvent, Status};
 use app::domain::tier::Tier;
@@ -150,10 +151,8 @@ impl Consumer for MembershipViewProjection {
         }
         changed.sort_unstable();
         changed.dedup();
-        let mut buf = Vec::with_capacity(4096);
-        effects.views = (changed.iter().filter_map(|id| views.get(id)))
-            .map(|view| ViewRow::encode(view, &mut buf))
-            .collect::<Result<_, _>>()?;
+        // Encoded only when needed (a read, a socket, the write behind): most are not.
+        effects.views = changed.iter().filter_map(|id| views.get(id)).map(|view| ViewRow::new(view.clone())).collect();
         let mut unwritten = self.unwritten();
         unwritten.add(&effects.views, &first, Instant::now());
         // The table does not hold the unwritten views yet: they must stay in memory.
@@ -172,28 +171,24 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
     Ok(out)
 }
 
-/// A view as stored: serialized once, for the table, the view cache and the sockets alike.
+/// A changed view: serialized at most once, when first needed, for the table, the view cache and
+/// the sockets alike (they share its [`ViewText`]).
 #[derive(Clone)]
 pub struct ViewRow {
     pub member_id: String,
     pub version: i64,
     pub position: i64,
-    pub json: Arc<str>,
+    pub text: Arc<ViewText>,
 }
 
 impl ViewRow {
-    /// Serialize through `buf`, which a batch reuses for all its views: one buffer grows to a
-    /// view's size once, instead of every view's string growing (and being copied) from empty.
-    pub fn encode(view: &MembershipView, buf: &mut Vec<u8>) -> Result<ViewRow, serde_json::Error> {
-        buf.clear();
-        serde_json::to_writer(&mut *buf, view)?;
-        let json = std::str::from_utf8(buf).map_err(<serde_json::Error as serde::ser::Error>::custom)?;
-        Ok(ViewRow {
+    pub fn new(view: MembershipView) -> ViewRow {
+        ViewRow {
             member_id: view.member_id.clone(),
             version: view.version as i64,
             position: view.position as i64,
-            json: Arc::from(json),
-        })
+            text: Arc::new(ViewText::pending(view)),
+        }
     }
 }
 
@@ -207,9 +202,10 @@ pub async fn save_many(conn: &mut AnyConnection, views: &[ViewRow]) -> anyhow::R
              view = excluded.view WHERE membership_view.position < excluded.position",
             values.join(", ")
         );
+        let texts = chunk.iter().map(|view| view.text.json()).collect::<Result<Vec<_>, _>>()?;
         let mut query = sqlx::query(&sql);
-        for view in chunk {
-            query = query.bind(&view.member_id).bind(view.version).bind(view.position).bind(&*view.json);
+        for (view, json) in chunk.iter().zip(&texts) {
+            query = query.bind(&view.member_id).bind(view.version).bind(view.position).bind(&**json);
         }
         query.execute(&mut *conn).await?;
     }
@@ -303,7 +299,8 @@ mod tests {
     use std::time::Duration;
 
     fn row(member_id: &str, position: i64) -> ViewRow {
-        ViewRow { member_id: member_id.into(), version: 1, position, json: format!("{{\"p\":{position}}}").into() }
+        let json = format!("{{\"p\":{position}}}").into();
+        ViewRow { member_id: member_id.into(), version: 1, position, text: Arc::new(ViewText::ready(json)) }
     }
 
     fn ids(rows: &[ViewRow]) -> Vec<(&str, i64)> {
