@@ -188,15 +188,15 @@ pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let mut tx = conn.begin().await?;
     sqlx::query("DELETE FROM membership_view").execute(&mut *tx).await?;
     sqlx::query("DELETE FROM member_search").execute(&mut *tx).await?;
-    let views: Vec<MembershipView> = views.into_values().collect();
     let members = views.len() as u64;
-    let rows: Vec<_> = views.iter().map(|view| membership_view::ViewRow::new(view.clone())).collect();
-    membership_view::save_many(&mut tx, &rows).await?;
-    let rows: Vec<_> = views
-        .iter()
+    // The search rows first, from the views borrowed; then the views themselves, handed over.
+    let search: Vec<_> = views
+        .values()
         .map(|view| member_search::from_view(view, searched_at.get(&view.member_id).copied().unwrap_or(view.position)))
         .collect();
-    member_search::save_many(&mut tx, &rows.iter().collect::<Vec<_>>()).await?;
+    let rows: Vec<_> = views.into_values().map(membership_view::ViewRow::new).collect();
+    membership_view::save_many(&mut tx, &rows).await?;
+    member_search::save_many(&mut tx, &search.iter().collect::<Vec<_>>()).await?;
     for name in [membership_view::NAME, member_search::NAME] {
         crate::projector::save_checkpoint(&mut tx, name, position).await?;
     }
