@@ -1,7 +1,8 @@
 //! The write side: load stream → `decide` → append, for every command, with group commit.
 //!
-//! Handlers send an [`Envelope`] to the [`CommandBus`]. One writer task takes whatever commands are
-//! waiting, decides them all in memory and appends their events in one transaction (see
+//! Handlers send an [`Envelope`] to the [`CommandBus`]. One writer (a task; on SQLite with a file,
+//! the event store's native connection's thread) takes whatever commands are waiting, decides
+//! them all in memory and appends their events in one transaction (see
 //! [`batch`]), commits once, and only then answers every caller (API.md: acknowledged means
 //! durable). A refused command writes nothing, so it never spoils its batch; if the database
 //! fails a batch, each of its commands is retried alone, so one cannot fail the others.
@@ -15,7 +16,7 @@ pub use flush::Flusher;
 pub use io::BatchIo;
 
 use crate::clock;
-use crate::store::{self, Store};
+use crate::store::{self, NativeConn, Store};
 use app::domain::member::MemberError;
 use app::domain::transaction::{Purchase, TransactionError};
 use app::domain::Aggregate;
@@ -152,10 +153,44 @@ pub struct CommandBus {
 }
 
 impl CommandBus {
-    /// Start the writer task. `head` is bumped after every commit so consumers wake up.
+    /// Start the writer. `head` is bumped after every commit so consumers wake up. On SQLite
+    /// with a file the writer runs on the native connection's thread (see `store::native`);
+    /// otherwise it is a task. The handle resolves when it has stopped.
     pub fn start(store: Store, head: std::sync::Arc<watch::Sender<i64>>) -> (CommandBus, tokio::task::JoinHandle<()>) {
-        let (jobs, rx) = mpsc::channel(16_384);
-        let task = tokio::spawn(writer(store, head, rx));
+        let (jobs, mut rx) = mpsc::channel::<Job>(16_384);
+        let mut writer = Writer::new(store, head);
+        let task = match writer.store.native.clone() {
+            Some(native) => {
+                let runtime = tokio::runtime::Handle::current();
+                let (stopped, done) = oneshot::channel::<()>();
+                let serving = native.serve(move |conn| {
+                    // In the runtime's context, so that what the writer drops when it stops (a
+                    // pooled connection hands itself back with a task) finds the runtime.
+                    let _entered = runtime.enter();
+                    let (mut writer, mut rx) = (writer, rx);
+                    let mut batch = Vec::with_capacity(MAX_BATCH);
+                    while rx.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+                        runtime.block_on(writer.commit(&mut batch, Some(conn)));
+                    }
+                    tracing::info!("command writer stopped");
+                    let _ = stopped.send(());
+                });
+                if let Err(err) = serving {
+                    // The connection's thread is gone; every command will be answered 503.
+                    tracing::error!(error = %err, "the command writer could not start");
+                }
+                tokio::spawn(async move {
+                    let _ = done.await;
+                })
+            }
+            None => tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                    writer.commit(&mut batch, None).await;
+                }
+                tracing::info!("command writer stopped");
+            }),
+        };
         (CommandBus { jobs }, task)
     }
 
@@ -167,20 +202,33 @@ impl CommandBus {
     }
 }
 
-async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut cache = match store.backend {
-        store::Backend::Sqlite => StateCache::with_local_head(head.subscribe()),
-        store::Backend::Postgres => StateCache::default(),
-    };
-    // SQLite: batches commit without waiting for the disk; the flusher answers after it (see
-    // `flush`). PostgreSQL flushes at commit.
-    let flusher = store.sqlite_path.clone().filter(|_| store.flush_behind()).map(Flusher::for_sqlite);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+/// What the writer keeps between batches.
+struct Writer {
+    store: Store,
+    head: std::sync::Arc<watch::Sender<i64>>,
+    cache: StateCache,
+    /// SQLite: batches commit without waiting for the disk; the flusher answers after it (see
+    /// `flush`). PostgreSQL flushes at commit.
+    flusher: Option<Flusher>,
+}
+
+impl Writer {
+    /// Must be called inside the runtime (the flusher is a task).
+    fn new(store: Store, head: std::sync::Arc<watch::Sender<i64>>) -> Writer {
+        let cache = match store.backend {
+            store::Backend::Sqlite => StateCache::with_local_head(head.subscribe()),
+            store::Backend::Postgres => StateCache::default(),
+        };
+        let flusher = store.sqlite_path.clone().filter(|_| store.flush_behind()).map(Flusher::for_sqlite);
+        Writer { store, head, cache, flusher }
+    }
+
+    /// Commit `batch` (emptying it) and answer its callers, now or after the log's sync.
+    async fn commit(&mut self, batch: &mut Vec<Job>, native: Option<&mut NativeConn>) {
         let started = Instant::now();
         let size = batch.len();
-        let (replies, newest) = commit_batch(&store, &mut batch, &mut cache).await;
-        match &flusher {
+        let (replies, newest) = commit_batch(&self.store, batch, &mut self.cache, native).await;
+        match &self.flusher {
             Some(flusher) => flusher.answer_after_sync(replies),
             None => {
                 for (reply, result) in replies {
@@ -189,11 +237,10 @@ async fn writer(store: Store, head: std::sync::Arc<watch::Sender<i64>>, mut rx: 
                 }
             }
         }
-        store::raise(&head, newest);
+        store::raise(&self.head, newest);
         metrics::histogram!("tally_command_batch_size").record(size as f64);
         metrics::histogram!("tally_command_batch_seconds").record(started.elapsed().as_secs_f64());
     }
-    tracing::info!("command writer stopped");
 }
 
 /// Run a batch in one transaction and answer each command. If the database fails the batch,
@@ -204,11 +251,12 @@ async fn commit_batch(
     store: &Store,
     batch: &mut Vec<Job>,
     cache: &mut StateCache,
+    mut native: Option<&mut NativeConn>,
 ) -> (Vec<(Reply, Result<Answer, CommandError>)>, i64) {
     let now = clock::now();
     let jobs: Vec<Job> = std::mem::take(batch);
     let envelopes: Vec<&Envelope> = jobs.iter().map(|j| &j.envelope).collect();
-    let results = match try_commit(store, &envelopes, &now, cache).await {
+    let results = match try_commit(store, &envelopes, &now, cache, native.as_deref_mut()).await {
         Ok(results) => results,
         Err(err) => {
             cache.clear();
@@ -216,7 +264,7 @@ async fn commit_batch(
             tracing::warn!(error = %err, size = jobs.len(), "group commit failed; retrying its commands one by one");
             let mut results = Vec::with_capacity(jobs.len());
             for envelope in &envelopes {
-                let result = match try_commit(store, &[*envelope], &now, cache).await {
+                let result = match try_commit(store, &[*envelope], &now, cache, native.as_deref_mut()).await {
                     Ok(mut alone) => alone.pop().unwrap_or(Err(CommandError::Unavailable)),
                     Err(err) => {
                         cache.clear();
@@ -261,18 +309,24 @@ fn newest(results: &[Result<Answer, CommandError>]) -> i64 {
     results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0)
 }
 
-/// One transaction: the batch, the announcement to other nodes, the commit.
+/// One transaction: the batch, the announcement to other nodes, the commit. With `native` (SQLite
+/// with a file, on that connection's thread) the whole batch runs there, in one go, while the
+/// lock on the write connection is held (see `store::native`).
 async fn try_commit(
     store: &Store,
     envelopes: &[&Envelope],
     now: &str,
     cache: &mut StateCache,
+    native: Option<&mut NativeConn>,
 ) -> Result<Vec<Result<Answer, CommandError>>, sqlx::Error> {
     let mut conn = store.write.acquire().await?;
-    if let Some(native) = &store.native {
-        // SQLite with a file: the whole batch on the native connection, while the lock on the
-        // write connection is held (see `store::native`).
-        let executed = execute_native(native, envelopes, now, cache).await?;
+    if let Some(native) = native {
+        let executed = native.transact(|tx| {
+            // Nothing in a native batch awaits: every statement runs right here.
+            execute_batch(tx, envelopes, now, Some(cache))
+                .now_or_never()
+                .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))
+        })?;
         store.committed(executed.appended);
         return Ok(executed.answers);
     }
@@ -284,31 +338,6 @@ async fn try_commit(
     // Before the write connection goes back, so the tail gets the events in position order.
     store.committed(executed.appended);
     Ok(executed.answers)
-}
-
-/// [`execute_batch`] in one transaction of the native connection, on its thread, in one go. The
-/// cached states go with the batch and come back committed; after an error `cache` is left
-/// cleared (as the caller must leave it anyway).
-pub async fn execute_native(
-    native: &store::Native,
-    envelopes: &[&Envelope],
-    now: &str,
-    cache: &mut StateCache,
-) -> Result<Executed, sqlx::Error> {
-    let owned: Vec<Envelope> = envelopes.iter().map(|e| (*e).clone()).collect();
-    let mut states = std::mem::replace(cache, cache.emptied());
-    let now = now.to_string();
-    let (executed, states) = native
-        .run(move |tx| {
-            let refs: Vec<&Envelope> = owned.iter().collect();
-            let executed = execute_batch(tx, &refs, &now, Some(&mut states))
-                .now_or_never()
-                .unwrap_or_else(|| Err(sqlx::Error::Protocol("a native command batch had to wait".into())))?;
-            Ok((executed, states))
-        })
-        .await?;
-    *cache = states;
-    Ok(executed)
 }
 
 /// Load a stream, decide with the command `build` makes from its state, append: one command

@@ -24,7 +24,7 @@ mod writes;
 
 pub use append::{params, select_in, LoadedStream, NewEvent, Streams, MAX_PARAMS};
 use heads::Heads;
-pub use native::{Native, NativeTx};
+pub use native::{Native, NativeConn, NativeTx};
 use recent::RecentEvents;
 pub use writes::{WriteConn, Writes};
 

@@ -5,8 +5,10 @@
 //! every row back: for a command batch that is three hand-offs (`BEGIN`, the `INSERT`, `COMMIT`),
 //! each a wake-up of another thread that waits for a core while the load generator and the
 //! server share two. The writer's fixed cost per batch was mostly those (BENCHMARKS.md). This
-//! connection lives on a thread of its own too, but a whole batch, `BEGIN` to `COMMIT`, is one
-//! hand-off to it (see [`Native::run`]), with prepared statements kept between batches.
+//! connection lives on a thread of its own too, and the command writer runs there (see
+//! [`Native::serve`]): it takes the waiting commands, runs the whole batch, `BEGIN` to `COMMIT`,
+//! on the connection with prepared statements kept between batches, and hands the answers on,
+//! with no hand-off per batch at all.
 //!
 //! The connection is used only while holding the event store's [`Writes`](super::Writes) lock,
 //! so it never writes beside sqlx's write connection (which the loyalty policy and the
@@ -20,14 +22,18 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 
 /// Something to run on the connection's thread.
-type Work = Box<dyn FnOnce(&mut Connection) + Send>;
+type Work = Box<dyn FnOnce(&mut NativeConn) + Send>;
 
 /// The connection, on its thread; cheap to clone. The thread ends, and closes the connection,
-/// when the last clone is dropped.
+/// when the last clone is dropped and its work is done.
 #[derive(Clone)]
 pub struct Native {
     work: mpsc::Sender<Work>,
-    /// The stream heads every append is checked against (see `heads`).
+}
+
+/// The connection itself, and the stream heads every append is checked against (see `heads`).
+pub struct NativeConn {
+    conn: Connection,
     heads: Arc<Heads>,
 }
 
@@ -45,38 +51,39 @@ impl Native {
         conn.set_prepared_statement_cache_capacity(64);
         let (work, queue) = mpsc::channel::<Work>();
         std::thread::Builder::new().name("command-writer".into()).spawn(move || {
-            let mut conn = conn;
+            let mut conn = NativeConn { conn, heads };
             for work in queue {
                 work(&mut conn);
             }
         })?;
-        Ok(Native { work, heads })
+        Ok(Native { work })
     }
 
-    /// Run `work` in one transaction (`BEGIN IMMEDIATE` … `COMMIT`; rolled back on `Err`) on the
-    /// connection's thread. (Running it on tokio's own thread with `block_in_place` spared this
-    /// hand-off, but every batch then moved a worker's role to another thread, and the runtime
-    /// grew to 16 worker threads and 50 MiB more memory under load.)
-    pub async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&mut NativeTx) -> Result<T, sqlx::Error> + Send + 'static,
+    /// Hand the connection to `work`, on its thread. The command writer runs its whole loop
+    /// this way, so a batch is not handed to another thread and back: on two cores shared with
+    /// the load, each hand-off is a wake-up that waits for a core. (Running batches on tokio's
+    /// own threads with `block_in_place` spared the hand-off too, but every batch then moved a
+    /// worker's role to another thread, and the runtime grew to 16 worker threads and 50 MiB
+    /// more memory under load.)
+    pub fn serve(&self, work: impl FnOnce(&mut NativeConn) + Send + 'static) -> Result<(), sqlx::Error> {
+        self.work.send(Box::new(work)).map_err(|_| sqlx::Error::PoolClosed)
+    }
+}
+
+impl NativeConn {
+    /// Run `work` in one transaction (`BEGIN IMMEDIATE` … `COMMIT`; rolled back on `Err`).
+    pub fn transact<T>(
+        &mut self,
+        work: impl FnOnce(&mut NativeTx) -> Result<T, sqlx::Error>,
     ) -> Result<T, sqlx::Error> {
-        let (done, answer) = tokio::sync::oneshot::channel();
-        let heads = self.heads.clone();
-        let job: Work = Box::new(move |conn| {
-            let go = || {
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(error)?;
-                let mut native = NativeTx { tx: &tx, chain: Chain::new(&heads) };
-                native.sync()?;
-                let out = work(&mut native)?;
-                tx.commit().map_err(error)?;
-                Ok(out)
-            };
-            // The caller may have stopped waiting; the transaction stands or fell regardless.
-            let _ = done.send(go());
-        });
-        self.work.send(job).map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(error)?;
+        let out = {
+            let mut native = NativeTx { tx: &tx, chain: Chain::new(&self.heads) };
+            native.sync()?;
+            work(&mut native)?
+        };
+        tx.commit().map_err(error)?;
+        Ok(out)
     }
 }
 
