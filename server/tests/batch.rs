@@ -4,10 +4,8 @@
 mod common;
 
 use app::domain::transaction::{Channel, Purchase};
-use futures::FutureExt;
 use server::commands::{
-    execute_batch, execute_native, Answer, BatchIo, Command, CommandError, Envelope, Executed, Idempotency,
-    MemberAction, StateCache,
+    execute_batch, Answer, Command, CommandError, Envelope, Executed, Idempotency, MemberAction, StateCache,
 };
 use server::store::{NewEvent, PoolSizes, Store, StoredEvent, Streams};
 use sqlx::Row;
@@ -57,7 +55,7 @@ async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) ->
     let refs: Vec<&Envelope> = envelopes.iter().collect();
     let head = store.head().await.expect("head");
     let executed: Executed = match &store.native {
-        Some(native) => execute_native(native, &refs, NOW, cache).await.expect("batch"),
+        Some(native) => common::native_batch(native, envelopes, NOW, cache).await.expect("batch"),
         None => {
             let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
             let mut streams = Streams::begin(&mut tx, store.heads()).await.expect("streams");
@@ -237,7 +235,7 @@ async fn a_native_batch_that_fails_leaves_nothing_and_names_the_clash() {
     };
     // Version 2 is free, version 1 is taken: the second insert fails after the first succeeded.
     let events = vec![event(2), event(1)];
-    let failed = native.run(move |tx| tx.append(events, "2026-11-23T10:00:00Z").now_or_never().expect("no wait")).await;
+    let failed = common::native_append(&native, events, "2026-11-23T10:00:00Z").await;
     let err = failed.expect_err("a taken stream version must fail the batch");
     assert!(server::store::is_unique_violation(&err), "not reported as a unique violation: {err}");
     assert_eq!(count(&store, "SELECT COUNT(*) FROM events").await, 1, "part of a failed batch was kept");

@@ -6,8 +6,7 @@
 
 mod common;
 
-use futures::FutureExt;
-use server::commands::{execute_native, Answer, BatchIo, CommandError, Envelope, MemberAction, StateCache};
+use server::commands::{Answer, CommandError, Envelope, MemberAction, StateCache};
 use server::store::{NewEvent, PoolSizes, Store, StoredEvent, EVENT_COLUMNS};
 use sqlx::Row;
 use std::path::Path;
@@ -35,8 +34,7 @@ async fn open(path: &Path) -> Store {
 async fn run(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) -> Vec<Result<Answer, CommandError>> {
     let _writing = store.write.acquire().await.expect("write connection");
     let native = store.native.as_ref().expect("a SQLite file has a native connection");
-    let refs: Vec<&Envelope> = envelopes.iter().collect();
-    let executed = execute_native(native, &refs, NOW, cache).await.expect("batch");
+    let executed = common::native_batch(native, envelopes, NOW, cache).await.expect("batch");
     store.committed(executed.appended);
     executed.answers
 }
@@ -190,10 +188,10 @@ async fn a_version_appended_behind_the_heads_back_is_still_never_taken_twice() {
         data: serde_json::json!({"points": 1, "reason": "test", "transaction_id": null, "balance_after": 2, "lifetime_after": 2}),
         metadata: serde_json::json!({}),
     };
-    let taken = native.run(move |tx| tx.append(vec![event(2)], NOW).now_or_never().expect("no wait")).await;
+    let taken = common::native_append(&native, vec![event(2)], NOW).await;
     let err = taken.expect_err("version 2 is taken");
     assert!(server::store::is_unique_violation(&err), "not reported as a unique violation: {err}");
-    let next = native.run(move |tx| tx.append(vec![event(3)], NOW).now_or_never().expect("no wait")).await;
+    let next = common::native_append(&native, vec![event(3)], NOW).await;
     assert!(next.is_ok(), "{next:?}");
     assert_eq!(number(&store, "SELECT COUNT(*) FROM events WHERE stream_id = 'member-m1'").await, 3);
     assert_chains(&store, &["member-m1"]).await;
@@ -258,8 +256,7 @@ async fn a_file_made_before_the_chains_gets_them_when_opened() {
         data: serde_json::json!({}),
         metadata: serde_json::json!({}),
     };
-    let appended =
-        native.run(move |tx| tx.append(vec![next], NOW).now_or_never().expect("no wait")).await.expect("append");
+    let appended = common::native_append(&native, vec![next], NOW).await.expect("append");
     assert_eq!(appended[0].position, 7, "position 6 was used once");
     assert_chains(&store, &["member-a"]).await;
 }

@@ -243,3 +243,54 @@ pub async fn wait_healthy(client: &reqwest::Client, base: &str) {
     }
     panic!("server at {base} never became healthy");
 }
+
+/// Run `work` on the event store's native connection's thread, where the command writer runs
+/// (the tests that use this start no writer, so the thread is free).
+pub async fn on_native<T: Send + 'static>(
+    native: &server::store::Native,
+    work: impl FnOnce(&mut server::store::NativeConn) -> T + Send + 'static,
+) -> T {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    native
+        .serve(move |conn| {
+            let _ = done.send(work(conn));
+        })
+        .expect("the native connection's thread runs");
+    answer.await.expect("the work ran")
+}
+
+/// One command batch in one transaction of the native connection, deciding against `cache`, as
+/// the command writer runs it (the caller holds the write lock, as the writer does).
+pub async fn native_batch(
+    native: &server::store::Native,
+    envelopes: &[server::commands::Envelope],
+    now: &str,
+    cache: &mut server::commands::StateCache,
+) -> Result<server::commands::Executed, sqlx::Error> {
+    use futures::FutureExt;
+    let owned = envelopes.to_vec();
+    let now = now.to_string();
+    let mut states = std::mem::take(cache);
+    let (executed, states) = on_native(native, move |conn| {
+        let refs: Vec<&server::commands::Envelope> = owned.iter().collect();
+        let executed = conn.transact(|tx| {
+            server::commands::execute_batch(tx, &refs, &now, Some(&mut states)).now_or_never().expect("no wait")
+        });
+        (executed, states)
+    })
+    .await;
+    *cache = states;
+    executed
+}
+
+/// Append `events` in one transaction of the native connection.
+pub async fn native_append(
+    native: &server::store::Native,
+    events: Vec<server::store::NewEvent>,
+    now: &str,
+) -> Result<Vec<server::store::StoredEvent>, sqlx::Error> {
+    use futures::FutureExt;
+    use server::commands::BatchIo;
+    let now = now.to_string();
+    on_native(native, move |conn| conn.transact(|tx| tx.append(events, &now).now_or_never().expect("no wait"))).await
+}
