@@ -52,11 +52,11 @@ async fn open() -> (Store, std::sync::Arc<tempfile::TempDir>) {
 async fn batch(store: &Store, cache: &mut StateCache, envelopes: &[Envelope]) -> Vec<Result<Answer, CommandError>> {
     const NOW: &str = "2026-11-23T10:00:00Z";
     let mut conn = store.write.acquire().await.expect("connection");
-    let refs: Vec<&Envelope> = envelopes.iter().collect();
     let head = store.head().await.expect("head");
     let executed: Executed = match &store.native {
         Some(native) => common::native_batch(native, envelopes, NOW, cache).await.expect("batch"),
         None => {
+            let refs: Vec<&Envelope> = envelopes.iter().collect();
             let mut tx = store.begin_commands(&mut conn).await.expect("transaction");
             let mut streams = Streams::begin(&mut tx, store.heads()).await.expect("streams");
             let executed = execute_batch(&mut streams, &refs, NOW, Some(cache)).await.expect("batch");

@@ -87,11 +87,6 @@ impl StateCache {
         StateCache { local_head: Some(head), ..StateCache::default() }
     }
 
-    /// A cache with nothing in it that trusts the same head (what [`clear`](Self::clear) leaves).
-    pub fn emptied(&self) -> StateCache {
-        StateCache { local_head: self.local_head.clone(), ..StateCache::default() }
-    }
-
     /// Forget everything (after a failed batch: its states never committed).
     pub fn clear(&mut self) {
         self.members.clear();
