@@ -30,6 +30,10 @@ impl AppError {
     pub fn invalid(message: impl Into<String>) -> Self {
         AppError::new("invalid_request", message)
     }
+
+    pub fn unauthenticated() -> Self {
+        AppError::new("unauthenticated", "sign in first")
+    }
 }
 
 impl FromServerFnError for AppError {

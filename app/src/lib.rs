@@ -8,6 +8,7 @@ pub mod format;
 #[cfg(feature = "hydrate")]
 mod live;
 mod pages;
+pub mod request;
 pub mod views;
 
 use leptos::prelude::*;
@@ -15,8 +16,28 @@ use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::components::{Route, Router, Routes, A};
 use leptos_router::{path, SsrMode};
 
+/// The Content-Security-Policy of a page: scripts only from this site and only those carrying the
+/// page's nonce (the hydration script; the islands' WASM it loads needs `wasm-unsafe-eval`),
+/// styles only from the stylesheet, sockets and fetches only to this site, forms only posting
+/// here, and no framing by anyone.
+pub fn page_csp(nonce: &str) -> String {
+    // `cargo leptos watch` reloads the page from a socket on its own port.
+    let reload = if cfg!(feature = "ssr") && std::env::var("LEPTOS_WATCH").is_ok() { " ws:" } else { "" };
+    format!(
+        "default-src 'self'; script-src 'self' 'nonce-{nonce}' 'wasm-unsafe-eval'; style-src 'self'; \
+         img-src 'self' data:; connect-src 'self'{reload}; object-src 'none'; base-uri 'none'; \
+         form-action 'self'; frame-ancestors 'none'"
+    )
+}
+
 /// The HTML document around the app (server side only renders it).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
+    #[cfg(feature = "ssr")]
+    if let (Some(nonce), Some(response)) = (leptos::nonce::use_nonce(), use_context::<leptos_axum::ResponseOptions>()) {
+        if let Ok(csp) = http::HeaderValue::from_str(&page_csp(&nonce)) {
+            response.insert_header(http::header::CONTENT_SECURITY_POLICY, csp);
+        }
+    }
     view! {
         <!DOCTYPE html>
         <html lang="en">
@@ -42,23 +63,65 @@ pub fn App() -> impl IntoView {
         <Stylesheet id="leptos" href="/pkg/tally.css"/>
         <Title text="Tally"/>
         <Router>
-            <header class="topbar">
-                <A href="/" attr:class="brand">"Tally"</A>
-                <nav>
-                    <A href="/admin">"Staff console"</A>
-                </nav>
-            </header>
+            <TopBar/>
             <main class="container">
+                // Async: the server sends each page complete, so it reads and works without
+                // JavaScript (streamed chunks would need a script to swap in).
                 <Routes fallback=|| view! { <pages::not_found::NotFound/> }>
-                    <Route path=path!("/") view=pages::home::HomePage/>
-                    // Async: the server sends each page complete, so it reads and works without
-                    // JavaScript (streamed chunks would need a script to swap in).
+                    <Route path=path!("/") view=pages::home::HomePage ssr=SsrMode::Async/>
                     <Route path=path!("/members/:id") view=pages::member::MemberPage ssr=SsrMode::Async/>
                     <Route path=path!("/admin") view=pages::admin::AdminPage ssr=SsrMode::Async/>
+                    <Route path=path!("/admin/keys") view=pages::keys::KeysPage ssr=SsrMode::Async/>
+                    <Route path=path!("/admin/people") view=pages::people::PeoplePage ssr=SsrMode::Async/>
+                    <Route path=path!("/claim/:token") view=pages::claim::ClaimPage ssr=SsrMode::Async/>
+                    <Route path=path!("/account") view=pages::account::AccountPage ssr=SsrMode::Async/>
                 </Routes>
             </main>
             <footer class="footer">"Tally: live, event-sourced membership views"</footer>
         </Router>
+    }
+}
+
+/// Who is signed in, where they can go, and a way out (a plain form: it works without
+/// JavaScript). Server-rendered only.
+#[component]
+fn TopBar() -> impl IntoView {
+    use crate::domain::access::Caller;
+    let caller = request::caller();
+    let sign_out = ServerAction::<api::SignOut>::new();
+    let links = match &caller {
+        Caller::Member { member_id, .. } => vec![(format!("/members/{member_id}"), "My membership")],
+        Caller::Person { .. } if caller.is_admin() => vec![
+            ("/admin".to_string(), "Staff console"),
+            ("/admin/keys".to_string(), "Keys"),
+            ("/admin/people".to_string(), "People"),
+        ],
+        Caller::Person { .. } => vec![("/admin".to_string(), "Staff console")],
+        Caller::Key { .. } | Caller::Anonymous => Vec::new(),
+    };
+    let who = match &caller {
+        Caller::Person { name, role, .. } => Some(format!("{name} ({})", role.as_str())),
+        Caller::Member { member_id, .. } => Some(format!("member {member_id}")),
+        Caller::Key { name, .. } => Some(format!("key {name}")),
+        Caller::Anonymous => None,
+    };
+    view! {
+        <header class="topbar">
+            <A href="/" attr:class="brand">"Tally"</A>
+            <nav>
+                {links.into_iter().map(|(href, label)| view! { <A href=href>{label}</A> }).collect_view()}
+                {match who {
+                    Some(who) => view! {
+                        <A href="/account">"Account"</A>
+                        <span class="whoami muted small" data-testid="signed-in-as">{who}</span>
+                        <ActionForm action=sign_out attr:class="inline">
+                            <button type="submit" class="secondary small">"Sign out"</button>
+                        </ActionForm>
+                    }.into_any(),
+                    None => view! { <A href="/">"Sign in"</A> }.into_any(),
+                }}
+            </nav>
+        </header>
     }
 }
 

@@ -1,13 +1,18 @@
 //! The browser's live socket (hydrate only): subscribes to `member:<id>` on `/ws` and hands every
 //! newer view to the page. Reconnects with backoff; on (re)subscribe the server sends the current
-//! view at once, so nothing is missed while disconnected.
+//! view at once, so nothing is missed while disconnected. Closed by the server because the
+//! visitor's access ended (code 4401: signed out, expired), it does not reconnect: the page
+//! reloads, and shows what a signed-out visitor sees.
 
 use crate::views::{member_topic, ClientMessage, MembershipView, ServerMessage};
 use leptos::prelude::*;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
-use web_sys::{MessageEvent, WebSocket};
+use web_sys::{CloseEvent, MessageEvent, WebSocket};
+
+/// The server's close code for "your access ended" (API.md).
+const CLOSE_REVOKED: u16 = 4401;
 
 struct Live {
     member_id: String,
@@ -80,7 +85,7 @@ fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, co
                     pushed.set(Some(view));
                 }
             }
-            Ok(ServerMessage::Error { code, message }) => {
+            Ok(ServerMessage::Error { code, message, .. }) => {
                 web_sys::console::warn_1(&format!("live update error {code}: {message}").into());
             }
             Err(_) => {}
@@ -88,8 +93,15 @@ fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, co
     });
     let on_close = {
         let live = live.clone();
-        Closure::<dyn FnMut(JsValue)>::new(move |_| {
+        Closure::<dyn FnMut(JsValue)>::new(move |event: JsValue| {
             connected.set(false);
+            if event.dyn_ref::<CloseEvent>().is_some_and(|e| e.code() == CLOSE_REVOKED) {
+                live.borrow_mut().stopped = true;
+                if let Some(window) = web_sys::window() {
+                    let _ = window.location().reload();
+                }
+                return;
+            }
             schedule_reconnect(live.clone(), pushed, connected);
         })
     };

@@ -103,8 +103,18 @@ pub enum ClientMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerMessage {
-    View { topic: String, position: u64, view: MembershipView },
-    Error { code: String, message: String },
+    View {
+        topic: String,
+        position: u64,
+        view: MembershipView,
+    },
+    Error {
+        code: String,
+        /// The topic a refused subscribe named.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+        message: String,
+    },
 }
 
 pub const MEMBERS_TOPIC: &str = "members";
@@ -120,4 +130,76 @@ pub struct CommandAck {
     pub transaction_id: Option<String>,
     pub version: Option<u64>,
     pub position: u64,
+}
+
+/// Who signed in, as `POST /api/session` and `GET /api/me` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedIn {
+    /// member, staff, admin or key.
+    pub kind: String,
+    pub member_id: Option<String>,
+    pub name: String,
+}
+
+impl SignedIn {
+    /// Where this account goes after signing in: a member to their own page, people to the
+    /// staff console.
+    pub fn home(&self) -> String {
+        match &self.member_id {
+            Some(id) => format!("/members/{id}"),
+            None => "/admin".to_string(),
+        }
+    }
+}
+
+/// An access link, as issued (shown once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessLink {
+    /// `/claim/<token>`.
+    pub url: String,
+    pub expires_at: String,
+}
+
+/// A machine client's key, as `GET /api/keys` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeySummary {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+}
+
+/// A person's account (staff, admin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonSummary {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub role: String,
+    pub disabled: bool,
+    pub created_at: String,
+}
+
+/// One event of a member's history, as staff audit it: what happened and who caused it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub position: u64,
+    pub event_type: String,
+    /// `metadata.actor`: member:<id>, user:<id>, key:<id>, policy:loyalty, system…
+    pub actor: String,
+    pub recorded_at: String,
+    /// The event's data, as stored (JSON text).
+    pub data: String,
+}
+
+/// A message for the next page a form lands on without JavaScript (carried by a short-lived
+/// cookie, see `flash`): the outcome of the form `form`, and a secret shown this once (a key's
+/// token, an access link).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Flash {
+    pub form: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }

@@ -27,6 +27,53 @@ pub enum Commands {
     Rebuild(DatabaseArgs),
     /// Enroll demo members and record demo purchases through the real command path.
     Seed(SeedArgs),
+    /// Keys of machine clients.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Accounts of people who run the programme (staff, admin).
+    #[command(subcommand)]
+    Users(UsersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print its token (alone, on the last line). Works on the database
+    /// directly: on SQLite while no server holds the file, on PostgreSQL at any time.
+    Create(KeyCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeyCreateArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// What the key is for (a till, a web shop, a scraper).
+    #[arg(long)]
+    pub name: String,
+    /// admin, staff, channel (post purchases only) or metrics (read /metrics only).
+    #[arg(long)]
+    pub role: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a person's account and print a one-time access link to set its password.
+    Create(UserCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UserCreateArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[arg(long)]
+    pub email: String,
+    #[arg(long)]
+    pub name: String,
+    /// staff or admin.
+    #[arg(long)]
+    pub role: String,
+    /// Printed in front of the link (`https://loyalty.example.com`).
+    #[arg(long, env = "TALLY_PUBLIC_URL", default_value = "")]
+    pub public_url: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -53,7 +100,8 @@ pub struct ServeArgs {
     pub addr: SocketAddr,
     #[command(flatten)]
     pub db: DatabaseArgs,
-    /// Seed a few demo members when the database is empty.
+    /// Seed a few demo members when the database is empty, and give the demo accounts new
+    /// passwords, printed at start-up (never use on real data).
     #[arg(long, env = "TALLY_DEMO", default_value_t = false)]
     pub demo: bool,
     /// Safety-net poll interval of the consumers, in milliseconds (they also wake on every append).
@@ -74,6 +122,53 @@ pub struct ServeArgs {
     /// Time limit for one HTTP request, in seconds (WebSockets excepted).
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Identity and access (docs/security.md).
+#[derive(Debug, Clone, Args)]
+pub struct AccessArgs {
+    /// The URL people reach Tally at (`https://loyalty.example.com`). Its origin is the only one
+    /// allowed to make signed-in changes, and with https cookies are `Secure` and HSTS is sent.
+    /// Empty: the request's own `Host`, over plain HTTP.
+    #[arg(long, env = "TALLY_PUBLIC_URL", default_value = "")]
+    pub public_url: String,
+    /// A session ends after this long without a request (`12h`, `30m`, `90s`).
+    #[arg(long, env = "TALLY_SESSION_IDLE", default_value = "12h")]
+    pub session_idle: humantime::Duration,
+    /// Open WebSockets allowed per account (all its sessions) or per key.
+    #[arg(long, env = "TALLY_MAX_SOCKETS_PER_PRINCIPAL", default_value_t = 32)]
+    pub max_sockets_per_principal: usize,
+    /// Password hashes (Argon2id) computed at once; by default half the cores, so sign-ins cannot
+    /// take the whole machine.
+    #[arg(long, env = "TALLY_HASH_CONCURRENCY")]
+    pub hash_concurrency: Option<usize>,
+    /// Time a client has to send a request's headers, in seconds (slow clients are cut off).
+    #[arg(long, env = "TALLY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// A WebSocket that sends nothing for this long (pongs included) is closed, in seconds; the
+    /// server pings at half of it.
+    #[arg(long, env = "TALLY_WS_IDLE_SECS", default_value_t = 60)]
+    pub ws_idle_secs: u64,
+    /// Behind a reverse proxy: the header it puts the client's address in (`X-Forwarded-For`),
+    /// for the sign-in limits. Set it only behind a proxy that sets it: clients could forge it.
+    #[arg(long, env = "TALLY_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+}
+
+impl Default for AccessArgs {
+    fn default() -> Self {
+        AccessArgs {
+            public_url: String::new(),
+            session_idle: std::time::Duration::from_secs(12 * 3600).into(),
+            max_sockets_per_principal: 32,
+            hash_concurrency: None,
+            header_timeout_secs: 10,
+            ws_idle_secs: 60,
+            client_ip_header: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

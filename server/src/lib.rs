@@ -1,10 +1,13 @@
 //! Tally's server, as a library so that `main`, the CLI tools and the tests build the same app.
 
+pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod fanout;
 pub mod http;
+pub mod identity;
 pub mod leader;
 pub mod live;
 pub mod portal;
@@ -21,7 +24,6 @@ use anyhow::Context;
 use app::{shell, App};
 use axum::extract::FromRef;
 use axum::response::IntoResponse;
-use axum::serve::ListenerExt;
 use axum::Router;
 use config::ServeArgs;
 use leptos::prelude::*;
@@ -59,6 +61,11 @@ pub struct Services {
     pub hub: Arc<live::Hub>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub leptos_options: LeptosOptions,
+    pub auth: Arc<auth::Auth>,
+    /// See `AccessArgs::client_ip_header`.
+    pub client_ip_header: Option<String>,
+    /// See `AccessArgs::ws_idle_secs`.
+    pub ws_idle: Duration,
 }
 
 impl FromRef<AppState> for LeptosOptions {
@@ -74,6 +81,7 @@ pub struct Tally {
     router: Router,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    header_timeout: Duration,
 }
 
 /// Open the store, start the writer and the consumers, bind the address, build the routes.
@@ -105,7 +113,19 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         Duration::from_millis(args.poll_ms.max(10)),
         Duration::from_millis(args.write_behind_ms),
     );
-    let mut tasks = vec![writer, tokio::spawn(prune_keys(store.clone(), shutdown.clone()))];
+    let access = &args.access;
+    let auth_config = auth::AuthConfig::new(
+        &access.public_url,
+        *access.session_idle,
+        access.max_sockets_per_principal,
+        access.hash_concurrency.unwrap_or_else(auth::password::Passwords::default_concurrency),
+    )?;
+    let auth = Arc::new(auth::Auth::new(store.clone(), auth_config));
+    let mut tasks = vec![
+        writer,
+        tokio::spawn(prune_keys(store.clone(), shutdown.clone())),
+        tokio::spawn(auth.clone().maintain(shutdown.clone())),
+    ];
     match store.backend {
         // One node: run the consumers here, now.
         store::Backend::Sqlite => tasks.extend(consumers.run(shutdown.clone())),
@@ -115,7 +135,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
             let url = store::normalize_url(&db.database_url);
             let retry = Duration::from_millis(args.leader_retry_ms.max(50));
             tasks.push(tokio::spawn(leader::lead(url.clone(), consumers.clone(), shutdown.clone(), retry)));
-            tasks.push(tokio::spawn(feed.clone().listen(url, store.clone(), shutdown.clone())));
+            tasks.push(tokio::spawn(feed.clone().listen(url.clone(), store.clone(), shutdown.clone())));
+            tasks.push(tokio::spawn(auth.clone().listen(url, shutdown.clone())));
         }
     }
 
@@ -128,13 +149,18 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         hub,
         metrics,
         leptos_options: leptos_options.clone(),
+        auth,
+        client_ip_header: access.client_ip_header.clone().filter(|h| !h.trim().is_empty()),
+        ws_idle: Duration::from_secs(access.ws_idle_secs.max(1)),
     }));
     if args.demo {
         seed::demo_if_empty(&state).await.context("seeding demo members")?;
+        seed::demo_accounts(&state).await.context("creating the demo accounts")?;
     }
     let router = router(state.clone(), Duration::from_secs(args.request_timeout_secs.max(1)));
     let listener = TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
-    Ok(Tally { state, listener, router, shutdown, tasks })
+    let header_timeout = Duration::from_secs(access.header_timeout_secs.max(1));
+    Ok(Tally { state, listener, router, shutdown, tasks, header_timeout })
 }
 
 fn router(state: AppState, timeout: Duration) -> Router {
@@ -145,18 +171,35 @@ fn router(state: AppState, timeout: Duration) -> Router {
         .leptos_routes_with_context(
             &state,
             routes,
-            move || provide_context(portal.clone()),
+            move || {
+                provide_context(portal.clone());
+                // A fresh nonce for each page: its scripts carry it, and the page's CSP allows
+                // only scripts that do (see `http::headers`).
+                leptos::nonce::provide_nonce();
+            },
             move || shell(options.clone()),
         )
-        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell));
+        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        // Server functions read their bodies themselves: limited here, like every route.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(http::MAX_BODY_BYTES));
     let timed = http::api_routes()
         .merge(pages)
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, timeout))
         .layer(CompressionLayer::new());
+    let sessions = tower_sessions::SessionManagerLayer::new(state.auth.sessions.clone())
+        .with_name(auth::sessions::COOKIE)
+        .with_http_only(true)
+        .with_same_site(tower_sessions::cookie::SameSite::Lax)
+        .with_secure(state.auth.config.https)
+        .with_path("/")
+        .with_expiry(tower_sessions::Expiry::OnInactivity(auth::sessions::idle(state.auth.config.session_idle)));
     // The socket lives long: no timeout, no compression layer.
-    Router::new()
+    let app = Router::new()
         .route("/ws", axum::routing::get(http::live::ws))
         .merge(timed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), http::guard::authenticate))
+        .layer(sessions);
+    http::headers::add(app, state.auth.config.https)
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
             http::error::ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
@@ -176,20 +219,52 @@ impl Tally {
 
     /// Serve until `shutdown` is cancelled: stop accepting, finish in-flight requests (their
     /// commands are committed before they answer), then let the consumers commit and stop.
+    ///
+    /// The accept loop is hyper's own rather than `axum::serve`, for one setting that has no
+    /// other way in: a time limit on reading a request's headers, without which a client that
+    /// sends them a byte at a time holds a connection (and its memory) for ever.
     pub async fn serve(self) -> anyhow::Result<()> {
+        use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+        use tower::{Layer, ServiceExt};
         let token = self.shutdown.clone();
         tracing::info!(addr = %self.listener.local_addr()?, "tally listening");
-        // No Nagle delay: a live view pushed right after another would otherwise wait for the
-        // client's acknowledgement of the first.
-        let listener = self.listener.tap_io(|tcp| {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.header_timeout);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors, most likely: wait rather than spin.
+                        tracing::warn!(error = %err, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = token.cancelled() => break,
+            };
+            // No Nagle delay: a live view pushed right after another would otherwise wait for
+            // the client's acknowledgement of the first.
             if let Err(err) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %err, "cannot set TCP_NODELAY");
             }
-        });
-        axum::serve(listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await
-            .context("serving HTTP")?;
+            let service = axum::Extension(axum::extract::ConnectInfo(remote))
+                .layer(self.router.clone())
+                .map_request(|request: axum::http::Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::trace!(error = %err, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
+            tracing::warn!("some connections were still busy 30 s after shutdown began");
+        }
         self.shutdown.cancel();
         let state = self.state;
         drop(state);

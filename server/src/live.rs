@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
 /// A view message ready to send.
@@ -44,6 +44,32 @@ pub fn view_frame(topic: &str, position: u64, view_json: &str) -> Frame {
 
 pub fn error_frame(code: &str, message: &str) -> Bytes {
     text_frame(&serde_json::json!({"type": "error", "code": code, "message": message}).to_string())
+}
+
+/// An error about one topic (a subscribe refused): names the topic.
+pub fn topic_error_frame(code: &str, topic: &str, message: &str) -> Bytes {
+    text_frame(&serde_json::json!({"type": "error", "code": code, "topic": topic, "message": message}).to_string())
+}
+
+/// A close frame (RFC 6455, 5.5.1): the code, then the reason.
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    control_frame(OpCode::Control(Control::Close), &payload)
+}
+
+/// A ping (the client's browser or library answers with a pong).
+pub fn ping_frame() -> Bytes {
+    control_frame(OpCode::Control(Control::Ping), b"")
+}
+
+fn control_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let header = FrameHeader { is_final: true, opcode, ..FrameHeader::default() };
+    let mut out = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
+    // Into a Vec: cannot fail.
+    let _ = header.format(payload.len() as u64, &mut out);
+    out.extend_from_slice(payload);
+    out.into()
 }
 
 /// A text message as the server sends it: one final, unmasked frame (RFC 6455, 5.2), header

@@ -1,5 +1,5 @@
 use clap::Parser;
-use server::config::{Cli, Commands};
+use server::config::{Cli, Commands, KeysCommand, UsersCommand};
 
 /// See `mimalloc` in Cargo.toml: the server allocates per request and per batch on many threads.
 #[global_allocator]
@@ -14,6 +14,8 @@ async fn main() -> anyhow::Result<()> {
         Some(Commands::Serve(args)) => serve(args).await,
         Some(Commands::Migrate(db)) => server::seed::migrate(&db).await,
         Some(Commands::Seed(args)) => server::seed::run(&args).await,
+        Some(Commands::Keys(KeysCommand::Create(args))) => server::cli::create_key(&args).await,
+        Some(Commands::Users(UsersCommand::Create(args))) => server::cli::create_user(&args).await,
         Some(Commands::Rebuild(db)) => {
             let report = server::rebuild::run(&db).await?;
             println!(

@@ -1,13 +1,20 @@
-//! The server's implementation of the pages' [`Portal`]: views for reads, the command bus for
-//! writes, with the same validation and error codes as the REST endpoints.
+//! The server's implementation of the pages' [`Portal`] and [`Identity`]: views for reads, the
+//! command bus for writes, `identity` for accounts, with the same validation and error codes as
+//! the REST endpoints.
 
 use crate::commands::{Envelope, Meta};
 use crate::http::commands as rest;
 use crate::http::error::ApiError;
-use crate::{queries, AppState};
-use app::api::{Portal, PortalCommand};
+use crate::{identity, queries, AppState};
+use app::api::{Identity, Portal, PortalCommand};
+use app::domain::access::Caller;
 use app::error::AppError;
-use app::views::{CommandAck, ConsumerStatus, MemberPage, MemberQuery, MembershipView};
+use app::views::{
+    AccessLink, CommandAck, ConsumerStatus, HistoryEntry, KeySummary, MemberPage, MemberQuery, MembershipView,
+    PersonSummary, SignedIn,
+};
+use axum::http::request::Parts;
+use tower_sessions::Session;
 
 pub struct ServerPortal {
     state: AppState,
@@ -56,10 +63,10 @@ impl Portal for ServerPortal {
         self.state.consumers.statuses().await.map_err(|e| app_err(ApiError::Internal(e)))
     }
 
-    async fn execute(&self, command: PortalCommand) -> Result<CommandAck, AppError> {
+    async fn execute(&self, caller: &Caller, command: PortalCommand) -> Result<CommandAck, AppError> {
         let command = match command {
             PortalCommand::Enroll { name, email } => {
-                rest::enroll_command(rest::EnrollBody { name, email, member_id: None })
+                rest::enroll_command(rest::EnrollBody { name, email, member_id: None }, None)
             }
             PortalCommand::Earn { member_id, points, reason } => {
                 rest::earn_command(member_id.trim(), rest::EarnBody { points, reason: optional(reason) })
@@ -81,17 +88,17 @@ impl Portal for ServerPortal {
                 },
                 crate::clock::now(),
             ),
+            PortalCommand::UpdateProfile { member_id, name, email } => rest::profile_command(
+                member_id.trim(),
+                rest::ProfileBody { name: optional(name), email: optional(email) },
+            ),
         }
         .map_err(app_err)?;
         let envelope = Envelope {
             command,
             expected_version: None,
             idempotency: None,
-            meta: Meta {
-                correlation_id: uuid::Uuid::new_v4().to_string(),
-                causation_id: None,
-                actor: "staff-console".into(),
-            },
+            meta: Meta { correlation_id: uuid::Uuid::new_v4().to_string(), causation_id: None, actor: caller.actor() },
         };
         let answer = rest::send(&self.state, envelope).await.map_err(|e| e.to_app_error())?;
         let body: serde_json::Value = serde_json::from_str(&answer.body).map_err(|e| app_err(ApiError::internal(e)))?;
@@ -101,5 +108,152 @@ impl Portal for ServerPortal {
             version: body["version"].as_u64(),
             position: body["position"].as_u64().unwrap_or(0),
         })
+    }
+
+    async fn history(&self, member_id: &str) -> Result<Vec<HistoryEntry>, AppError> {
+        if app::domain::validate::id("member id", member_id).is_err() {
+            return Ok(Vec::new());
+        }
+        let events = queries::member_events(&self.state.store, member_id).await.map_err(app_err)?;
+        Ok(events
+            .into_iter()
+            .map(|event| HistoryEntry {
+                position: event.position.max(0) as u64,
+                actor: event.metadata["actor"].as_str().unwrap_or("unknown").to_string(),
+                event_type: event.event_type,
+                recorded_at: event.recorded_at,
+                data: event.data.to_string(),
+            })
+            .collect())
+    }
+
+    fn secure_cookies(&self) -> bool {
+        self.state.auth.config.https
+    }
+}
+
+fn session(request: &Parts) -> Result<Session, AppError> {
+    request
+        .extensions
+        .get::<Session>()
+        .cloned()
+        .ok_or_else(|| app_err(ApiError::internal(anyhow::anyhow!("no session layer"))))
+}
+
+fn signed_in(me: identity::Me) -> SignedIn {
+    SignedIn { kind: me.kind.to_string(), member_id: me.member_id, name: me.name }
+}
+
+fn key_summary(key: crate::auth::keys::KeyInfo) -> KeySummary {
+    KeySummary {
+        id: key.id,
+        name: key.name,
+        role: key.role.as_str().to_string(),
+        created_at: key.created_at,
+        last_used_at: key.last_used_at,
+    }
+}
+
+fn person_summary(person: crate::auth::accounts::PersonInfo) -> PersonSummary {
+    PersonSummary {
+        id: person.id,
+        email: person.email,
+        name: person.name,
+        role: person.role.as_str().to_string(),
+        disabled: person.disabled,
+        created_at: person.created_at,
+    }
+}
+
+fn access_link(link: crate::auth::links::IssuedLink) -> AccessLink {
+    AccessLink { url: link.url, expires_at: link.expires_at }
+}
+
+#[async_trait::async_trait]
+impl Identity for ServerPortal {
+    async fn sign_in(&self, request: &Parts, email: &str, password: &str) -> Result<SignedIn, AppError> {
+        let address = crate::http::auth::client_address(request, self.state.client_ip_header.as_deref());
+        let me = identity::sign_in(&self.state, &session(request)?, address, email, password).await.map_err(app_err)?;
+        Ok(signed_in(me))
+    }
+
+    async fn sign_out(&self, request: &Parts) -> Result<(), AppError> {
+        identity::sign_out(&self.state, &session(request)?).await.map_err(app_err)
+    }
+
+    async fn join(&self, request: &Parts, name: &str, email: &str, password: &str) -> Result<SignedIn, AppError> {
+        let answer =
+            identity::sign_up(&self.state, &session(request)?, name, email, password).await.map_err(app_err)?;
+        let body: serde_json::Value = serde_json::from_str(&answer.body).map_err(|e| app_err(ApiError::internal(e)))?;
+        let member_id = body["member_id"].as_str().map(str::to_string);
+        Ok(SignedIn { kind: "member".into(), member_id, name: name.trim().to_string() })
+    }
+
+    async fn link_usable(&self, token: &str) -> Result<bool, AppError> {
+        identity::link_usable(&self.state, token).await.map_err(app_err)
+    }
+
+    async fn claim(&self, request: &Parts, token: &str, password: &str) -> Result<SignedIn, AppError> {
+        let me = identity::claim(&self.state, &session(request)?, token, password).await.map_err(app_err)?;
+        Ok(signed_in(me))
+    }
+
+    async fn change_password(
+        &self,
+        request: &Parts,
+        caller: &Caller,
+        current: &str,
+        new: &str,
+    ) -> Result<(), AppError> {
+        let address = crate::http::auth::client_address(request, self.state.client_ip_header.as_deref());
+        identity::change_password(&self.state, &session(request)?, caller, address, current, new).await.map_err(app_err)
+    }
+
+    async fn member_link(&self, caller: &Caller, member_id: &str) -> Result<AccessLink, AppError> {
+        identity::member_link(&self.state, caller, member_id).await.map(access_link).map_err(app_err)
+    }
+
+    async fn keys(&self, caller: &Caller) -> Result<Vec<KeySummary>, AppError> {
+        let keys = identity::keys(&self.state, caller).await.map_err(app_err)?;
+        Ok(keys.into_iter().map(key_summary).collect())
+    }
+
+    async fn create_key(&self, caller: &Caller, name: &str, role: &str) -> Result<(KeySummary, String), AppError> {
+        let (key, token) = identity::create_key(&self.state, caller, name, role).await.map_err(app_err)?;
+        Ok((key_summary(key), token))
+    }
+
+    async fn revoke_key(&self, caller: &Caller, id: &str) -> Result<(), AppError> {
+        identity::revoke_key(&self.state, caller, id).await.map_err(app_err)
+    }
+
+    async fn people(&self, caller: &Caller) -> Result<Vec<PersonSummary>, AppError> {
+        let people = identity::people(&self.state, caller).await.map_err(app_err)?;
+        Ok(people.into_iter().map(person_summary).collect())
+    }
+
+    async fn create_person(
+        &self,
+        caller: &Caller,
+        email: &str,
+        name: &str,
+        role: &str,
+    ) -> Result<(PersonSummary, AccessLink), AppError> {
+        let created = identity::create_person(&self.state, caller, email, name, role).await.map_err(app_err)?;
+        Ok((person_summary(created.person), access_link(created.access_link)))
+    }
+
+    async fn update_person(
+        &self,
+        caller: &Caller,
+        id: &str,
+        role: Option<&str>,
+        disabled: Option<bool>,
+    ) -> Result<(), AppError> {
+        identity::update_person(&self.state, caller, id, role, disabled).await.map_err(app_err)
+    }
+
+    async fn person_link(&self, caller: &Caller, id: &str) -> Result<AccessLink, AppError> {
+        identity::person_link(&self.state, caller, id).await.map(access_link).map_err(app_err)
     }
 }

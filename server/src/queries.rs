@@ -4,6 +4,7 @@
 use crate::store::{Store, StoredEvent};
 use app::domain::member::Status;
 use app::domain::tier::Tier;
+use app::domain::validate;
 use app::views::{MemberPage, MemberQuery, MemberSummary};
 use base64::Engine;
 use sqlx::Row;
@@ -60,6 +61,9 @@ pub async fn search_members(
     let mut clauses = Vec::new();
     let mut args: Vec<String> = Vec::new();
     if let Some(q) = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+        if q.chars().count() > validate::MAX_QUERY_CHARS {
+            return Err(QueryError::Invalid(format!("q must be at most {} characters", validate::MAX_QUERY_CHARS)));
+        }
         args.push(format!("%{}%", escape_like(&q.to_lowercase())));
         clauses.push(format!("s.search_text LIKE ${} ESCAPE '\\'", args.len()));
     }

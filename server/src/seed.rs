@@ -74,7 +74,7 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
         ids.iter().enumerate().map(|(i, id)| {
             let name = format!("{} {}", FIRST[i % FIRST.len()], LAST[(i / FIRST.len()) % LAST.len()]);
             let email = format!("{}.{i}.{run_id}@example.com", name.to_lowercase().replace(' ', "."));
-            Command::Member { member_id: id.clone(), action: MemberAction::Enroll { name, email } }
+            Command::Member { member_id: id.clone(), action: MemberAction::Enroll { name, email, account: None } }
         }),
     )
     .await;
@@ -151,8 +151,11 @@ pub async fn demo_if_empty(state: &AppState) -> anyhow::Result<()> {
     let send = |command| state.bus.send(envelope(command));
     for (id, name, email) in DEMO_MEMBERS {
         let member_id = id.to_string();
-        send(Command::Member { member_id, action: MemberAction::Enroll { name: name.into(), email: email.into() } })
-            .await?;
+        send(Command::Member {
+            member_id,
+            action: MemberAction::Enroll { name: name.into(), email: email.into(), account: None },
+        })
+        .await?;
     }
     let earn = |id: &str, points, reason: &str| Command::Member {
         member_id: id.into(),
@@ -176,5 +179,51 @@ pub async fn demo_if_empty(state: &AppState) -> anyhow::Result<()> {
     }))
     .await?;
     tracing::info!("seeded demo members: open /members/ada or /admin");
+    Ok(())
+}
+
+/// People accounts `serve --demo` creates, beside the demo members' own accounts.
+pub const DEMO_PEOPLE: [(&str, &str, &str); 2] =
+    [("staff@tally.example", "Sam Staff", "staff"), ("admin@tally.example", "Ada Admin", "admin")];
+
+/// `serve --demo`: give the demo members and two demo people (staff, admin) accounts with new
+/// random passwords, and print them. New passwords at every start: nothing guessable is ever
+/// left on a server, and the log of this start is the only place they are written.
+pub async fn demo_accounts(state: &AppState) -> anyhow::Result<()> {
+    let auth = &state.auth;
+    let mut lines = Vec::new();
+    for (member_id, _, email) in DEMO_MEMBERS {
+        let password = crate::auth::secret::random(12);
+        let hash = auth.passwords.hash(&password).await?;
+        match auth.accounts.of_member(member_id).await? {
+            Some(account) => auth.accounts.set_password(&account.id, &hash).await?,
+            None => {
+                let mut conn = state.store.write.acquire().await?;
+                sqlx::query(
+                    "INSERT INTO accounts (id, role, member_id, name, password_hash, created_at, created_by) \
+                     VALUES ($1, 'member', $2, '', $3, $4, 'system')",
+                )
+                .bind(crate::auth::secret::random_id())
+                .bind(member_id)
+                .bind(&hash)
+                .bind(clock::now())
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+        lines.push(format!("  member {email:<22} password {password}   (/members/{member_id})"));
+    }
+    for (email, name, role) in DEMO_PEOPLE {
+        let password = crate::auth::secret::random(12);
+        let hash = auth.passwords.hash(&password).await?;
+        let existing = auth.accounts.for_sign_in(email).await?.into_iter().find(|a| a.member_id.is_none());
+        let id = match existing {
+            Some(account) => account.id,
+            None => auth.accounts.create_person(email, name, role, "system").await?.id,
+        };
+        auth.accounts.set_password(&id, &hash).await?;
+        lines.push(format!("  {role:<6} {email:<22} password {password}   (/admin)"));
+    }
+    println!("\ndemo sign-in (new passwords at every start with --demo):\n{}\n", lines.join("\n"));
     Ok(())
 }

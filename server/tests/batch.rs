@@ -15,7 +15,7 @@ fn member(id: &str, action: MemberAction) -> Envelope {
 }
 
 fn enroll(id: &str, email: &str) -> Envelope {
-    member(id, MemberAction::Enroll { name: format!("Member {id}"), email: email.into() })
+    member(id, MemberAction::Enroll { name: format!("Member {id}"), email: email.into(), account: None })
 }
 
 fn earn(id: &str, points: u64) -> Envelope {

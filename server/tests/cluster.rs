@@ -5,6 +5,8 @@
 //! Needs a PostgreSQL server: `TALLY_TEST_POSTGRES` (default postgres://postgres@127.0.0.1:5432/test).
 //! Without one these tests say so and pass, unless `CI` is set, where they fail.
 
+mod common;
+
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use server::projector::membership_view;
@@ -37,6 +39,13 @@ async fn fresh_database() -> Option<String> {
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
     let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
     Some(format!("{base}/{name}"))
+}
+
+/// An admin key for the cluster's database (made with `tally keys create`, which creates the
+/// schema first if no node has yet), and a client that sends it.
+fn admin(db: &str) -> (reqwest::Client, String) {
+    let token = common::create_key_cli(db, "admin");
+    (common::bearer_client(&token), token)
 }
 
 struct Node {
@@ -146,7 +155,7 @@ async fn assert_views_match_a_rebuild(db: &str) -> usize {
 #[tokio::test]
 async fn three_nodes_write_concurrently_and_every_event_is_applied_exactly_once() {
     let Some(db) = fresh_database().await else { return };
-    let client = reqwest::Client::new();
+    let client = admin(&db).0;
     let mut nodes = Vec::new();
     for _ in 0..3 {
         nodes.push(start_node(&db, &client).await);
@@ -183,7 +192,7 @@ async fn three_nodes_write_concurrently_and_every_event_is_applied_exactly_once(
 #[tokio::test]
 async fn when_the_consumer_node_is_killed_another_takes_over_within_two_seconds() {
     let Some(db) = fresh_database().await else { return };
-    let client = reqwest::Client::new();
+    let client = admin(&db).0;
     let mut nodes =
         vec![start_node(&db, &client).await, start_node(&db, &client).await, start_node(&db, &client).await];
     for i in 0..10 {
@@ -303,7 +312,7 @@ async fn give_up_leadership(mut baton: sqlx::PgConnection) {
 #[tokio::test]
 async fn a_node_that_leads_again_after_another_did_applies_on_the_current_views() {
     let Some(db) = fresh_database().await else { return };
-    let client = reqwest::Client::new();
+    let client = admin(&db).0;
     let a = start_node(&db, &client).await;
     wait_for_leadership(&client, &a, true).await;
     let b = start_node(&db, &client).await;
@@ -349,14 +358,14 @@ async fn a_node_that_leads_again_after_another_did_applies_on_the_current_views(
 #[tokio::test]
 async fn a_socket_on_one_node_sees_a_change_made_through_another() {
     let Some(db) = fresh_database().await else { return };
-    let client = reqwest::Client::new();
+    let (client, token) = admin(&db);
     let a = start_node(&db, &client).await;
     let b = start_node(&db, &client).await;
     let body = json!({"member_id": "x", "name": "Cross", "email": "x@example.com"});
     assert_eq!(post(&client, format!("{}/api/members", a.base), body).await, 201);
     settle(&client, &b).await;
 
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", b.port)).await.expect("ws");
+    let mut socket = common::ws_connect_to(&b.base, common::As::Key(&token)).await.expect("ws");
     socket.send(Message::Text(json!({"subscribe": "member:x"}).to_string().into())).await.unwrap();
     let mut next = async || loop {
         let msg =

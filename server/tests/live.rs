@@ -10,9 +10,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A socket opened with the app's admin key.
 async fn connect(app: &TestApp) -> Socket {
-    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr)).await.expect("ws connects");
-    socket
+    common::ws_connect(app, common::As::Key(&app.admin_token)).await.expect("ws connects")
 }
 
 async fn send(socket: &mut Socket, message: Value) {

@@ -26,7 +26,7 @@ async fn after_a_restart_every_acknowledged_command_is_in_the_views() {
 #[tokio::test]
 async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
     let (db, _dir) = common::fresh_database().await;
-    let client = reqwest::Client::new();
+    let client = common::bearer_client(&common::create_key_cli(&db, "admin"));
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let server = start_binary(&db, port, &[]);

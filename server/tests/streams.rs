@@ -18,7 +18,7 @@ fn member(id: &str, action: MemberAction) -> Envelope {
 }
 
 fn enroll(id: &str) -> Envelope {
-    member(id, MemberAction::Enroll { name: format!("Member {id}"), email: format!("{id}@example.com") })
+    member(id, MemberAction::Enroll { name: format!("Member {id}"), email: format!("{id}@example.com"), account: None })
 }
 
 fn earn(id: &str, points: u64) -> Envelope {

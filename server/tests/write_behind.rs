@@ -144,7 +144,7 @@ async fn wait_for(client: &reqwest::Client, url: String, ok: impl Fn(&Value) -> 
 #[tokio::test]
 async fn a_kill_9_loses_no_view_held_in_memory() {
     let (db, _dir) = sqlite_database();
-    let client = reqwest::Client::new();
+    let client = common::bearer_client(&common::create_key_cli(&db, "admin"));
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let server = start_binary(&db, port, &[("TALLY_WRITE_BEHIND_MS", &HOLD_MS.to_string())]);
@@ -277,7 +277,7 @@ async fn a_change_goes_out_before_the_views_due_with_it_are_written() {
     let app = spawn_with(&options, dir).await;
     app.enroll("due", "Due Views", "due@example.com").await;
     app.catch_up().await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr)).await.expect("ws connects");
+    let mut socket = common::ws_connect(&app, common::As::Key(&app.admin_token)).await.expect("ws connects");
     use futures::SinkExt;
     let subscribe = json!({"subscribe": "member:due"}).to_string();
     socket.send(tokio_tungstenite::tungstenite::Message::Text(subscribe.into())).await.expect("subscribed");

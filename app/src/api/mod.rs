@@ -1,21 +1,25 @@
 //! Server functions: the pages' way to the server. Reads go to the views only; writes go through
-//! the same command path as the REST API. Each is a public endpoint, validated like any route.
+//! the same command path as the REST API. Each is a public endpoint, validated like any route,
+//! and each asks first who is calling and whether they may (`access::authorize`, the same table
+//! the REST routes use).
 //!
-//! The server's services arrive through the [`Portal`] trait in Leptos context (the server
-//! implements it), so this crate never depends on the server crate.
+//! The server's services arrive through the [`Portal`] and [`Identity`] traits in Leptos context
+//! (the server implements them), so this crate never depends on the server crate.
 
 // `staff_action` takes one argument per form field; the code `#[server]` generates for it does not
 // carry a function-level allow, so this one is module-wide.
 #![allow(clippy::too_many_arguments)]
 
 use crate::error::AppError;
-use crate::views::{CommandAck, ConsumerStatus, MemberPage, MemberQuery, MembershipView};
+use crate::views::{CommandAck, ConsumerStatus, HistoryEntry, MemberPage, MemberQuery, MembershipView};
 use leptos::prelude::*;
 
+mod identity;
 #[cfg(feature = "ssr")]
 mod port;
+pub use identity::*;
 #[cfg(feature = "ssr")]
-pub use port::{Portal, PortalCommand};
+pub use port::{Identity, Portal, PortalCommand};
 
 #[cfg(feature = "ssr")]
 fn portal() -> Result<std::sync::Arc<dyn Portal>, AppError> {
@@ -23,10 +27,31 @@ fn portal() -> Result<std::sync::Arc<dyn Portal>, AppError> {
         .ok_or_else(|| AppError::new("internal", "the server is not wired up (no Portal in context)"))
 }
 
+/// The caller, if they may do `action`; else the error API.md gives (401, 403, or for a member
+/// asking about another member, the same "not found" an unknown id gets).
+#[cfg(feature = "ssr")]
+fn authorized(action: crate::domain::access::Action) -> Result<crate::domain::access::Caller, AppError> {
+    use crate::domain::access::{authorize, Denied};
+    let caller = crate::request::caller();
+    match authorize(&caller, action) {
+        Ok(()) => Ok(caller),
+        Err(Denied::Unauthenticated) => Err(AppError::unauthenticated()),
+        Err(Denied::Forbidden) => Err(AppError::new("forbidden", "you may not do this")),
+        Err(Denied::NotFound) => Err(AppError::new("member_not_found", "no such member")),
+    }
+}
+
 /// The member's view; with `min_position`, first wait (up to 2 s) until the projector has applied
-/// that position, so a page opened right after a command shows it (read-your-writes).
+/// that position, so a page opened right after a command shows it (read-your-writes). Another
+/// member's view is `None`, as an unknown member's is.
 #[server(prefix = "/_fn")]
 pub async fn get_member(member_id: String, min_position: Option<u64>) -> Result<Option<MembershipView>, AppError> {
+    use crate::domain::access::Action;
+    match authorized(Action::ReadMember(&member_id)) {
+        Ok(_) => {}
+        Err(err) if err.code == "member_not_found" => return Ok(None),
+        Err(err) => return Err(err),
+    }
     let portal = portal()?;
     if let Some(position) = min_position {
         portal.wait_for_position(position).await;
@@ -36,12 +61,21 @@ pub async fn get_member(member_id: String, min_position: Option<u64>) -> Result<
 
 #[server(prefix = "/_fn")]
 pub async fn search_members(query: MemberQuery) -> Result<MemberPage, AppError> {
+    authorized(crate::domain::access::Action::ManageMembers)?;
     portal()?.search(query).await
 }
 
 #[server(prefix = "/_fn")]
 pub async fn get_consumers() -> Result<Vec<ConsumerStatus>, AppError> {
+    authorized(crate::domain::access::Action::Operations)?;
     portal()?.consumers().await
+}
+
+/// A member's history with who caused each event (staff: the audit trail).
+#[server(prefix = "/_fn")]
+pub async fn member_history(member_id: String) -> Result<Vec<HistoryEntry>, AppError> {
+    authorized(crate::domain::access::Action::ManageMembers)?;
+    portal()?.history(&member_id).await
 }
 
 /// Every staff console form posts here; its hidden `kind` field says which action it is: `enroll`,
@@ -62,8 +96,10 @@ pub async fn staff_action(
     currency: Option<String>,
     channel: Option<String>,
 ) -> Result<CommandAck, AppError> {
+    use crate::domain::access::Action;
     let text = |field: Option<String>| field.unwrap_or_default();
     let run = async {
+        let caller = authorized(if kind == "purchase" { Action::RecordPurchase } else { Action::ManageMembers })?;
         let command = match kind.as_str() {
             "enroll" => PortalCommand::Enroll { name: text(name), email: text(email) },
             "earn" => PortalCommand::Earn {
@@ -86,9 +122,39 @@ pub async fn staff_action(
             },
             other => return Err(AppError::invalid(format!("unknown staff action '{other}'"))),
         };
-        portal()?.execute(command).await
+        portal()?.execute(&caller, command).await
     };
     run.await.map_err(|err| err.on_form(&kind))
+}
+
+/// A member redeems points on their own account (the portal page's form).
+#[server(prefix = "/_fn")]
+pub async fn redeem_reward(points: String, reward: Option<String>) -> Result<CommandAck, AppError> {
+    let run = async {
+        let caller = crate::request::caller();
+        let member_id = caller.member_id().ok_or_else(AppError::unauthenticated)?.to_string();
+        authorized(crate::domain::access::Action::Redeem(&member_id))?;
+        let points = parse_points(&points)?;
+        let command = PortalCommand::Redeem { member_id, points, reward: reward.unwrap_or_default() };
+        let ack = portal()?.execute(&caller, command).await?;
+        identity::flash_done("redeem", format!("Redeemed {points} points."));
+        Ok(ack)
+    };
+    run.await.map_err(|err: AppError| err.on_form("redeem"))
+}
+
+/// A member changes their own name or email (the portal page's form).
+#[server(prefix = "/_fn")]
+pub async fn update_my_profile(name: String, email: String) -> Result<CommandAck, AppError> {
+    let run = async {
+        let caller = crate::request::caller();
+        let member_id = caller.member_id().ok_or_else(AppError::unauthenticated)?.to_string();
+        authorized(crate::domain::access::Action::UpdateProfile(&member_id))?;
+        let ack = portal()?.execute(&caller, PortalCommand::UpdateProfile { member_id, name, email }).await?;
+        identity::flash_done("profile", "Your profile is saved.".to_string());
+        Ok(ack)
+    };
+    run.await.map_err(|err: AppError| err.on_form("profile"))
 }
 
 /// Form fields arrive as text; a person typing "12.5" deserves a clear message, not a decode error.

@@ -89,10 +89,10 @@ fn TierProgress(tier: Tier, lifetime_points: u64, progress: Option<(Tier, u64, u
                 }}
             </div>
             {progress.map(|(next, _, percent)| view! {
-                <div class="progress" role="progressbar" aria-label=format!("Progress to {}", next.label())
-                    aria-valuemin="0" aria-valuemax="100" aria-valuenow=percent.to_string()>
-                    <div class="progress-fill" style=format!("width: {percent}%")></div>
-                </div>
+                // A <progress> rather than a bar sized by a style attribute: the page's CSP allows
+                // no inline styles.
+                <progress class="progress" max="100" value=percent.to_string()
+                    aria-label=format!("Progress to {}", next.label())>{format!("{percent}%")}</progress>
                 <div class="progress-scale muted small">
                     <span>{format::points(tier.threshold())}</span>
                     <span>{format::points(lifetime_points)} " lifetime"</span>

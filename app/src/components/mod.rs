@@ -1,3 +1,4 @@
 //! Pieces of pages.
 
+pub mod forms;
 pub mod membership;

@@ -2,6 +2,7 @@
 //! time and ids in. Both the server (to decide) and the browser (to show tier progress and validate
 //! forms early) use this module.
 
+pub mod access;
 pub mod loyalty_policy;
 pub mod member;
 pub mod tier;

@@ -6,6 +6,10 @@ pub const MAX_TEXT_CHARS: usize = 500;
 pub const MAX_ID_CHARS: usize = 64;
 pub const MIN_POINTS: u64 = 1;
 pub const MAX_POINTS: u64 = 1_000_000;
+pub const MIN_PASSWORD_CHARS: usize = 10;
+pub const MAX_PASSWORD_CHARS: usize = 200;
+/// Longest search text (`GET /api/members?q=`): longer says nothing more and costs a scan.
+pub const MAX_QUERY_CHARS: usize = 200;
 
 /// A trimmed, non-empty name of reasonable length.
 pub fn name(raw: &str) -> Result<String, String> {
@@ -82,6 +86,18 @@ pub fn text(field: &str, raw: Option<&str>) -> Result<Option<String>, String> {
     }
 }
 
+/// A password as typed: 10 to 200 characters (API.md). Kept exactly as typed, spaces included.
+pub fn password(raw: &str) -> Result<&str, String> {
+    let chars = raw.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(format!("the password must be at least {MIN_PASSWORD_CHARS} characters"));
+    }
+    if chars > MAX_PASSWORD_CHARS {
+        return Err(format!("the password must be at most {MAX_PASSWORD_CHARS} characters"));
+    }
+    Ok(raw)
+}
+
 /// ISO 4217-shaped currency code: three upper-case letters.
 pub fn currency(raw: &str) -> Result<String, String> {
     if raw.len() == 3 && raw.chars().all(|c| c.is_ascii_uppercase()) {
@@ -125,6 +141,14 @@ mod tests {
         assert!(points(0).is_err());
         assert!(points(-5).is_err());
         assert!(points(1_000_001).is_err());
+    }
+
+    #[test]
+    fn passwords_are_ten_to_two_hundred_characters() {
+        assert!(password("123456789").is_err());
+        assert_eq!(password("correct horse"), Ok("correct horse"));
+        assert!(password(&"é".repeat(200)).is_ok());
+        assert!(password(&"x".repeat(201)).is_err());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `/admin`: the staff console. Member search, the actions (each an `ActionForm`, so it works
-//! without JavaScript too), and the consumers' status. The console is one island: it hydrates from
-//! its own WASM chunk, which visitors of the other pages never download.
+//! without JavaScript too), access links for members, and the consumers' status. The console is
+//! one island: it hydrates from its own WASM chunk, which visitors of the other pages never
+//! download. Staff only: anyone else is asked to sign in, or told it is not for them.
 
-use crate::api::{get_consumers, search_members, StaffAction};
+use crate::api::{get_consumers, search_members, IssueAccessLink, StaffAction};
+use crate::components::forms::{failed, Field, NotAllowed, Outcome, SignInForm};
 use crate::domain::member::Status;
 use crate::domain::tier::TIERS;
 use crate::error::AppError;
@@ -16,6 +18,23 @@ use leptos_router::hooks::use_query_map;
 /// renders its results and hands the console island its first status.
 #[component]
 pub fn AdminPage() -> impl IntoView {
+    let caller = crate::request::caller();
+    if !caller.is_signed_in() {
+        crate::components::forms::set_status(401);
+        return view! {
+            <Title text="Staff sign in: Tally"/>
+            <SignInForm title="Staff sign in" next="/admin"/>
+        }
+        .into_any();
+    }
+    if !caller.is_staff() {
+        return view! {
+            <Title text="Staff only: Tally"/>
+            <NotAllowed title="Staff only" message="The staff console is for the people who run the programme." status=403/>
+        }
+        .into_any();
+    }
+    let flash = crate::request::take_flash();
     let search = use_query_map().with_untracked(|q| {
         let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
         MemberQuery { q: get("q"), tier: get("tier"), status: get("status"), limit: Some(20), after: get("after") }
@@ -46,6 +65,26 @@ pub fn AdminPage() -> impl IntoView {
                 })
             }}
         </Suspense>
+        <AccessLinkCard flash/>
+    }
+    .into_any()
+}
+
+/// A link for a member to set their password (first access for a member staff enrolled, or a
+/// reset): shown once, here, to hand to the member.
+#[component]
+fn AccessLinkCard(flash: Option<crate::views::Flash>) -> impl IntoView {
+    let action = ServerAction::<IssueAccessLink>::new();
+    let error = failed(action, "access_link");
+    view! {
+        <section class="card action">
+            <h2>"Issue an access link"</h2>
+            <ActionForm action attr:class="form inline-form">
+                <Field label="Member id" name="member_id"/>
+                <button type="submit">"Issue link"</button>
+            </ActionForm>
+            <Outcome form="access_link" error flash/>
+        </section>
     }
 }
 
@@ -117,24 +156,6 @@ fn StaffConsole(consumers: Result<Vec<ConsumerStatus>, AppError>, children: Chil
     }
 }
 
-#[component]
-fn Field(
-    label: &'static str,
-    name: &'static str,
-    #[prop(default = "text")] kind: &'static str,
-    #[prop(default = true)] required: bool,
-    #[prop(default = "")] placeholder: &'static str,
-    #[prop(default = "")] value: &'static str,
-) -> impl IntoView {
-    view! {
-        <label class="field">
-            <span>{label}</span>
-            <input type=kind name=name required=required placeholder=placeholder value=value
-                step=(kind == "number").then_some("1")/>
-        </label>
-    }
-}
-
 /// A titled form (posting `kind` with its fields) with the outcome of its last submission
 /// underneath, in words.
 #[component]
@@ -157,7 +178,7 @@ fn ActionCard(
                 {children()}
             </ActionForm>
             {move || result().map(|r| match r {
-                Ok(ack) => view! { <Outcome ack/> }.into_any(),
+                Ok(ack) => view! { <Acknowledged ack/> }.into_any(),
                 Err(err) => view! {
                     <p class="form-error" role="alert" data-code=err.code.clone()>{err.message}</p>
                 }.into_any(),
@@ -167,7 +188,7 @@ fn ActionCard(
 }
 
 #[component]
-fn Outcome(ack: CommandAck) -> impl IntoView {
+fn Acknowledged(ack: CommandAck) -> impl IntoView {
     let text = match (&ack.member_id, &ack.transaction_id) {
         (Some(member), _) => format!("Done: member {member} is at version {}.", ack.version.unwrap_or(0)),
         (None, Some(txn)) => format!("Purchase {txn} recorded; the loyalty policy will reward it."),

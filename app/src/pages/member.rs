@@ -1,10 +1,17 @@
 //! `/members/{id}`: the membership portal. The server renders the page from the view; the card is
 //! an island, the only part of the page that runs in the browser: it keeps the card current from
 //! the live socket and always shows the view with the highest position.
+//!
+//! A member sees only their own page (another member's id is "not found", exactly as an unknown
+//! id is), with forms to redeem points and to change their profile. Staff see any member's page,
+//! with its history and who caused each event.
 
-use crate::api::get_member;
+use crate::api::{get_member, member_history, IssueAccessLink, RedeemReward, UpdateMyProfile};
+use crate::components::forms::{failed, set_status, Field, Outcome, SignInForm};
 use crate::components::membership::MembershipCard;
-use crate::views::MembershipView;
+use crate::error::AppError;
+use crate::format;
+use crate::views::{Flash, HistoryEntry, MembershipView};
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::{use_params_map, use_query_map};
@@ -28,6 +35,18 @@ fn page_title(view: Option<&MembershipView>) -> String {
 #[component]
 pub fn MemberPage() -> impl IntoView {
     let member_id = use_params_map().read_untracked().get("id").unwrap_or_default();
+    let caller = crate::request::caller();
+    if !caller.is_signed_in() {
+        set_status(401);
+        return view! {
+            <Title text="Sign in: Tally"/>
+            <SignInForm title="Sign in to see your membership" next=format!("/members/{member_id}")/>
+        }
+        .into_any();
+    }
+    let own = caller.member_id() == Some(member_id.as_str());
+    let staff = caller.is_staff();
+    let flash = if own || staff { crate::request::take_flash() } else { None };
     // `?min_position=P` (from a command's answer): show at least that fresh a view.
     let min_position = use_query_map().read_untracked().get("min_position").and_then(|p| p.parse::<u64>().ok());
     let initial = Resource::new_blocking(
@@ -37,33 +56,77 @@ pub fn MemberPage() -> impl IntoView {
         },
         |(id, min)| get_member(id, min),
     );
+    let history = Resource::new_blocking(
+        {
+            let member_id = member_id.clone();
+            move || member_id.clone()
+        },
+        move |id| async move {
+            if staff {
+                member_history(id).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+    );
 
     view! {
         <Suspense fallback=|| view! { <p class="muted">"Loading membership…"</p> }>
             {move || {
-                let member_id = member_id.clone();
+                let (member_id, flash) = (member_id.clone(), flash.clone());
                 Suspend::new(async move {
-                    match initial.await {
-                        Err(err) => view! {
-                            <Title text="Tally: error"/>
-                            <section class="card empty" role="alert">
-                                <h1>"This page could not be loaded"</h1>
-                                <p>{err.message}</p>
-                            </section>
-                        }.into_any(),
-                        Ok(view) => view! {
-                            <Title text=page_title(view.as_ref())/>
-                            <LiveMembership member_id initial=view/>
-                        }.into_any(),
+                    let (view, history) = (initial.await, history.await);
+                    match view {
+                        Err(err) => {
+                            set_status(if err.code == "forbidden" { 403 } else { 500 });
+                            view! {
+                                <Title text="Tally: error"/>
+                                <section class="card empty" role="alert">
+                                    <h1>"This page could not be loaded"</h1>
+                                    <p>{err.message}</p>
+                                </section>
+                            }.into_any()
+                        }
+                        Ok(None) if !staff => {
+                            set_status(404);
+                            view! { <Title text=page_title(None)/> <NotFoundCard member_id/> }.into_any()
+                        }
+                        Ok(view) => {
+                            if view.is_none() {
+                                set_status(404);
+                            }
+                            let forms = (own && view.is_some())
+                                .then(|| view! { <OwnForms view=view.clone() flash=flash.clone()/> });
+                            let audit = staff.then(|| view! {
+                                <StaffTools member_id=member_id.clone() history flash/>
+                            });
+                            view! {
+                                <Title text=page_title(view.as_ref())/>
+                                <LiveMembership member_id initial=view/>
+                                {forms}
+                                {audit}
+                            }.into_any()
+                        }
                     }
                 })
             }}
         </Suspense>
     }
+    .into_any()
+}
+
+#[component]
+fn NotFoundCard(member_id: String) -> impl IntoView {
+    view! {
+        <section class="card empty">
+            <h1>"Member not found"</h1>
+            <p>"No member has the id " <code>{member_id}</code> "."</p>
+        </section>
+    }
 }
 
 /// The card, live. Hydrated from its own WASM chunk (`lazy`), which only this page downloads.
-/// A member not found yet is watched too: the card appears once they enroll.
+/// A member not found yet is watched too (staff only): the card appears once they enroll.
 #[island(lazy)]
 fn LiveMembership(member_id: String, initial: Option<MembershipView>) -> impl IntoView {
     let pushed: RwSignal<Option<MembershipView>> = RwSignal::new(None);
@@ -90,5 +153,85 @@ fn LiveMembership(member_id: String, initial: Option<MembershipView>) -> impl In
             </section>
         }
         .into_any(),
+    }
+}
+
+/// A member's own forms: redeem points, change their profile.
+#[component]
+fn OwnForms(view: Option<MembershipView>, flash: Option<Flash>) -> impl IntoView {
+    let (name, email) = view.map(|v| (v.name, v.email)).unwrap_or_default();
+    let redeem = ServerAction::<RedeemReward>::new();
+    let profile = ServerAction::<UpdateMyProfile>::new();
+    let (redeem_error, profile_error) = (failed(redeem, "redeem"), failed(profile, "profile"));
+    view! {
+        <div class="member-forms">
+            <section class="card action">
+                <h2>"Redeem a reward"</h2>
+                <ActionForm action=redeem attr:class="form">
+                    <Field label="Points" name="points" kind="number"/>
+                    <Field label="Reward" name="reward" required=false placeholder="Coffee mug"/>
+                    <button type="submit">"Redeem"</button>
+                </ActionForm>
+                <Outcome form="redeem" error=redeem_error flash=flash.clone()/>
+            </section>
+            <section class="card action">
+                <h2>"Your profile"</h2>
+                <ActionForm action=profile attr:class="form">
+                    <Field label="Name" name="name" value=name autocomplete="name"/>
+                    <Field label="Email" name="email" kind="email" value=email autocomplete="email"/>
+                    <button type="submit">"Save"</button>
+                </ActionForm>
+                <Outcome form="profile" error=profile_error flash/>
+                <p class="small muted"><a href="/account">"Change your password"</a></p>
+            </section>
+        </div>
+    }
+}
+
+/// Staff: an access link for this member, and the member's history with who caused each event.
+#[component]
+fn StaffTools(
+    member_id: String,
+    history: Result<Option<Vec<HistoryEntry>>, AppError>,
+    flash: Option<Flash>,
+) -> impl IntoView {
+    let link = ServerAction::<IssueAccessLink>::new();
+    let link_error = failed(link, "access_link");
+    view! {
+        <section class="card action">
+            <h2>"Access link"</h2>
+            <p class="muted small">"For the member to set their password: first access, or a reset. Shown once."</p>
+            <ActionForm action=link attr:class="form">
+                <input type="hidden" name="member_id" value=member_id/>
+                <button type="submit">"Issue an access link"</button>
+            </ActionForm>
+            <Outcome form="access_link" error=link_error flash/>
+        </section>
+        <section class="card">
+            <h2>"History"</h2>
+            {match history {
+                Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
+                Ok(entries) => view! {
+                    <div class="table-wrap">
+                        <table class="history">
+                            <thead><tr>
+                                <th class="num">"Position"</th><th>"When"</th><th>"Event"</th><th>"By"</th><th>"Data"</th>
+                            </tr></thead>
+                            <tbody>
+                                {entries.unwrap_or_default().into_iter().rev().map(|e| view! {
+                                    <tr>
+                                        <td class="num">{format::points(e.position)}</td>
+                                        <td>{format::when(&e.recorded_at)}</td>
+                                        <td>{e.event_type}</td>
+                                        <td><code class="small" data-testid="actor">{e.actor}</code></td>
+                                        <td><code class="small">{e.data}</code></td>
+                                    </tr>
+                                }).collect_view()}
+                            </tbody>
+                        </table>
+                    </div>
+                }.into_any(),
+            }}
+        </section>
     }
 }

@@ -11,7 +11,7 @@
 //! appended between the catch-up and the insert). An `Err` means the transaction must be rolled
 //! back and the cache cleared: nothing of the batch stands.
 
-use super::{Answer, BatchIo, Command, CommandError, Envelope, MemberAction};
+use super::{Answer, BatchIo, Command, CommandError, Envelope, MemberAction, NewAccount};
 use crate::store::{NewEvent, StoredEvent};
 use app::domain::member::{points_earned, Member, MemberAggregate, MemberCommand, MemberEvent};
 use app::domain::transaction::{Transaction, TransactionAggregate, TransactionCommand};
@@ -233,6 +233,7 @@ pub async fn execute_batch(
     let mut keys_in_batch: HashMap<(&str, &str), (&str, usize)> = HashMap::new();
     let mut last_row: HashMap<String, usize> = HashMap::new();
     let mut reservations: Vec<Reservation> = Vec::new();
+    let mut accounts: Vec<(String, &NewAccount, &str)> = Vec::new();
     for (index, envelope) in envelopes.iter().enumerate() {
         if let Some(idem) = &envelope.idempotency {
             let earlier = keys_in_batch.get(&(idem.scope.as_str(), idem.key.as_str()));
@@ -283,6 +284,11 @@ pub async fn execute_batch(
             Ok((result, stream, appended)) => {
                 if appended {
                     last_row.insert(stream, rows.len() - 1);
+                    if let Command::Member { member_id, action: MemberAction::Enroll { account: Some(account), .. } } =
+                        &envelope.command
+                    {
+                        accounts.push((member_id.clone(), account, envelope.meta.actor.as_str()));
+                    }
                 }
                 if let Some(idem) = &envelope.idempotency {
                     keys_in_batch.insert((idem.scope.as_str(), idem.key.as_str()), (idem.request.as_str(), index));
@@ -293,10 +299,14 @@ pub async fn execute_batch(
         }
     }
 
-    // Write: events, then email reservations, then the answers under their keys.
+    // Write: events, then email reservations and new members' accounts, then the answers under
+    // their keys.
     let appended = conn.append(rows, now).await?;
     for reservation in &reservations {
         conn.write_reservation(reservation).await?;
+    }
+    for (member_id, account, actor) in &accounts {
+        conn.create_member_account(member_id, account, actor, now).await?;
     }
     let position_of = |at: At| match at {
         At::Known(p) => p,
@@ -480,7 +490,7 @@ fn decide_member(
 
 fn member_command(member_id: &str, action: &MemberAction, now: &str, email_owner: Option<String>) -> MemberCommand {
     match action.clone() {
-        MemberAction::Enroll { name, email } => MemberCommand::Enroll {
+        MemberAction::Enroll { name, email, .. } => MemberCommand::Enroll {
             member_id: member_id.to_string(),
             name,
             email,

@@ -6,7 +6,7 @@
 //! few statements, so the two implementations stay side by side and alike.
 
 use super::batch::{Reservation, StoredKey};
-use super::{Answer, Envelope};
+use super::{Answer, Envelope, NewAccount};
 use crate::store::{self, NativeTx, NewEvent, StoredEvent, Streams, EVENT_COLUMNS};
 use sqlx::Row;
 use std::collections::HashMap;
@@ -27,6 +27,14 @@ pub trait BatchIo {
     /// `(email key, member)` for each of these email keys that is taken.
     async fn email_owners(&mut self, emails: &[&str]) -> Result<Vec<(String, String)>, sqlx::Error>;
     async fn write_reservation(&mut self, reservation: &Reservation) -> Result<(), sqlx::Error>;
+    /// The account of a member who joined by themselves (see `NewAccount`).
+    async fn create_member_account(
+        &mut self,
+        member_id: &str,
+        account: &NewAccount,
+        created_by: &str,
+        now: &str,
+    ) -> Result<(), sqlx::Error>;
     /// Append the events, in order; returns them as stored, each with its position. A stream
     /// version already taken fails with a unique violation (the transaction must then be rolled
     /// back: never a partial append).
@@ -39,6 +47,8 @@ const KEYS_SQL: &str = "SELECT key, request, status, response FROM idempotency_k
 const OWNERS_SQL: &str = "SELECT email, member_id FROM email_reservations WHERE email IN ({})";
 const TAKE_SQL: &str = "INSERT INTO email_reservations (email, member_id) VALUES ($1, $2)";
 const RELEASE_SQL: &str = "DELETE FROM email_reservations WHERE email = $1 AND member_id = $2";
+const ACCOUNT_SQL: &str = "INSERT INTO accounts (id, role, member_id, name, password_hash, created_at, created_by) \
+                           VALUES ($1, 'member', $2, '', $3, $4, $5)";
 const SAVE_KEY_COLUMNS: &str =
     "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES";
 
@@ -83,6 +93,24 @@ impl BatchIo for Streams<'_> {
             Reservation::Release { key, member_id } => (RELEASE_SQL, key, member_id),
         };
         sqlx::query(sql).bind(key).bind(member_id).execute(&mut *self.conn).await?;
+        Ok(())
+    }
+
+    async fn create_member_account(
+        &mut self,
+        member_id: &str,
+        account: &NewAccount,
+        created_by: &str,
+        now: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(ACCOUNT_SQL)
+            .bind(&account.id)
+            .bind(member_id)
+            .bind(&account.password_hash)
+            .bind(now)
+            .bind(created_by)
+            .execute(&mut *self.conn)
+            .await?;
         Ok(())
     }
 
@@ -161,6 +189,17 @@ impl BatchIo for NativeTx<'_> {
             Reservation::Take { key, member_id } => self.execute(TAKE_SQL, &[key, member_id])?,
             Reservation::Release { key, member_id } => self.execute(RELEASE_SQL, &[key, member_id])?,
         };
+        Ok(())
+    }
+
+    async fn create_member_account(
+        &mut self,
+        member_id: &str,
+        account: &NewAccount,
+        created_by: &str,
+        now: &str,
+    ) -> Result<(), sqlx::Error> {
+        self.execute(ACCOUNT_SQL, &[&account.id, &member_id, &account.password_hash, &now, &created_by])?;
         Ok(())
     }
 

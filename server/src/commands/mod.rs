@@ -41,6 +41,8 @@ pub enum MemberAction {
     Enroll {
         name: String,
         email: String,
+        /// A member joining by themselves: their account, stored with the enrolment.
+        account: Option<NewAccount>,
     },
     UpdateProfile {
         name: Option<String>,
@@ -82,6 +84,26 @@ impl Command {
     }
 }
 
+/// The account a member makes by joining (API.md `POST /api/signup`): written in the same
+/// transaction as their enrolment, so there is never a member without the account they asked
+/// for, nor an account without its member.
+#[derive(Clone)]
+pub struct NewAccount {
+    pub id: String,
+    /// Argon2id, PHC string.
+    pub password_hash: String,
+}
+
+impl std::fmt::Debug for NewAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewAccount").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// Idempotency keys sent by clients are kept in scope `api:<actor>` (API.md: per principal);
+/// consumers use their own name.
+pub const API_SCOPE: &str = "api:";
+
 /// Who asked, and why: copied into every event's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Meta {
@@ -92,7 +114,7 @@ pub struct Meta {
 
 #[derive(Debug, Clone)]
 pub struct Idempotency {
-    /// `api` for the `Idempotency-Key` header; a consumer's name for the commands it issues.
+    /// `api:<actor>` for the `Idempotency-Key` header; a consumer's name for the commands it issues.
     pub scope: String,
     pub key: String,
     /// The canonical request the key stands for; the same key with another request is refused.

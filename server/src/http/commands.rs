@@ -1,25 +1,20 @@
-//! Command endpoints (API.md "Commands"): parse and validate at the edge, then hand the command
-//! to the bus with its `Idempotency-Key` and `If-Match`.
+//! Command endpoints (API.md "Commands"): who may ask first, then parse and validate at the
+//! edge, then hand the command to the bus with its `Idempotency-Key` and `If-Match`.
 
 use super::error::ApiError;
-use crate::commands::{Command, Envelope, Idempotency, MemberAction, Meta};
+use super::guard::Authed;
+use crate::commands::{Command, Envelope, Idempotency, MemberAction, Meta, NewAccount, API_SCOPE};
 use crate::AppState;
+use app::domain::access::{Action, Caller};
 use app::domain::transaction::{Channel, Purchase, MAX_AMOUNT_CENTS};
 use app::domain::validate;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-
-/// What every command request brings besides its body.
-pub struct RequestInfo {
-    pub method: Method,
-    pub uri: Uri,
-    pub headers: HeaderMap,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,23 +65,75 @@ pub struct PurchaseBody {
     pub channel: String,
 }
 
-/// The body as JSON of type `T`, or a 400/413 that says what is wrong, with the body's bytes (for
-/// the idempotency key's canonical request). An empty body counts as `{}` so
-/// `POST .../reactivate` works without one. Parsed once, straight into `T`.
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Bytes), ApiError> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::InvalidRequest(rejection.body_text())
+/// A command request: the caller (signed in, or 401 before anything else is read), its headers
+/// and its body, not yet parsed. Handlers first ask whether the caller may do this
+/// ([`CommandRequest::may`]), then parse, then [`run`](CommandRequest::run).
+pub struct CommandRequest {
+    pub caller: Authed,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+}
+
+impl<S: Send + Sync> FromRequest<S> for CommandRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let (mut parts, body) = request.into_parts();
+        let caller = Authed::from_request_parts(&mut parts, state).await?;
+        // Reading the body needs the request's extensions (its size limit), not its headers.
+        let (method, uri, headers) = (parts.method.clone(), parts.uri.clone(), std::mem::take(&mut parts.headers));
+        let body = Bytes::from_request(Request::from_parts(parts, body), state).await;
+        Ok(CommandRequest { caller, method, uri, headers, body })
+    }
+}
+
+impl CommandRequest {
+    pub fn may(&self, action: Action) -> Result<(), ApiError> {
+        self.caller.may(action)
+    }
+
+    /// The body as JSON of type `T`, or a 400/413/415 that says what is wrong. An empty body
+    /// counts as `{}` so `POST .../reactivate` works without one. Parsed once, straight into `T`.
+    pub fn body<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+        let bytes = match &self.body {
+            Ok(bytes) => bytes.clone(),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::PayloadTooLarge)
+            }
+            Err(rejection) => return Err(ApiError::InvalidRequest(rejection.body_text())),
+        };
+        let empty = bytes.iter().all(u8::is_ascii_whitespace);
+        if !empty && !is_json(&self.headers) {
+            return Err(ApiError::UnsupportedMediaType);
         }
-    })?;
-    let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { Bytes::from_static(b"{}") } else { bytes };
-    let typed = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid body: {e}")),
-        _ => ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")),
-    })?;
-    Ok((typed, bytes))
+        let bytes = if empty { Bytes::from_static(b"{}") } else { bytes };
+        let typed = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid body: {e}")),
+            _ => ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")),
+        })?;
+        self.body = Ok(bytes);
+        Ok(typed)
+    }
+
+    /// Hand the command to the bus with the caller as its actor, its `Idempotency-Key` (scoped to
+    /// the caller) and `If-Match`; answer with what the bus answers (the stored answer, on a
+    /// replay).
+    pub async fn run(self, state: &AppState, command: Command) -> Result<Response, ApiError> {
+        let body = self.body.as_ref().map(Bytes::as_ref).unwrap_or_default();
+        let envelope = envelope(&self.method, &self.uri, &self.headers, body, command, &self.caller.0)?;
+        dispatch(state, envelope).await
+    }
+}
+
+/// `Content-Type: application/json`, with or without parameters (`; charset=utf-8`).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
 fn invalid(message: String) -> ApiError {
@@ -97,9 +144,17 @@ fn member_id(raw: &str) -> Result<String, ApiError> {
     validate::id("member id", raw).map_err(invalid)
 }
 
-/// Build the envelope from headers: idempotency key (with the canonical request), If-Match, ids.
-pub fn envelope(info: &RequestInfo, body: &[u8], command: Command, actor: &str) -> Result<Envelope, ApiError> {
-    let header = |name: &str| info.headers.get(name).map(|v| v.to_str().map(str::trim));
+/// Build the envelope from headers: idempotency key (scoped to the caller, with the canonical
+/// request), If-Match, ids.
+fn envelope(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    command: Command,
+    caller: &Caller,
+) -> Result<Envelope, ApiError> {
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().map(str::trim));
     let expected_version = match header("if-match") {
         None => None,
         Some(Ok(v)) => Some(
@@ -111,6 +166,7 @@ pub fn envelope(info: &RequestInfo, body: &[u8], command: Command, actor: &str) 
         ),
         Some(Err(_)) => return Err(invalid("If-Match must be a stream version".into())),
     };
+    let actor = caller.actor();
     let idempotency = match header("idempotency-key") {
         None => None,
         Some(Ok(key)) if !key.is_empty() && key.chars().count() <= 200 => {
@@ -118,9 +174,10 @@ pub fn envelope(info: &RequestInfo, body: &[u8], command: Command, actor: &str) 
             let body: serde_json::Value =
                 serde_json::from_slice(body).map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
             Some(Idempotency {
-                scope: "api".into(),
+                // API.md: the same key sent by two principals names two different commands.
+                scope: format!("{API_SCOPE}{actor}"),
                 key: key.to_string(),
-                request: format!("{} {} if-match={:?} {}", info.method, info.uri.path(), expected_version, body),
+                request: format!("{} {} if-match={:?} {}", method, uri.path(), expected_version, body),
             })
         }
         Some(_) => return Err(invalid("Idempotency-Key must be 1 to 200 visible characters".into())),
@@ -129,12 +186,7 @@ pub fn envelope(info: &RequestInfo, body: &[u8], command: Command, actor: &str) 
         Some(Ok(id)) if !id.is_empty() && id.len() <= 200 => id.to_string(),
         _ => uuid::Uuid::new_v4().to_string(),
     };
-    Ok(Envelope {
-        command,
-        expected_version,
-        idempotency,
-        meta: Meta { correlation_id, causation_id: None, actor: actor.into() },
-    })
+    Ok(Envelope { command, expected_version, idempotency, meta: Meta { correlation_id, causation_id: None, actor } })
 }
 
 /// Run a command on the bus; a refusal becomes the API error (naming the member, when unknown).
@@ -161,49 +213,40 @@ pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, 
     Ok(response)
 }
 
-async fn run(state: &AppState, info: RequestInfo, body: Bytes, command: Command) -> Result<Response, ApiError> {
-    let envelope = envelope(&info, &body, command, "api")?;
-    dispatch(state, envelope).await
+pub async fn enroll(State(state): State<AppState>, mut req: CommandRequest) -> Result<Response, ApiError> {
+    req.may(Action::ManageMembers)?;
+    let command = enroll_command(req.body()?, None)?;
+    req.run(&state, command).await
 }
 
-pub async fn enroll(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let (req, raw): (EnrollBody, _) = parse(body)?;
-    let command = enroll_command(req)?;
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
-}
-
-pub fn enroll_command(req: EnrollBody) -> Result<Command, ApiError> {
+/// An enrolment; with `account`, the member's credentials are stored with it (sign-up).
+pub fn enroll_command(req: EnrollBody, account: Option<NewAccount>) -> Result<Command, ApiError> {
     let id = match req.member_id.as_deref() {
         Some(id) => member_id(id)?,
         None => uuid::Uuid::new_v4().to_string(),
     };
     let name = validate::name(&req.name).map_err(invalid)?;
     let email = validate::email(&req.email).map_err(invalid)?;
-    Ok(Command::Member { member_id: id, action: MemberAction::Enroll { name, email } })
+    Ok(Command::Member { member_id: id, action: MemberAction::Enroll { name, email, account } })
 }
 
 pub async fn update_profile(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut req: CommandRequest,
 ) -> Result<Response, ApiError> {
-    let (req, raw): (ProfileBody, _) = parse(body)?;
+    req.may(Action::UpdateProfile(&id))?;
+    let command = profile_command(&id, req.body()?)?;
+    req.run(&state, command).await
+}
+
+pub fn profile_command(id: &str, req: ProfileBody) -> Result<Command, ApiError> {
     if req.name.is_none() && req.email.is_none() {
         return Err(invalid("give a new name, a new email, or both".into()));
     }
     let name = req.name.as_deref().map(validate::name).transpose().map_err(invalid)?;
     let email = req.email.as_deref().map(validate::email).transpose().map_err(invalid)?;
-    let command = Command::Member { member_id: member_id(&id)?, action: MemberAction::UpdateProfile { name, email } };
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+    Ok(Command::Member { member_id: member_id(id)?, action: MemberAction::UpdateProfile { name, email } })
 }
 
 pub fn earn_command(id: &str, req: EarnBody) -> Result<Command, ApiError> {
@@ -230,53 +273,42 @@ pub fn reactivate_command(id: &str) -> Result<Command, ApiError> {
 pub async fn earn(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut req: CommandRequest,
 ) -> Result<Response, ApiError> {
-    let (req, raw) = parse(body)?;
-    let command = earn_command(&id, req)?;
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+    req.may(Action::ManageMembers)?;
+    let command = earn_command(&id, req.body()?)?;
+    req.run(&state, command).await
 }
 
 pub async fn redeem(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut req: CommandRequest,
 ) -> Result<Response, ApiError> {
-    let (req, raw) = parse(body)?;
-    let command = redeem_command(&id, req)?;
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+    req.may(Action::Redeem(&id))?;
+    let command = redeem_command(&id, req.body()?)?;
+    req.run(&state, command).await
 }
 
 pub async fn suspend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut req: CommandRequest,
 ) -> Result<Response, ApiError> {
-    let (req, raw) = parse(body)?;
-    let command = suspend_command(&id, req)?;
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+    req.may(Action::ManageMembers)?;
+    let command = suspend_command(&id, req.body()?)?;
+    req.run(&state, command).await
 }
 
 pub async fn reactivate(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut req: CommandRequest,
 ) -> Result<Response, ApiError> {
-    let (_req, raw): (ReactivateBody, _) = parse(body)?;
+    req.may(Action::ManageMembers)?;
+    let ReactivateBody {} = req.body()?;
     let command = reactivate_command(&id)?;
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+    req.run(&state, command).await
 }
 
 pub fn purchase_command(req: PurchaseBody, performed_at: String) -> Result<Command, ApiError> {
@@ -301,14 +333,8 @@ pub fn purchase_command(req: PurchaseBody, performed_at: String) -> Result<Comma
     }))
 }
 
-pub async fn record_purchase(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let (req, raw) = parse(body)?;
-    let command = purchase_command(req, crate::clock::now())?;
-    run(&state, RequestInfo { method, uri, headers }, raw, command).await
+pub async fn record_purchase(State(state): State<AppState>, mut req: CommandRequest) -> Result<Response, ApiError> {
+    req.may(Action::RecordPurchase)?;
+    let command = purchase_command(req.body()?, crate::clock::now())?;
+    req.run(&state, command).await
 }

@@ -3,9 +3,10 @@
 
 use crate::commands::CommandError;
 use crate::queries::QueryError;
+use app::domain::access::Denied;
 use app::domain::member::MemberError;
 use app::domain::transaction::TransactionError;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -33,6 +34,20 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("no such endpoint: {0}")]
     NotFound(String),
+    #[error("sign in first, or send a valid key (Authorization: Bearer <token>)")]
+    Unauthenticated,
+    #[error("the email address or the password is wrong")]
+    InvalidCredentials,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("a signed-in change must come from this site (Origin or Sec-Fetch-Site)")]
+    CrossOrigin,
+    #[error("send the body as JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("too many attempts; try again in {} seconds", .0.as_secs().max(1))]
+    RateLimited(std::time::Duration),
+    #[error("{0}")]
+    RateLimitedBy(String),
     #[error("the server is shutting down, try again")]
     Unavailable,
     #[error("internal error")]
@@ -45,6 +60,12 @@ impl ApiError {
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::MemberNotFound(_) => (StatusCode::NOT_FOUND, "member_not_found"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ApiError::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::CrossOrigin => (StatusCode::FORBIDDEN, "cross_origin"),
+            ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::RateLimited(_) | ApiError::RateLimitedBy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::VersionConflict(_) => (StatusCode::CONFLICT, "version_conflict"),
             ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
             ApiError::MemberExists(_) => (StatusCode::CONFLICT, "member_exists"),
@@ -78,7 +99,18 @@ impl IntoResponse for ApiError {
             tracing::error!(error = ?err, "internal error");
         }
         let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        match &self {
+            ApiError::RateLimited(wait) => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+            }
+            // RFC 9110: a 401 names how to authenticate.
+            ApiError::Unauthenticated | ApiError::InvalidCredentials => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -104,6 +136,17 @@ impl From<CommandError> for ApiError {
             CommandError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             CommandError::Unavailable => ApiError::Unavailable,
             e @ (CommandError::Corrupt(_) | CommandError::Database(_)) => ApiError::internal(e),
+        }
+    }
+}
+
+impl ApiError {
+    /// What `access::authorize` refused, for the member `member_id` when the action names one.
+    pub fn denied(denied: Denied, member_id: &str) -> Self {
+        match denied {
+            Denied::Unauthenticated => ApiError::Unauthenticated,
+            Denied::Forbidden => ApiError::Forbidden("you may not do this".into()),
+            Denied::NotFound => ApiError::MemberNotFound(member_id.to_string()),
         }
     }
 }

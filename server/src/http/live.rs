@@ -2,13 +2,22 @@
 //!
 //! Subscribe first, then send the current view: with the mailbox keeping only newer frames,
 //! nothing is missed between page render and socket connect, or across a reconnect.
+//!
+//! Access (API.md "Identity and access"): the upgrade needs a session or a key; each subscribe
+//! is checked against what the caller may read; at most [`MAX_TOPICS`] topics per socket and a
+//! configured number of sockets per principal. When the caller's access ends (signed out,
+//! expired, key revoked) the socket is closed with code 4401. A socket the client lets go quiet
+//! is pinged, then closed.
 
+use crate::auth::sessions::id_hash;
+use crate::auth::sockets::{Owner, Registered};
 use crate::fanout::ViewFeed;
 use crate::http::error::ApiError;
-use crate::live::{error_frame, view_frame, Hub, Mailbox};
+use crate::live::{close_frame, error_frame, ping_frame, topic_error_frame, view_frame, Hub, Mailbox};
 use crate::queries;
 use crate::store::Store;
 use crate::AppState;
+use app::domain::access::{authorize, Action, Caller, Denied};
 use app::domain::validate;
 use app::views::{ClientMessage, MEMBERS_TOPIC};
 use axum::body::Body;
@@ -39,10 +48,28 @@ const MAX_INCOMING: usize = 16 * 1024;
 /// How long a closing connection may take to send its close reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Topics one socket may watch at once (API.md).
+pub const MAX_TOPICS: usize = 100;
+
+/// The close code for "your access ended": signed out, expired, revoked (API.md).
+pub const CLOSE_REVOKED: u16 = 4401;
+
 /// The WebSocket opening handshake (RFC 6455, 4.2), answered here rather than by axum's
 /// extractor: the upgraded connection is then ours, so the live hub can write each change's
 /// frame, encoded once, straight to every socket (see `live.rs`).
 pub async fn ws(State(state): State<AppState>, mut request: Request) -> Response {
+    let caller = request.extensions().get::<Arc<Caller>>().cloned().unwrap_or_else(|| Arc::new(Caller::Anonymous));
+    let owner = match &*caller {
+        Caller::Key { key_id, .. } => Owner::Key(key_id.clone()),
+        Caller::Member { account_id, .. } | Caller::Person { account_id, .. } => {
+            let session = request.extensions().get::<tower_sessions::Session>().and_then(|s| s.id());
+            match session {
+                Some(id) => Owner::Session { hash: id_hash(&id), account: account_id.clone() },
+                None => return ApiError::Unauthenticated.into_response(),
+            }
+        }
+        Caller::Anonymous => return ApiError::Unauthenticated.into_response(),
+    };
     let accept = match accept_key(request.headers()) {
         Ok(accept) => accept,
         Err(err) => {
@@ -56,11 +83,24 @@ pub async fn ws(State(state): State<AppState>, mut request: Request) -> Response
         return ApiError::InvalidRequest("this connection cannot be upgraded to a WebSocket (HTTP/1.1 only)".into())
             .into_response();
     };
+    let registered = match state.auth.sockets.register(owner) {
+        Ok(registered) => registered,
+        Err(too_many) => {
+            return ApiError::RateLimitedBy(format!("at most {} live connections per account or key", too_many.0))
+                .into_response()
+        }
+    };
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let (hub, store, feed) = (state.hub.clone(), state.store.clone(), state.feed.clone());
-                serve(TokioIo::new(upgraded), hub, store, feed).await
+                let client = Client {
+                    hub: state.hub.clone(),
+                    store: state.store.clone(),
+                    feed: state.feed.clone(),
+                    caller,
+                    idle: state.ws_idle,
+                };
+                serve(TokioIo::new(upgraded), client, registered).await
             }
             Err(err) => tracing::debug!(error = %err, "WebSocket upgrade failed"),
         }
@@ -100,18 +140,29 @@ fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
     HeaderValue::from_str(&derive_accept_key(key.as_bytes())).or_else(|_| bad("invalid Sec-WebSocket-Key"))
 }
 
+/// What a connection serves with: the hub and the views, and who its client is.
+pub struct Client {
+    pub hub: Arc<Hub>,
+    pub store: Store,
+    pub feed: Arc<ViewFeed>,
+    pub caller: Arc<Caller>,
+    /// Closed after this long without a frame from the client; pinged at half of it.
+    pub idle: Duration,
+}
+
 /// One client on an upgraded connection: a receive loop (subscriptions) and a send loop
-/// (mailbox) until either ends.
+/// (mailbox) until either ends, the client goes quiet, or its access ends.
 ///
 /// The connection's writing half lives in its mailbox: a change is written there by whoever
 /// publishes it, and the send loop only sends what had to wait (a client not reading, errors).
 /// The send loop is a task of its own. In one task, every wake-up to send would also poll the
 /// socket for reading, and the WebSocket library zero-fills its read buffer on each such poll.
-pub async fn serve<S>(io: S, hub: Arc<Hub>, store: Store, feed: Arc<ViewFeed>)
+pub async fn serve<S>(io: S, client: Client, registered: Registered)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::gauge!("tally_ws_connections").increment(1.0);
+    let Client { hub, store, feed, caller, idle } = client;
     let (read, write) = tokio::io::split(io);
     let mailbox = hub.mailbox(Box::pin(write));
     // The WebSocket library reads and decodes the client's frames; what it writes (its pong
@@ -127,19 +178,45 @@ where
     let outbox = mailbox.clone();
     // Aborted when this function returns or is dropped: the send loop never outlives its socket.
     let mut send = AbortOnDropHandle::new(tokio::spawn(async move { outbox.send_loop().await }));
+    let heard = std::sync::atomic::AtomicU64::new(0);
+    let started = tokio::time::Instant::now();
     let receive = async {
         // After a close the library queues its reply and ends the stream on the next read.
         while let Some(Ok(message)) = stream.next().await {
+            heard.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
             match message {
-                Message::Text(text) => handle(text.as_str(), &hub, &store, &feed, &mailbox, &mut topics).await,
+                Message::Text(text) => {
+                    let socket = Socket { hub: &hub, store: &store, feed: &feed, mailbox: &mailbox, caller: &caller };
+                    socket.handle(text.as_str(), &mut topics).await
+                }
                 Message::Binary(_) => mailbox.put_reply(error_frame("invalid_request", "send JSON text messages")),
                 Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     };
+    // Ping at half the idle time; a client silent for the whole of it (not even a pong) is gone.
+    let keep_alive = async {
+        let mut ticks = tokio::time::interval_at(started + idle / 2, idle / 2);
+        loop {
+            ticks.tick().await;
+            let quiet = started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(heard.load(std::sync::atomic::Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            mailbox.put_reply(ping_frame());
+        }
+    };
     tokio::select! {
         _ = &mut send => {}
         _ = receive => {}
+        _ = keep_alive => {
+            mailbox.put_reply(close_frame(1001, "no frames from the client"));
+        }
+        _ = registered.closed.cancelled() => {
+            mailbox.put_reply(close_frame(CLOSE_REVOKED, "signed out"));
+        }
     }
     for topic in &topics {
         hub.unsubscribe(topic, &mailbox);
@@ -147,6 +224,7 @@ where
     drop(send);
     // A fan-out under way may still hold the mailbox: the socket closes now all the same.
     mailbox.close(CLOSE_GRACE).await;
+    drop(registered);
     metrics::gauge!("tally_ws_connections").decrement(1.0);
 }
 
@@ -188,49 +266,71 @@ fn parse_topic(topic: &str) -> Result<Option<&str>, String> {
     validate::id("member id", id).map(|_| Some(id))
 }
 
-async fn handle(
-    text: &str,
-    hub: &Hub,
-    store: &Store,
-    feed: &ViewFeed,
-    mailbox: &Arc<Mailbox>,
-    topics: &mut HashSet<String>,
-) {
-    let message = match serde_json::from_str::<ClientMessage>(text) {
-        Ok(m) => m,
-        Err(_) => {
-            let hint =
-                r#"expected {"subscribe": "member:<id>"}, {"unsubscribe": "member:<id>"} or {"subscribe": "members"}"#;
-            mailbox.put_reply(error_frame("invalid_request", hint));
-            return;
-        }
-    };
-    match message {
-        ClientMessage::Subscribe(topic) => {
-            let member_id = match parse_topic(&topic) {
-                Ok(id) => id.map(str::to_string),
-                Err(e) => return mailbox.put_reply(error_frame("invalid_request", &e)),
-            };
-            let key = hub.subscribe(&topic, mailbox);
-            topics.insert(topic.clone());
-            if let Some(id) = member_id {
-                match queries::member_view_cached(store, &feed.cache, &id).await {
-                    Ok(Some((json, position))) => mailbox.put(&key, &view_frame(&topic, position.max(0) as u64, &json)),
-                    // Not enrolled yet: the view is sent the moment it exists.
-                    Ok(None) => {}
-                    Err(err) => {
-                        tracing::error!(error = %err, "cannot read view for a new subscriber");
-                        mailbox.put_reply(error_frame("internal", "the current view could not be read"));
+/// One socket's view of the server, while it handles a client's message.
+struct Socket<'a> {
+    hub: &'a Hub,
+    store: &'a Store,
+    feed: &'a ViewFeed,
+    mailbox: &'a Arc<Mailbox>,
+    caller: &'a Caller,
+}
+
+impl Socket<'_> {
+    async fn handle(&self, text: &str, topics: &mut HashSet<String>) {
+        let Socket { hub, store, feed, mailbox, caller } = self;
+        let message = match serde_json::from_str::<ClientMessage>(text) {
+            Ok(m) => m,
+            Err(_) => {
+                let hint = r#"expected {"subscribe": "member:<id>"}, {"unsubscribe": "member:<id>"} or {"subscribe": "members"}"#;
+                mailbox.put_reply(error_frame("invalid_request", hint));
+                return;
+            }
+        };
+        match message {
+            ClientMessage::Subscribe(topic) => {
+                let member_id = match parse_topic(&topic) {
+                    Ok(id) => id.map(str::to_string),
+                    Err(e) => return mailbox.put_reply(error_frame("invalid_request", &e)),
+                };
+                let action = match &member_id {
+                    Some(id) => Action::ReadMember(id),
+                    None => Action::ManageMembers,
+                };
+                // Another member's id answers as an unknown one does: forbidden, and nothing sent.
+                if let Err(denied) = authorize(caller, action) {
+                    let message = match denied {
+                        Denied::Forbidden | Denied::NotFound => "you may not watch this topic",
+                        Denied::Unauthenticated => "sign in first",
+                    };
+                    return mailbox.put_reply(topic_error_frame("forbidden", &topic, message));
+                }
+                if !topics.contains(&topic) && topics.len() >= MAX_TOPICS {
+                    let message = format!("at most {MAX_TOPICS} topics per connection");
+                    return mailbox.put_reply(topic_error_frame("too_many_subscriptions", &topic, &message));
+                }
+                let key = hub.subscribe(&topic, mailbox);
+                topics.insert(topic.clone());
+                if let Some(id) = member_id {
+                    match queries::member_view_cached(store, &feed.cache, &id).await {
+                        Ok(Some((json, position))) => {
+                            mailbox.put(&key, &view_frame(&topic, position.max(0) as u64, &json))
+                        }
+                        // Not enrolled yet: the view is sent the moment it exists.
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::error!(error = %err, "cannot read view for a new subscriber");
+                            mailbox.put_reply(error_frame("internal", "the current view could not be read"));
+                        }
                     }
                 }
             }
-        }
-        ClientMessage::Unsubscribe(topic) => {
-            if let Err(e) = parse_topic(&topic) {
-                return mailbox.put_reply(error_frame("invalid_request", &e));
+            ClientMessage::Unsubscribe(topic) => {
+                if let Err(e) = parse_topic(&topic) {
+                    return mailbox.put_reply(error_frame("invalid_request", &e));
+                }
+                hub.unsubscribe(&topic, mailbox);
+                topics.remove(&topic);
             }
-            hub.unsubscribe(&topic, mailbox);
-            topics.remove(&topic);
         }
     }
 }

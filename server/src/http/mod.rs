@@ -1,14 +1,17 @@
 //! The HTTP surface: REST commands and queries, `/ws`, operations. Pages are added in `lib.rs`.
 
+pub mod auth;
 pub mod commands;
 pub mod error;
+pub mod guard;
+pub mod headers;
 pub mod live;
 pub mod ops;
 pub mod queries;
 
 use crate::AppState;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::Router;
 
 /// API.md: bodies over 64 KiB are refused with 413 `payload_too_large`.
@@ -25,6 +28,17 @@ pub fn api_routes() -> Router<AppState> {
         .route("/api/members/{id}/events", get(queries::member_events))
         .route("/api/transactions", post(commands::record_purchase))
         .route("/api/projections", get(ops::projections))
+        .route("/api/signup", post(auth::sign_up))
+        .route("/api/session", post(auth::sign_in).delete(auth::sign_out))
+        .route("/api/me", get(auth::me))
+        .route("/api/me/password", axum::routing::put(auth::change_password))
+        .route("/api/claim", post(auth::claim))
+        .route("/api/members/{id}/access-link", post(auth::member_link))
+        .route("/api/keys", post(auth::create_key).get(auth::keys))
+        .route("/api/keys/{id}", delete(auth::revoke_key))
+        .route("/api/users", post(auth::create_person).get(auth::people))
+        .route("/api/users/{id}", axum::routing::patch(auth::update_person))
+        .route("/api/users/{id}/access-link", post(auth::person_link))
         .route("/api/{*rest}", any(ops::api_not_found))
         .route("/api", any(ops::api_not_found))
         .route("/healthz", get(ops::healthz))

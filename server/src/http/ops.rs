@@ -1,7 +1,9 @@
 //! Operations: health, metrics, consumer status.
 
 use super::error::ApiError;
+use super::guard::Authed;
 use crate::AppState;
+use app::domain::access::Action;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,12 +24,14 @@ pub async fn livez() -> &'static str {
     "ok"
 }
 
-pub async fn projections(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn projections(State(state): State<AppState>, caller: Authed) -> Result<Response, ApiError> {
+    caller.may(Action::Operations)?;
     let items = state.consumers.statuses().await.map_err(ApiError::Internal)?;
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<AppState>, caller: Authed) -> Result<Response, ApiError> {
+    caller.may(Action::ReadMetrics)?;
     // Gauges that are cheapest to read at scrape time.
     if let Ok(items) = state.consumers.statuses().await {
         for item in items {
@@ -37,7 +41,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         }
     }
     metrics::gauge!("tally_ws_subscriptions").set(state.hub.subscriber_count() as f64);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response())
 }
 
 pub async fn api_not_found(uri: axum::http::Uri) -> ApiError {

@@ -1,8 +1,10 @@
 //! Query endpoints (API.md "Queries"): views only, with the view position in `X-View-Position`.
 
 use super::error::ApiError;
+use super::guard::Authed;
 use crate::queries;
 use crate::AppState;
+use app::domain::access::Action;
 use app::domain::validate;
 use app::views::MemberQuery;
 use axum::extract::rejection::QueryRejection;
@@ -39,9 +41,11 @@ fn with_view_headers(mut response: Response, position: i64, stale: bool) -> Resp
 /// `GET /api/members/{id}`: the stored view, as stored; with `min_position`, read-your-writes.
 pub async fn get_member(
     State(state): State<AppState>,
+    caller: Authed,
     Path(id): Path<String>,
     params: Result<Query<ViewParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    caller.may(Action::ReadMember(&id))?;
     let params = query_params(params)?;
     let id = validate::id("member id", &id).map_err(ApiError::InvalidRequest)?;
     let mut stale = false;
@@ -64,20 +68,50 @@ pub async fn get_member(
 /// `GET /api/members?q=&tier=&status=&limit=&after=`
 pub async fn list_members(
     State(state): State<AppState>,
+    caller: Authed,
     params: Result<Query<MemberQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    caller.may(Action::ManageMembers)?;
     let query = query_params(params)?;
     let position = state.feed.position();
     let page = queries::search_members(&state.store, &state.feed.cache, &query).await?;
     Ok(with_view_headers(Json(page).into_response(), position, false))
 }
 
-/// `GET /api/members/{id}/events`: the audit trail.
-pub async fn member_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventParams {
+    after: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// Events per page of a member's history, at most and by default.
+pub const MAX_EVENTS: usize = 1_000;
+
+/// `GET /api/members/{id}/events?after=&limit=`: the audit trail, oldest first, a page at a
+/// time; `next` is the `after` of the next page (null on the last).
+pub async fn member_events(
+    State(state): State<AppState>,
+    caller: Authed,
+    Path(id): Path<String>,
+    params: Result<Query<EventParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.may(Action::ReadMember(&id))?;
+    let params = query_params(params)?;
+    let limit = params.limit.unwrap_or(MAX_EVENTS);
+    if limit == 0 || limit > MAX_EVENTS {
+        return Err(ApiError::InvalidRequest(format!("limit must be between 1 and {MAX_EVENTS}")));
+    }
     let id = validate::id("member id", &id).map_err(ApiError::InvalidRequest)?;
-    let items = queries::member_events(&state.store, &id).await?;
-    if items.is_empty() {
+    let events = queries::member_events(&state.store, &id).await?;
+    if events.is_empty() {
         return Err(ApiError::MemberNotFound(id));
     }
-    Ok(Json(serde_json::json!({ "items": items })).into_response())
+    let after = params.after.unwrap_or(0);
+    let mut items: Vec<_> = events.into_iter().filter(|e| e.position > after).take(limit + 1).collect();
+    let next = (items.len() > limit).then(|| {
+        items.truncate(limit);
+        items.last().map(|e| e.position)
+    });
+    Ok(Json(serde_json::json!({ "items": items, "next": next.flatten() })).into_response())
 }

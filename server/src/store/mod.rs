@@ -348,10 +348,11 @@ impl Store {
     /// Drop idempotency keys older than `keep` (API.md promises at least 24 hours).
     pub async fn prune_idempotency_keys(&self, keep: chrono::Duration) -> Result<u64, sqlx::Error> {
         let cutoff = crate::clock::rfc3339(chrono::Utc::now() - keep);
-        let done = sqlx::query("DELETE FROM idempotency_keys WHERE scope = 'api' AND created_at < $1")
-            .bind(cutoff)
-            .execute(&mut *self.write.acquire().await?)
-            .await?;
+        let done =
+            sqlx::query("DELETE FROM idempotency_keys WHERE (scope = 'api' OR scope LIKE 'api:%') AND created_at < $1")
+                .bind(cutoff)
+                .execute(&mut *self.write.acquire().await?)
+                .await?;
         Ok(done.rows_affected())
     }
 }

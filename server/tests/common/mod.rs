@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
-use server::config::{DatabaseArgs, ServeArgs};
+use server::config::{AccessArgs, DatabaseArgs, ServeArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +11,13 @@ use tokio_util::sync::CancellationToken;
 pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
+    /// Sends an admin key (a bearer token) with every request, unless the request names its
+    /// own `authorization`.
     pub client: reqwest::Client,
+    /// Sends no credentials.
+    pub anon: reqwest::Client,
+    /// The admin key's token.
+    pub admin_token: String,
     pub state: server::AppState,
     pub database_url: String,
     shutdown: CancellationToken,
@@ -34,6 +40,28 @@ impl Reply {
     }
 }
 
+/// Who a request is sent as.
+#[derive(Debug, Clone, Copy)]
+pub enum As<'a> {
+    Anonymous,
+    /// A key's token.
+    Key(&'a str),
+    /// A session cookie (`tally_session=…`); the request comes from the app's own origin.
+    Session(&'a str),
+}
+
+/// The session cookie a response set (`name=value`), if any.
+pub fn session_cookie(reply: &Reply) -> Option<String> {
+    reply
+        .headers
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("tally_session=") && !c.contains("Max-Age=0"))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_string)
+}
+
 /// A command on a member, as the HTTP handlers build it.
 pub fn member_command(id: &str, action: server::commands::MemberAction) -> server::commands::Envelope {
     server::commands::Envelope {
@@ -53,7 +81,28 @@ pub fn args(database_url: &str) -> ServeArgs {
         write_behind_ms: 1000,
         leader_retry_ms: 100,
         request_timeout_secs: 30,
+        access: AccessArgs::default(),
     }
+}
+
+/// A client that sends `Authorization: Bearer <token>` with every request.
+pub fn bearer_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("token is a header value");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder().default_headers(headers).build().expect("client")
+}
+
+/// `tally keys create` on `db` (creating its schema if needed): the token it prints last.
+pub fn create_key_cli(db: &str, role: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["keys", "create", "--database-url", db, "--name", &format!("test {role}"), "--role", role])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("tally keys create runs");
+    assert!(output.status.success(), "tally keys create failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    stdout.lines().last().expect("a token on the last line").trim().to_string()
 }
 
 /// The store the suite runs against: a fresh SQLite file, or with `TALLY_TEST_STORE=postgres` a
@@ -104,11 +153,14 @@ pub async fn spawn_with(args: &ServeArgs, dir: std::sync::Arc<tempfile::TempDir>
     let addr = tally.local_addr().expect("bound");
     let state = tally.state.clone();
     let shutdown = tally.shutdown_token();
+    let (_, admin_token) = state.auth.keys.create("test admin", "admin", "system").await.expect("an admin key");
     let task = tokio::spawn(tally.serve());
     TestApp {
         addr,
         base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
+        client: bearer_client(&admin_token),
+        anon: reqwest::Client::new(),
+        admin_token,
         state,
         database_url: database_url.to_string(),
         shutdown,
@@ -161,6 +213,62 @@ impl TestApp {
         let body =
             if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         Reply { status, headers, body }
+    }
+
+    /// A request as `who`: JSON body, and for a session its cookie and this app's `Origin`.
+    pub async fn request(&self, who: As<'_>, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
+        let mut req = self.anon.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req = match who {
+            As::Anonymous => req,
+            As::Key(token) => req.bearer_auth(token),
+            As::Session(cookie) => req.header("cookie", cookie).header("origin", &self.base),
+        };
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Reply { status, headers, body }
+    }
+
+    /// A member joins (`POST /api/signup`); returns their id and session cookie.
+    pub async fn join(&self, name: &str, email: &str, password: &str) -> (String, String) {
+        let body = json!({"name": name, "email": email, "password": password});
+        let r = self.request(As::Anonymous, reqwest::Method::POST, "/api/signup", Some(body)).await;
+        assert_eq!(r.status, 201, "signup {email}: {:?}", r.body);
+        let cookie = session_cookie(&r).expect("signup signs in");
+        (r.body["member_id"].as_str().expect("member id").to_string(), cookie)
+    }
+
+    /// Sign in (`POST /api/session`); the session cookie.
+    pub async fn sign_in(&self, email: &str, password: &str) -> String {
+        let body = json!({"email": email, "password": password});
+        let r = self.request(As::Anonymous, reqwest::Method::POST, "/api/session", Some(body)).await;
+        assert_eq!(r.status, 200, "sign in {email}: {:?}", r.body);
+        session_cookie(&r).expect("a session cookie")
+    }
+
+    /// A person's account with `role`, its password set through its access link; their cookie.
+    pub async fn person(&self, email: &str, role: &str, password: &str) -> String {
+        let body = json!({"email": email, "name": format!("Person {role}"), "role": role});
+        let r = self.post("/api/users", body).await;
+        assert_eq!(r.status, 201, "create {email}: {:?}", r.body);
+        let token = r.body["access_link"]["url"].as_str().expect("link").trim_start_matches("/claim/").to_string();
+        let claim = json!({"token": token, "password": password});
+        let r = self.request(As::Anonymous, reqwest::Method::POST, "/api/claim", Some(claim)).await;
+        assert_eq!(r.status, 200, "claim for {email}: {:?}", r.body);
+        session_cookie(&r).expect("claiming signs in")
+    }
+
+    /// A new key with `role`: its token.
+    pub async fn key(&self, role: &str) -> String {
+        let r = self.post("/api/keys", json!({"name": format!("{role} key"), "role": role})).await;
+        assert_eq!(r.status, 201, "key {role}: {:?}", r.body);
+        r.body["token"].as_str().expect("token").to_string()
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {
@@ -293,4 +401,30 @@ pub async fn native_append(
     use server::commands::BatchIo;
     let now = now.to_string();
     on_native(native, move |conn| conn.transact(|tx| tx.append(events, &now).now_or_never().expect("no wait"))).await
+}
+
+pub type WebSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Open `/ws` on `base` (`http://…`) as `who` (a session's upgrade carries the site's `Origin`,
+/// as a browser's does).
+pub async fn ws_connect_to(base: &str, who: As<'_>) -> Result<WebSocket, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request()?;
+    let headers = request.headers_mut();
+    match who {
+        As::Anonymous => {}
+        As::Key(token) => {
+            headers.insert("authorization", format!("Bearer {token}").parse().expect("header"));
+        }
+        As::Session(cookie) => {
+            headers.insert("cookie", cookie.parse().expect("header"));
+            headers.insert("origin", base.parse().expect("header"));
+        }
+    }
+    tokio_tungstenite::connect_async(request).await.map(|(socket, _)| socket)
+}
+
+pub async fn ws_connect(app: &TestApp, who: As<'_>) -> Result<WebSocket, tokio_tungstenite::tungstenite::Error> {
+    ws_connect_to(&app.base, who).await
 }

@@ -1,0 +1,96 @@
+//! `/admin/people` (admins): the accounts of the people who run the programme. A new account's
+//! access link (to set its password) is shown once, on the page the form comes back to.
+
+use crate::api::{list_people, ChangePerson, CreatePerson};
+use crate::components::forms::{failed, set_status, Field, NotAllowed, Outcome, SignInForm};
+use leptos::prelude::*;
+use leptos_meta::Title;
+
+#[component]
+pub fn PeoplePage() -> impl IntoView {
+    let caller = crate::request::caller();
+    if !caller.is_signed_in() {
+        set_status(401);
+        return view! { <Title text="Sign in: Tally"/> <SignInForm title="Admin sign in" next="/admin/people"/> }
+            .into_any();
+    }
+    if !caller.is_admin() {
+        return view! {
+            <Title text="Admins only: Tally"/>
+            <NotAllowed title="Admins only" message="People's accounts are managed by admins." status=403/>
+        }
+        .into_any();
+    }
+    let flash = crate::request::take_flash();
+    let people = Resource::new_blocking(|| (), |_| list_people());
+    let (create, change) = (ServerAction::<CreatePerson>::new(), ServerAction::<ChangePerson>::new());
+    let (create_error, change_error) = (failed(create, "create_person"), failed(change, "people"));
+    view! {
+        <Title text="People: Tally"/>
+        <h1>"People"</h1>
+        <section class="card action">
+            <h2>"Add a person"</h2>
+            <ActionForm action=create attr:class="form">
+                <Field label="Name" name="name"/>
+                <Field label="Email" name="email" kind="email"/>
+                <label class="field">
+                    <span>"Role"</span>
+                    <select name="role">
+                        <option value="staff">"staff"</option>
+                        <option value="admin">"admin: staff, plus keys, people and operations"</option>
+                    </select>
+                </label>
+                <button type="submit">"Add"</button>
+            </ActionForm>
+            <Outcome form="create_person" error=create_error flash=flash.clone()/>
+        </section>
+        <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || {
+                let (flash, change_error) = (flash.clone(), change_error.clone());
+                Suspend::new(async move {
+                    match people.await {
+                        Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
+                        Ok(people) => view! {
+                            <section class="card">
+                                <h2>"Accounts"</h2>
+                                <Outcome form="people" error=change_error flash/>
+                                <div class="table-wrap">
+                                    <table class="people">
+                                        <thead><tr><th>"Name"</th><th>"Email"</th><th>"Role"</th><th>"State"</th><th></th></tr></thead>
+                                        <tbody>
+                                            {people.into_iter().map(|p| {
+                                                let other_role = if p.role == "admin" { "staff" } else { "admin" };
+                                                let toggle = if p.disabled { "enable" } else { "disable" };
+                                                let change_button = move |what: &'static str, label: String, id: String| view! {
+                                                    <ActionForm action=change attr:class="inline">
+                                                        <input type="hidden" name="id" value=id/>
+                                                        <input type="hidden" name="change" value=what/>
+                                                        <button type="submit" class="secondary small">{label}</button>
+                                                    </ActionForm>
+                                                };
+                                                view! {
+                                                    <tr>
+                                                        <td>{p.name}</td>
+                                                        <td>{p.email}</td>
+                                                        <td><span class="badge">{p.role.clone()}</span></td>
+                                                        <td>{if p.disabled { "disabled" } else { "active" }}</td>
+                                                        <td class="actions">
+                                                            {change_button(other_role, format!("Make {other_role}"), p.id.clone())}
+                                                            {change_button(toggle, toggle.to_string(), p.id.clone())}
+                                                            {change_button("link", "Reset link".to_string(), p.id)}
+                                                        </td>
+                                                    </tr>
+                                                }
+                                            }).collect_view()}
+                                        </tbody>
+                                    </table>
+                                </div>
+                            </section>
+                        }.into_any(),
+                    }
+                })
+            }}
+        </Suspense>
+    }
+    .into_any()
+}
