@@ -164,7 +164,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
 }
 
 fn router(state: AppState, timeout: Duration) -> Router {
-    let portal: Arc<dyn app::api::Portal> = Arc::new(portal::ServerPortal::new(state.clone()));
+    let server_portal = Arc::new(portal::ServerPortal::new(state.clone()));
+    let portal: Arc<dyn app::api::Portal> = server_portal.clone();
+    let identity: Arc<dyn app::api::Identity> = server_portal;
     let routes = generate_route_list(App);
     let options = state.leptos_options.clone();
     let pages = Router::<AppState>::new()
@@ -173,6 +175,7 @@ fn router(state: AppState, timeout: Duration) -> Router {
             routes,
             move || {
                 provide_context(portal.clone());
+                provide_context(identity.clone());
                 // A fresh nonce for each page: its scripts carry it, and the page's CSP allows
                 // only scripts that do (see `http::headers`).
                 leptos::nonce::provide_nonce();

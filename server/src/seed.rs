@@ -30,7 +30,7 @@ fn envelope(command: Command) -> Envelope {
         command,
         expected_version: None,
         idempotency: None,
-        meta: Meta { correlation_id: uuid::Uuid::new_v4().to_string(), causation_id: None, actor: "seed".into() },
+        meta: Meta { correlation_id: uuid::Uuid::new_v4().to_string(), causation_id: None, actor: "system".into() },
     }
 }
 

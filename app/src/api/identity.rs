@@ -39,6 +39,15 @@ fn go_to(path: &str) {
     leptos_axum::redirect(if local { path } else { "/" });
 }
 
+/// Back to the member's page after a change, at least as fresh as the change (read-your-writes:
+/// without JavaScript nothing would update the page later).
+#[cfg(feature = "ssr")]
+pub(crate) fn back_to_member(ack: &crate::views::CommandAck) {
+    if let Some(member_id) = &ack.member_id {
+        go_to(&format!("/members/{member_id}?min_position={}", ack.position));
+    }
+}
+
 /// Sign in; then on to `next` (the page that asked for it) or the account's own page.
 #[server(prefix = "/_fn")]
 pub async fn sign_in(email: String, password: String, next: Option<String>) -> Result<SignedIn, AppError> {

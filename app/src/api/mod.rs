@@ -127,17 +127,31 @@ pub async fn staff_action(
     run.await.map_err(|err| err.on_form(&kind))
 }
 
+/// The member bound to the caller's account: unauthenticated for no one, forbidden for people
+/// and keys (the member forms are a member's own).
+#[cfg(feature = "ssr")]
+fn own_member(caller: &crate::domain::access::Caller) -> Result<String, AppError> {
+    match caller.member_id() {
+        Some(id) => Ok(id.to_string()),
+        None if caller.is_signed_in() => {
+            Err(AppError::new("forbidden", "only a member can do this, on their own account"))
+        }
+        None => Err(AppError::unauthenticated()),
+    }
+}
+
 /// A member redeems points on their own account (the portal page's form).
 #[server(prefix = "/_fn")]
 pub async fn redeem_reward(points: String, reward: Option<String>) -> Result<CommandAck, AppError> {
     let run = async {
         let caller = crate::request::caller();
-        let member_id = caller.member_id().ok_or_else(AppError::unauthenticated)?.to_string();
+        let member_id = own_member(&caller)?;
         authorized(crate::domain::access::Action::Redeem(&member_id))?;
         let points = parse_points(&points)?;
         let command = PortalCommand::Redeem { member_id, points, reward: reward.unwrap_or_default() };
         let ack = portal()?.execute(&caller, command).await?;
         identity::flash_done("redeem", format!("Redeemed {points} points."));
+        identity::back_to_member(&ack);
         Ok(ack)
     };
     run.await.map_err(|err: AppError| err.on_form("redeem"))
@@ -148,10 +162,11 @@ pub async fn redeem_reward(points: String, reward: Option<String>) -> Result<Com
 pub async fn update_my_profile(name: String, email: String) -> Result<CommandAck, AppError> {
     let run = async {
         let caller = crate::request::caller();
-        let member_id = caller.member_id().ok_or_else(AppError::unauthenticated)?.to_string();
+        let member_id = own_member(&caller)?;
         authorized(crate::domain::access::Action::UpdateProfile(&member_id))?;
         let ack = portal()?.execute(&caller, PortalCommand::UpdateProfile { member_id, name, email }).await?;
         identity::flash_done("profile", "Your profile is saved.".to_string());
+        identity::back_to_member(&ack);
         Ok(ack)
     };
     run.await.map_err(|err: AppError| err.on_form("profile"))

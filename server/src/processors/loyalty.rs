@@ -19,6 +19,8 @@ use sqlx::AnyConnection;
 use std::sync::Arc;
 
 pub const NAME: &str = "loyalty_policy";
+/// `metadata.actor` of what the policy appends (API.md).
+pub const ACTOR: &str = "policy:loyalty";
 
 /// The only event the policy acts on.
 const TRANSACTION_PERFORMED: &str = "TransactionPerformed";
@@ -78,7 +80,7 @@ impl LoyaltyPolicy {
         let meta = Meta {
             correlation_id: event.metadata["correlation_id"].as_str().unwrap_or_default().to_string(),
             causation_id: Some(format!("event:{}", event.position)),
-            actor: NAME.to_string(),
+            actor: ACTOR.to_string(),
         };
         let close = match loyalty_policy::react(&purchase) {
             PolicyStep::Close(command) => command,
@@ -91,7 +93,7 @@ impl LoyaltyPolicy {
             "correlation_id": meta.correlation_id,
             "causation_id": meta.causation_id,
             "idempotency_key": purchase.transaction_id,
-            "actor": NAME,
+            "actor": ACTOR,
         });
         commands::run::<TransactionAggregate>(streams, &stream_id, |_| close, &metadata, &now, &mut effects.appended)
             .await?;
