@@ -36,6 +36,15 @@ pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>,
     let live =
         Rc::new(RefCell::new(Live { member_id, socket: None, _handlers: Vec::new(), retry_ms: 500, stopped: false }));
     CURRENT.with(|c| *c.borrow_mut() = Some(live.clone()));
+    // Leaving the page (a form posted, a link followed): whatever closes the socket now, the page
+    // must neither reconnect nor reload over the navigation under way (signing out from this very
+    // page closes its socket before the answer arrives).
+    if let Some(window) = web_sys::window() {
+        let leaving = live.clone();
+        let on_leave = Closure::<dyn FnMut(JsValue)>::new(move |_| leaving.borrow_mut().stopped = true);
+        let _ = window.add_event_listener_with_callback("beforeunload", on_leave.as_ref().unchecked_ref());
+        on_leave.forget();
+    }
     connect(live, pushed, connected);
 }
 
@@ -95,6 +104,9 @@ fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, co
         let live = live.clone();
         Closure::<dyn FnMut(JsValue)>::new(move |event: JsValue| {
             connected.set(false);
+            if live.borrow().stopped {
+                return;
+            }
             if event.dyn_ref::<CloseEvent>().is_some_and(|e| e.code() == CLOSE_REVOKED) {
                 live.borrow_mut().stopped = true;
                 if let Some(window) = web_sys::window() {

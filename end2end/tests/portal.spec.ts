@@ -1,11 +1,13 @@
 import { expect, test } from "@playwright/test";
-import { card, enroll, enrollAt } from "./helpers";
+import { adminApi, card, enroll, enrollAt, staffContext } from "./helpers";
 
-test("the member page updates live when staff act on the member from another browser", async ({ browser, request }) => {
-  const { id, position } = await enrollAt(request, "Live Tester");
+test("the member page updates live when staff act on the member from another browser", async ({ browser }) => {
+  const api = await adminApi();
+  const { id, position } = await enrollAt(api, "Live Tester");
 
-  const memberContext = await browser.newContext();
-  const portal = await memberContext.newPage();
+  // Staff watch the member's page (a member would see only their own).
+  const staff = await staffContext(browser, api);
+  const portal = await staff.context.newPage();
   await portal.goto(`/members/${id}?min_position=${position}`);
   await expect(portal.getByRole("heading", { name: "Live Tester" })).toBeVisible();
   await expect(portal.getByTestId("points-balance")).toHaveText("0");
@@ -15,8 +17,7 @@ test("the member page updates live when staff act on the member from another bro
   // Survives only if the page is never reloaded.
   await portal.evaluate(() => ((window as unknown as { marker: number }).marker = 42));
 
-  const staffContext = await browser.newContext();
-  const admin = await staffContext.newPage();
+  const admin = staff.page;
   await admin.goto("/admin");
   const earn = card(admin, "Earn points");
   await earn.getByLabel("Member id").fill(id);
@@ -38,14 +39,19 @@ test("the member page updates live when staff act on the member from another bro
   await expect(portal.getByTestId("points-balance")).toHaveText("1,550"); // 40 × 1.25 at silver
   expect(await portal.evaluate(() => (window as unknown as { marker?: number }).marker)).toBe(42);
 
-  await memberContext.close();
-  await staffContext.close();
+  // The member's history names who did what.
+  await portal.reload();
+  const history = card(portal, "History");
+  await expect(history.getByTestId("actor").first()).toHaveText("policy:loyalty");
+  await expect(history.getByTestId("actor").last()).toHaveText(/^key:/);
+  await staff.context.close();
 });
 
-test("without JavaScript the member page renders and a staff form still works", async ({ browser, request }) => {
-  const { id, position } = await enrollAt(request, "No Script");
-  const context = await browser.newContext({ javaScriptEnabled: false });
-  const page = await context.newPage();
+test("without JavaScript the member page renders and a staff form still works", async ({ browser }) => {
+  const api = await adminApi();
+  const { id, position } = await enrollAt(api, "No Script");
+  const staff = await staffContext(browser, api, { javaScriptEnabled: false });
+  const page = staff.page;
 
   // Read-your-writes: without JavaScript nothing would update the page later.
   await page.goto(`/members/${id}?min_position=${position}`);
@@ -76,11 +82,13 @@ test("without JavaScript the member page renders and a staff form still works", 
   await expect(card(page, "Redeem points").getByRole("alert")).toContainText("not enough points");
   // Every form's action sees the error the page came back with; only the redeem form shows it.
   await expect(page.getByRole("alert")).toHaveCount(1);
-  await context.close();
+  await staff.context.close();
 });
 
-test("invalid form input shows its error message next to the form", async ({ page, request }) => {
-  const id = await enroll(request, "Error Shown");
+test("invalid form input shows its error message next to the form", async ({ browser }) => {
+  const api = await adminApi();
+  const id = await enroll(api, "Error Shown");
+  const { context, page } = await staffContext(browser, api);
   await page.goto("/admin");
   const earn = card(page, "Earn points");
   await earn.getByLabel("Member id").fill(id);
@@ -93,14 +101,17 @@ test("invalid form input shows its error message next to the form", async ({ pag
   await enrollCard.getByLabel("Email").fill(`${id}@example.com`); // already taken
   await enrollCard.getByRole("button", { name: "Enroll" }).click();
   await expect(enrollCard.getByRole("alert")).toContainText("already used by another member");
+  await context.close();
 });
 
-test("staff can find a member by name and open the portal", async ({ page, request }) => {
-  const id = await enroll(request, "Searchable Person");
-  await page.goto("/admin");
+test("staff can find a member by name and open the portal", async ({ browser }) => {
+  const api = await adminApi();
+  const id = await enroll(api, "Searchable Person");
+  const { context, page } = await staffContext(browser, api);
   await page.getByRole("searchbox", { name: "Search by name or email" }).fill(id);
   await page.getByRole("button", { name: "Search" }).click();
   await page.getByRole("link", { name: "Searchable Person" }).click();
   await expect(page).toHaveURL(new RegExp(`/members/${id}$`));
   await expect(page.getByRole("heading", { name: "Searchable Person" })).toBeVisible();
+  await context.close();
 });
