@@ -65,6 +65,8 @@ impl SessionAuth {
 
 #[derive(Clone)]
 struct Cached {
+    /// The record as stored; its `id` is whatever the entry was read with (the table knows only
+    /// the hash), so loads put the caller's id back.
     record: Record,
     account: String,
 }
@@ -173,7 +175,14 @@ impl SessionRecords {
         if cached.is_some_and(|expiry| expiry > now) {
             return Ok(true);
         }
-        Ok(self.read(hash, Id(0)).await?.is_some())
+        // Kept in memory from here: the sweep asks about every open socket's session twice a second.
+        match self.read(hash, Id(0)).await? {
+            Some((record, account)) => {
+                self.remember(hash.to_string(), &record, account);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// The record stored as `hash`, if it has not expired, and its account.
@@ -270,7 +279,7 @@ impl session_store::SessionStore for SessionRecords {
         let now = OffsetDateTime::now_utc();
         if let Some(cached) = self.inner.cache.read().ok().and_then(|c| c.get(&hash).cloned()) {
             if cached.record.expiry_date > now {
-                return Ok(Some(cached.record));
+                return Ok(Some(Record { id: *id, ..cached.record }));
             }
         }
         // Not here, or expired here: another node may have kept it alive since.
