@@ -29,29 +29,33 @@ pub fn caller() -> Caller {
 pub fn take_flash() -> Option<Flash> {
     #[cfg(feature = "ssr")]
     {
-        use base64::Engine;
-        use leptos::prelude::use_context;
-        let parts = use_context::<http::request::Parts>()?;
-        let value = parts
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|c| c.trim().strip_prefix(FLASH_COOKIE)?.strip_prefix('='))?
-            .to_string();
-        if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
-            if let Ok(clear) =
-                http::HeaderValue::from_str(&format!("{FLASH_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"))
-            {
-                response.append_header(http::header::SET_COOKIE, clear);
-            }
-        }
-        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(value).ok()?;
-        return serde_json::from_slice(&json).ok();
+        take_flash_cookie()
     }
     #[cfg(not(feature = "ssr"))]
     None
+}
+
+#[cfg(feature = "ssr")]
+fn take_flash_cookie() -> Option<Flash> {
+    use base64::Engine;
+    use leptos::prelude::use_context;
+    let parts = use_context::<http::request::Parts>()?;
+    let value = parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(FLASH_COOKIE)?.strip_prefix('='))?
+        .to_string();
+    if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
+        let clear = format!("{FLASH_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict");
+        if let Ok(clear) = http::HeaderValue::from_str(&clear) {
+            response.append_header(http::header::SET_COOKIE, clear);
+        }
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(value).ok()?;
+    serde_json::from_slice(&json).ok()
 }
 
 /// Leave `flash` for the page the browser is sent back to (a plain form post; with JavaScript

@@ -229,14 +229,14 @@ impl Tally {
     pub async fn serve(self) -> anyhow::Result<()> {
         use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
         use tower::{Layer, ServiceExt};
-        let token = self.shutdown.clone();
-        tracing::info!(addr = %self.listener.local_addr()?, "tally listening");
+        let Tally { state, listener, router, shutdown, tasks, header_timeout } = self;
+        tracing::info!(addr = %listener.local_addr()?, "tally listening");
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.header_timeout);
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         loop {
             let (tcp, remote) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
                         // Out of file descriptors, most likely: wait rather than spin.
@@ -245,7 +245,7 @@ impl Tally {
                         continue;
                     }
                 },
-                _ = token.cancelled() => break,
+                _ = shutdown.cancelled() => break,
             };
             // No Nagle delay: a live view pushed right after another would otherwise wait for
             // the client's acknowledgement of the first.
@@ -253,7 +253,7 @@ impl Tally {
                 tracing::debug!(error = %err, "cannot set TCP_NODELAY");
             }
             let service = axum::Extension(axum::extract::ConnectInfo(remote))
-                .layer(self.router.clone())
+                .layer(router.clone())
                 .map_request(|request: axum::http::Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
             let service = hyper_util::service::TowerToHyperService::new(service);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
@@ -264,14 +264,16 @@ impl Tally {
                 }
             });
         }
-        drop(self.listener);
+        drop(listener);
         if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
             tracing::warn!("some connections were still busy 30 s after shutdown began");
         }
-        self.shutdown.cancel();
-        let state = self.state;
+        shutdown.cancel();
+        // The routes hold the state, and with it the command bus: the writer stops once the last
+        // sender is gone.
+        drop(router);
         drop(state);
-        for task in self.tasks {
+        for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
         Ok(())

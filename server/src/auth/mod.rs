@@ -223,7 +223,7 @@ impl Auth {
             }
             self.recheck_sockets(false).await;
             ticks += 1;
-            if ticks % 120 == 0 {
+            if ticks.is_multiple_of(120) {
                 if let Err(err) = self.keys.write_last_used().await {
                     tracing::warn!(error = %err, "cannot write when keys were last used");
                 }

@@ -1,6 +1,6 @@
 //! WebSocket measures: freshness under load (P4) and fan-out to many clients (P5).
 
-use crate::load::{self, histogram};
+use crate::load::{self, histogram, Identity};
 use bytes::{Buf, BytesMut};
 use futures::SinkExt;
 use hdrhistogram::Histogram;
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -47,7 +48,7 @@ fn position_from_head(text: &str) -> Option<u64> {
     after[..end].parse().ok()
 }
 
-/// Connect, subscribe to `topic`, and report (position, arrival) of every view received.
+/// Connect as `who`, subscribe to `topic`, and report (position, arrival) of every view received.
 ///
 /// The library makes the connection (handshake, subscribe message); the views are then read
 /// straight off the socket, each frame's header parsed by the library's `FrameHeader::parse`.
@@ -58,6 +59,7 @@ fn position_from_head(text: &str) -> Option<u64> {
 /// the library's buffer when reading moves to the socket.
 async fn subscriber(
     ws_url: String,
+    who: Identity,
     topic: String,
     report: impl FnMut(u64, Instant) + Send + 'static,
     stop: CancellationToken,
@@ -67,7 +69,9 @@ async fn subscriber(
     let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
     // The library's read buffer serves the handshake only: keep it small for 10,000 clients.
     let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
-    let (mut socket, _) = tokio_tungstenite::client_async_with_config(&ws_url, tcp, Some(config)).await?;
+    let mut request = ws_url.as_str().into_client_request()?;
+    request.headers_mut().extend(who.headers().iter().cloned());
+    let (mut socket, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config)).await?;
     socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await?;
     read_views(socket.get_mut(), report, stop).await
 }
@@ -129,9 +133,11 @@ const READ_BUFFER: usize = 8 * 1024;
 /// Larger frames are an error: the server sends views of a few KiB.
 const MAX_MESSAGE: usize = 1 << 20;
 
-async fn earn(client: &reqwest::Client, base: &str, member: &str) -> anyhow::Result<(u64, Instant)> {
-    let resp =
-        client.post(format!("{base}/api/members/{member}/points/earn")).json(&json!({"points": 1})).send().await?;
+/// Earn a point for `member` as `who` (a key that may): the change's position, and when its
+/// answer was read.
+async fn earn(client: &reqwest::Client, base: &str, who: &Identity, member: &str) -> anyhow::Result<(u64, Instant)> {
+    let request = client.post(format!("{base}/api/members/{member}/points/earn")).json(&json!({"points": 1}));
+    let resp = who.on(request).send().await?;
     let body: Value = resp.json().await?;
     let at = Instant::now();
     let position = body["position"].as_u64().ok_or_else(|| anyhow::anyhow!("no position in {body}"))?;
@@ -147,8 +153,12 @@ pub struct Freshness {
 /// P4: ack of a command → a subscribed client holds the new view, with `clients` other sockets
 /// subscribed and background commands at `rate` per second, sampled after `warmup` of that load
 /// (so that the server's writes of the views it changes are under way, as at steady state).
+/// The commands are `admin`'s; every socket is `watcher`'s, a principal that may read any member.
+#[allow(clippy::too_many_arguments)]
 pub async fn freshness(
     base: &str,
+    admin: &Identity,
+    watcher: &Identity,
     members: &[String],
     clients: usize,
     rate: f64,
@@ -161,7 +171,7 @@ pub async fn freshness(
     for i in 0..clients {
         let topic = format!("member:{}", members[rand::rng().random_range(0..members.len())]);
         // The other sockets only have to be served: what they receive is not measured.
-        tasks.push(tokio::spawn(subscriber(ws_url.clone(), topic, |_, _| {}, stop.clone())));
+        tasks.push(tokio::spawn(subscriber(ws_url.clone(), watcher.clone(), topic, |_, _| {}, stop.clone())));
         if i % 200 == 199 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -171,7 +181,8 @@ pub async fn freshness(
     let report = move |position, at| {
         let _ = probe_tx.send((position, at));
     };
-    tasks.push(tokio::spawn(subscriber(ws_url.clone(), format!("member:{probe}"), report, stop.clone())));
+    let probe_topic = format!("member:{probe}");
+    tasks.push(tokio::spawn(subscriber(ws_url.clone(), watcher.clone(), probe_topic, report, stop.clone())));
     tokio::time::timeout(Duration::from_secs(10), probe_rx.recv())
         .await?
         .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
@@ -181,13 +192,13 @@ pub async fn freshness(
         let m = &others[rand::rng().random_range(0..others.len())];
         (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 1})))
     });
-    let background = tokio::spawn(load::paced(base.to_string(), 64, rate, make, stop.clone()));
+    let background = tokio::spawn(load::paced(base.to_string(), 64, rate, make, admin.clone(), stop.clone()));
     tokio::time::sleep(warmup.max(Duration::from_millis(500))).await;
 
     let client = load::client(2);
     let mut hist = histogram();
     for _ in 0..samples {
-        let (position, acked) = earn(&client, base, &probe).await?;
+        let (position, acked) = earn(&client, base, admin, &probe).await?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -257,9 +268,9 @@ impl CommandThread {
     }
 
     /// Earn a point on the command thread: (position, when its answer was read there).
-    async fn earn(&self, base: &str, member: &str) -> anyhow::Result<(u64, Instant)> {
-        let (client, base, member) = (self.client.clone(), base.to_string(), member.to_string());
-        self.handle.spawn(async move { earn(&client, &base, &member).await }).await?
+    async fn earn(&self, base: &str, who: &Identity, member: &str) -> anyhow::Result<(u64, Instant)> {
+        let (client, base, who, member) = (self.client.clone(), base.to_string(), who.clone(), member.to_string());
+        self.handle.spawn(async move { earn(&client, &base, &who, &member).await }).await?
     }
 }
 
@@ -383,9 +394,12 @@ async fn join_clients(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>, m
     }
 }
 
-/// P5: `clients` sockets on one topic; each change must reach all of them.
+/// P5: `clients` sockets on one topic, all `watcher`'s; each change (a command of `admin`'s) must
+/// reach all of them.
 pub async fn fanout(
     base: &str,
+    admin: &Identity,
+    watcher: &Identity,
     server_pid: u32,
     member: &str,
     clients: usize,
@@ -398,8 +412,10 @@ pub async fn fanout(
     let slots = Slots::new(clients);
     let before = crate::proc::sample(server_pid);
     let topic = format!("member:{member}");
-    let tasks =
-        connect_all(clients, |i| subscriber(ws_url.clone(), topic.clone(), slots.reporter(i), stop.clone())).await;
+    let tasks = connect_all(clients, |i| {
+        subscriber(ws_url.clone(), watcher.clone(), topic.clone(), slots.reporter(i), stop.clone())
+    })
+    .await;
     // Every client first receives the current view.
     slots.wait_for(1, clients, Duration::from_secs(60), Duration::from_millis(100)).await;
     let connected = slots.received(1);
@@ -409,7 +425,8 @@ pub async fn fanout(
 
     let client = load::client(1);
     // The size of what each socket receives per change (the view, as the REST query answers it).
-    let view = client.get(format!("{base}/api/members/{member}")).send().await?.text().await?;
+    let view =
+        admin.on(client.get(format!("{base}/api/members/{member}"))).send().await?.error_for_status()?.text().await?;
     let view_bytes = view.len();
     let commands = CommandThread::start(&stop)?;
     let mut hist = histogram();
@@ -421,7 +438,7 @@ pub async fn fanout(
     let (server_before, client_before) = (crate::proc::sample(server_pid), crate::proc::sample(std::process::id()));
     for _ in 0..rounds {
         let sent = Instant::now();
-        let (position, acked) = commands.earn(base, member).await?;
+        let (position, acked) = commands.earn(base, admin, member).await?;
         answer_ms.push(acked.saturating_duration_since(sent).as_secs_f64() * 1000.0);
         slots.wait_for(position, connected, Duration::from_secs(10), Duration::from_millis(1)).await;
         let (got, first, last) = slots.record(position, acked, &mut hist, |at| {

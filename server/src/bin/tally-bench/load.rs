@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE, HOST, ORIGIN};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -43,6 +43,42 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
+/// Who a client says it is: headers sent with each of its requests and WebSocket handshakes.
+/// The server answers 401 on `/api`, `/metrics` and `/ws` to a request without them.
+#[derive(Clone, Default)]
+pub struct Identity(Vec<(HeaderName, HeaderValue)>);
+
+impl Identity {
+    /// A key, as a machine client (a point of sale, a script) sends it.
+    pub fn key(token: &str) -> anyhow::Result<Identity> {
+        Ok(Identity(vec![(AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}"))?)]))
+    }
+
+    /// A browser on the server's own pages at `base`: its `Origin`, and its session cookie once
+    /// signed in. The server refuses a change or a WebSocket upgrade that carries a session cookie
+    /// unless `Origin` names the server's own origin (`http://` and the `Host` the request sent).
+    pub fn browser(base: &str, session: Option<&str>) -> anyhow::Result<Identity> {
+        let mut headers = vec![(ORIGIN, HeaderValue::from_str(base.trim_end_matches('/'))?)];
+        if let Some(session) = session {
+            let cookie = format!("{}={session}", server::auth::sessions::COOKIE);
+            headers.push((COOKIE, HeaderValue::from_str(&cookie)?));
+        }
+        Ok(Identity(headers))
+    }
+
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.0
+    }
+
+    /// The same headers on a request of the pooled client.
+    pub fn on(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        for (name, value) in &self.0 {
+            request = request.header(name, value);
+        }
+        request
+    }
+}
+
 /// A pooled client for the few requests outside the measured loops (seeding, status polls).
 pub fn client(connections: usize) -> reqwest::Client {
     reqwest::Client::builder()
@@ -56,6 +92,7 @@ pub fn client(connections: usize) -> reqwest::Client {
 /// One keep-alive HTTP/1.1 connection to `base` (`http://host:port`), reconnecting after an error.
 pub struct Conn {
     authority: HeaderValue,
+    identity: Identity,
     addr: String,
     open: Option<Open>,
 }
@@ -70,9 +107,9 @@ struct Open {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Conn {
-    pub fn new(base: &str) -> anyhow::Result<Conn> {
+    pub fn new(base: &str, identity: &Identity) -> anyhow::Result<Conn> {
         let addr = base.strip_prefix("http://").unwrap_or(base).trim_end_matches('/').to_string();
-        Ok(Conn { authority: HeaderValue::from_str(&addr)?, addr, open: None })
+        Ok(Conn { authority: HeaderValue::from_str(&addr)?, identity: identity.clone(), addr, open: None })
     }
 
     async fn connect(&mut self) -> anyhow::Result<&mut Open> {
@@ -94,6 +131,9 @@ impl Conn {
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<bool> {
         let mut request = Request::builder().method(method).uri(path).header(HOST, self.authority.clone());
+        for (name, value) in self.identity.headers() {
+            request = request.header(name, value);
+        }
         let body = match body {
             Some(body) => {
                 request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -130,13 +170,20 @@ impl Conn {
 }
 
 /// Run `connections` loops for `duration`; a non-2xx answer counts as an error (and as a request).
-pub async fn run(base: &str, connections: usize, duration: Duration, make: MakeRequest) -> LoadResult {
+/// Loop `i` is `who[i % who.len()]`.
+pub async fn run(
+    base: &str,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+    who: &[Identity],
+) -> LoadResult {
     let started = Instant::now();
     let until = started + duration;
     let tasks: Vec<_> = (0..connections)
         .map(|worker| {
             let make = make.clone();
-            let conn = Conn::new(base);
+            let conn = Conn::new(base, &who[worker % who.len()]);
             tokio::spawn(async move {
                 let mut hist = histogram();
                 let (mut n, mut errors) = (0u64, 0u64);
@@ -155,6 +202,66 @@ pub async fn run(base: &str, connections: usize, duration: Duration, make: MakeR
             })
         })
         .collect();
+    total(tasks, started).await
+}
+
+/// Open loop: `rate` requests per second in all, spread over `connections` connections, for
+/// `duration`, whatever the server's latency. Each connection keeps its own schedule (its n-th
+/// request is due n × `connections` / `rate` after its start; the starts are spread over the first
+/// interval). A request's latency is taken from when it was due whenever its connection was still
+/// waiting for the previous answer then: that wait is the server's too, and a closed loop (or a
+/// schedule that slips) would leave it out of the histogram, the more so the slower the server
+/// (coordinated omission). A request sent on time is timed from its send, so that the timer's own
+/// lateness in waking the connection (up to a millisecond) is not counted. Loop `i` is
+/// `who[i % who.len()]`.
+pub async fn open_loop(
+    base: &str,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    make: MakeRequest,
+    who: &[Identity],
+) -> LoadResult {
+    let started = Instant::now();
+    let until = started + duration;
+    let interval = Duration::from_secs_f64(connections as f64 / rate.max(1e-3));
+    let tasks: Vec<_> = (0..connections)
+        .map(|worker| {
+            let make = make.clone();
+            let conn = Conn::new(base, &who[worker % who.len()]);
+            let first = started + interval.mul_f64(worker as f64 / connections as f64);
+            tokio::spawn(async move {
+                let mut hist = histogram();
+                let (mut n, mut errors) = (0u64, 0u64);
+                let Ok(mut conn) = conn else { return (0, 1, hist) };
+                loop {
+                    let due = first + interval.mul_f64(n as f64);
+                    if due >= until {
+                        break;
+                    }
+                    let from = if Instant::now() >= due {
+                        due
+                    } else {
+                        tokio::time::sleep_until(due.into()).await;
+                        Instant::now()
+                    };
+                    let (method, path, body) = make(worker, n);
+                    let ok = conn.exchange(method, &path, body.as_ref()).await.unwrap_or(false);
+                    let _ = hist.record((from.elapsed().as_micros() as u64).max(1));
+                    n += 1;
+                    if !ok {
+                        errors += 1;
+                    }
+                }
+                (n, errors, hist)
+            })
+        })
+        .collect();
+    total(tasks, started).await
+}
+
+/// The loops' requests, errors and latencies together.
+async fn total(tasks: Vec<tokio::task::JoinHandle<(u64, u64, Histogram<u64>)>>, started: Instant) -> LoadResult {
     let mut total = LoadResult { requests: 0, errors: 0, seconds: 0.0, hist: histogram() };
     for task in tasks {
         if let Ok((n, errors, hist)) = task.await {
@@ -173,6 +280,7 @@ pub async fn paced(
     connections: usize,
     rate: f64,
     make: MakeRequest,
+    who: Identity,
     stop: tokio_util::sync::CancellationToken,
 ) -> (u64, f64) {
     let started = Instant::now();
@@ -180,7 +288,7 @@ pub async fn paced(
     let tasks: Vec<_> = (0..connections)
         .map(|worker| {
             let (make, stop) = (make.clone(), stop.clone());
-            let conn = Conn::new(&base);
+            let conn = Conn::new(&base, &who);
             tokio::spawn(async move {
                 let Ok(mut conn) = conn else { return 0 };
                 let mut tick = tokio::time::interval(per_task);

@@ -1,8 +1,13 @@
 //! `tally-bench`: measure the CQRS promise on this machine, in one run, on a fresh database.
 //!
 //! Starts the `tally` binary that sits next to this one as a separate process, seeds it over HTTP
-//! through the real command path, then runs P1–P7 (see BENCHMARKS.md) and prints a table (also
+//! through the real command path, then runs P1–P9 (see BENCHMARKS.md) and prints a table (also
 //! written as JSON). The load is generated in this process.
+//!
+//! Every request says who it is, as the server requires: the harness creates an admin key and a
+//! staff key on the fresh database before starting the server (`tally keys create`), and signs a
+//! few members in through access links for what members do (read their own view and page, watch
+//! their own topic, sign in).
 
 mod compose;
 mod floor;
@@ -10,8 +15,9 @@ mod live;
 mod load;
 mod proc;
 
+use anyhow::Context;
 use clap::{Args, Parser};
-use load::MakeRequest;
+use load::{Identity, MakeRequest};
 use rand::Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -74,6 +80,15 @@ struct RunArgs {
     warmup: u64,
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// P8: connections loading member pages (and the ceiling route, for the ratio).
+    #[arg(long, default_value_t = 32)]
+    page_connections: usize,
+    /// P9: clients signing in at once, as fast as they can.
+    #[arg(long, default_value_t = 16)]
+    sign_in_clients: usize,
+    /// P9: requests per second of the other load (members reading their own view), open loop.
+    #[arg(long, default_value_t = 1_000.0)]
+    sign_in_load_rate: f64,
     /// P4: sockets subscribed while freshness is measured.
     #[arg(long, default_value_t = 1_000)]
     fresh_clients: usize,
@@ -119,6 +134,9 @@ impl RunArgs {
             self.seconds = 1;
             self.warmup = 1;
             self.connections = 8;
+            self.page_connections = 8;
+            self.sign_in_clients = 4;
+            self.sign_in_load_rate = 200.0;
             self.fresh_clients = 20;
             self.fresh_rate = 200.0;
             self.fresh_samples = 10;
@@ -146,6 +164,10 @@ struct Row {
 
 struct Server {
     proc: proc::Proc,
+    /// An admin key: seeding, commands, the consumers' status, metrics.
+    admin: Identity,
+    /// A staff key: P4's sockets, which watch any member.
+    staff: Identity,
 }
 
 impl Server {
@@ -203,12 +225,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let members: Arc<Vec<String>> = Arc::new((0..args.members).map(|i| format!("b{i}")).collect());
 
     // Seed through the real command path, over HTTP (P7 alone needs no data).
-    let seeded = ["P1", "P2", "P3", "P4", "P5", "P6"].iter().any(|id| args.wants(id));
+    let seeded = ["P1", "P2", "P3", "P4", "P5", "P6", "P8", "P9"].iter().any(|id| args.wants(id));
     let (members_to_seed, purchases_to_seed) = if seeded { (args.members, args.purchases) } else { (0, 0) };
     let seeding = Instant::now();
-    let enrolled = send_all(server.base(), args.connections, (0..members_to_seed).map(|i| {
-        ("/api/members".to_string(), json!({"member_id": format!("b{i}"), "name": format!("Bench Member {i}"), "email": format!("b{i}@bench.example")}))
-    }))
+    let enrolled = send_all(
+        server.base(),
+        &server.admin,
+        args.connections,
+        (0..members_to_seed).map(|i| {
+            (
+                "/api/members".to_string(),
+                json!({"member_id": format!("b{i}"), "name": format!("Bench Member {i}"), "email": email(i)}),
+            )
+        }),
+    )
     .await;
     let purchases = {
         let mut rng = rand::rng();
@@ -220,27 +250,45 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .collect::<Vec<_>>()
     };
-    let recorded = send_all(server.base(), args.connections, purchases.into_iter()).await;
+    let recorded = send_all(server.base(), &server.admin, args.connections, purchases.into_iter()).await;
     let seed_secs = seeding.elapsed().as_secs_f64();
     let projecting = Instant::now();
-    let head = wait_caught_up(server.base()).await?;
+    let head = wait_caught_up(server.base(), &server.admin).await?;
     let project_secs = projecting.elapsed().as_secs_f64();
     eprintln!(
         "seeded {enrolled} members and {recorded} purchases in {seed_secs:.1}s; consumers caught up {project_secs:.1}s later at position {head}"
     );
 
+    // Members signed in, one per connection of the member measures (each password costs the
+    // server a hash, so a few dozen, not one per member).
+    let signed_in = if ["P1", "P5", "P8", "P9"].iter().any(|id| args.wants(id)) {
+        args.connections.max(args.page_connections).clamp(2, MAX_SESSIONS).min(args.members)
+    } else {
+        0
+    };
+    let sessions = Arc::new(sign_in_members(&server, signed_in).await?);
+    let browsers: Vec<Identity> = sessions.iter().map(|m| m.session.clone()).collect();
+    let anonymous = [Identity::default()];
+    let admin = std::slice::from_ref(&server.admin);
+
     let secs = Duration::from_secs(args.seconds);
-    let view_load = view_request(members.clone());
+    let view_load = own_member(&sessions, "/api/members/");
     // P1: the materialized view vs a trivial route of the same server.
     if args.wants("P1") {
         let (ceiling, cpu_c, rss_c) =
-            with_usage(server.pid(), load::run(server.base(), args.connections, secs, get_path("/livez"))).await;
+            with_usage(server.pid(), load::run(server.base(), args.connections, secs, get_path("/livez"), &anonymous))
+                .await;
         let (view, cpu_v, rss_v) =
-            with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone())).await;
+            with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone(), &browsers))
+                .await;
         let ratio = view.rps() / ceiling.rps().max(1e-9);
         rows.push(Row {
         id: "P1",
-        measure: format!("GET /api/members/{{id}}, {} connections, random members", args.connections),
+        measure: format!(
+            "GET /api/members/{{id}}, {} connections, each a member's session reading its own member ({} members)",
+            args.connections,
+            sessions.len().min(args.connections)
+        ),
         result: format!(
             "{:.0} req/s (ceiling /livez {:.0} req/s, ratio {:.2}), p50 {:.2} ms, p99 {:.2} ms, errors {}",
             view.rps(), ceiling.rps(), ratio, view.ms(0.5), view.ms(0.99), view.errors
@@ -256,11 +304,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // P2: API composition over three upstream services.
         if args.wants("P2") {
             // The upstreams are built from the views' table, which the server writes behind.
-            wait_written(server.base()).await?;
+            wait_written(server.base(), &server.admin).await?;
             compose::prepare(&server::store::views_file(&db), work.path()).await?;
-            let p2 = composition(&me, work.path(), &args, &members, &server, view.rps(), view_load.clone()).await?;
+            let p2 = composition(&me, work.path(), &args, &members, &server, view.rps(), view_load.clone(), &browsers)
+                .await?;
             rows.extend(p2);
         }
+    }
+
+    // P8: the member's own portal page, rendered on the server, vs the same trivial route.
+    if args.wants("P8") {
+        let page_bytes = page_size(server.base(), &sessions[0]).await?;
+        let connections = args.page_connections;
+        let pages = own_member(&sessions, "/members/");
+        let (ceiling, cpu_c, rss_c) =
+            with_usage(server.pid(), load::run(server.base(), connections, secs, get_path("/livez"), &anonymous)).await;
+        let (page, cpu, rss) =
+            with_usage(server.pid(), load::run(server.base(), connections, secs, pages, &browsers)).await;
+        let ratio = page.rps() / ceiling.rps().max(1e-9);
+        rows.push(Row {
+            id: "P8",
+            measure: format!(
+                "the member's own portal page, GET /members/{{id}} rendered on the server ({page_bytes} bytes, uncompressed), \
+                 {connections} connections, each a member's session; ceiling /livez on as many"
+            ),
+            result: format!(
+                "{:.0} pages/s (ceiling /livez {:.0} req/s, ratio {ratio:.2}), p50 {:.2} ms, p99 {:.2} ms, errors {}, {page_bytes} bytes per page",
+                page.rps(), ceiling.rps(), page.ms(0.5), page.ms(0.99), page.errors
+            ),
+            target: "≥ 0.25 × ceiling, p99 ≤ 10 ms",
+            met: Some(ratio >= 0.25 && page.ms(0.99) <= 10.0 && page.errors == 0),
+            server_cpu_percent: Some(cpu),
+            server_rss_mib: Some(rss),
+            figures: json!({"page_rps": page.rps(), "ceiling_rps": ceiling.rps(), "ratio": ratio, "p50_ms": page.ms(0.5),
+                "p99_ms": page.ms(0.99), "errors": page.errors, "page_bytes": page_bytes, "connections": connections,
+                "ceiling_p99_ms": ceiling.ms(0.99), "ceiling_cpu_percent": cpu_c, "ceiling_rss_mib": rss_c}),
+        });
     }
 
     // P3: durable commands over HTTP.
@@ -276,9 +355,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     if args.wants("P3") {
-        load::run(server.base(), args.connections, Duration::from_secs(args.warmup), command_load.clone()).await;
+        load::run(server.base(), args.connections, Duration::from_secs(args.warmup), command_load.clone(), admin).await;
         let (cmds, cpu, rss) =
-            with_usage(server.pid(), load::run(server.base(), args.connections, secs, command_load.clone())).await;
+            with_usage(server.pid(), load::run(server.base(), args.connections, secs, command_load.clone(), admin))
+                .await;
         rows.push(Row {
             id: "P3",
             measure: format!(
@@ -303,7 +383,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             figures: json!({"rps": cmds.rps(), "p50_ms": cmds.ms(0.5), "p99_ms": cmds.ms(0.99),
                 "p999_ms": cmds.ms(0.999), "max_ms": cmds.ms(1.0), "errors": cmds.errors}),
         });
-        settle(server.base()).await?;
+        settle(server.base(), &server.admin).await?;
     }
 
     // P4: freshness under load.
@@ -312,6 +392,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             server.pid(),
             live::freshness(
                 server.base(),
+                &server.admin,
+                &server.staff,
                 &members,
                 args.fresh_clients,
                 args.fresh_rate,
@@ -326,7 +408,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rows.push(Row {
         id: "P4",
         measure: format!(
-            "ack → subscribed client holds the new view ({} sockets, background {:.0} commands/s achieved)",
+            "ack → subscribed client holds the new view ({} sockets of a staff key, background {:.0} commands/s achieved)",
             fresh.subscribers, fresh.background_rate
         ),
         result: format!("p50 {p50:.2} ms, p99 {p99:.2} ms over {} samples", fresh.hist.len()),
@@ -336,14 +418,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         server_rss_mib: Some(rss),
         figures: json!({"p50_ms": p50, "p99_ms": p99, "samples": fresh.hist.len(), "sockets": fresh.subscribers, "background_rate": fresh.background_rate, "target_rate": args.fresh_rate}),
     });
-        settle(server.base()).await?;
+        settle(server.base(), &server.admin).await?;
     }
 
-    // P5: fan-out to many sockets on one topic.
+    // P5: fan-out to many sockets on one topic: the member's own, every socket the member's
+    // session (one member watching from many tabs and devices, as far as the server can tell).
     if args.wants("P5") {
+        let watcher = &sessions.iter().find(|m| m.id == members[1]).context("no session of the P5 member")?.session;
         let (fan, cpu, rss) = with_usage(
             server.pid(),
-            live::fanout(server.base(), server.pid(), &members[1], args.fanout_clients, args.fanout_rounds),
+            live::fanout(
+                server.base(),
+                &server.admin,
+                watcher,
+                server.pid(),
+                &members[1],
+                args.fanout_clients,
+                args.fanout_rounds,
+            ),
         )
         .await;
         let fan = fan?;
@@ -358,7 +450,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (floor_last_median, _) = median_and_max(&floor.round_last_ms);
         rows.push(Row {
         id: "P5",
-        measure: format!("one change to a topic watched by {} sockets ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
+        measure: format!("one change to a topic watched by {} sockets, all the member's own session ({} connected; a view of {} bytes)", fan.clients, fan.connected, fan.view_bytes),
         result: format!(
             "delivery p50 {:.2} ms, p99 {p99:.2} ms, missing {} (from the request: p99 {p99_from_request:.2} ms); last delivery of a round: median {last_median:.1} ms, slowest {last_max:.1} ms; the change's own command answered in {answer_median:.1} ms (median), {answer_max:.1} ms (slowest); server memory {:.1} KiB per connection ({:.1} KiB after the changes); CPU per message: server {:.1} µs, load generator {:.1} µs. Floor (the same frames written to {} plain TCP sockets, read by the same clients, by a process doing nothing else): p99 {floor_p99:.2} ms, missing {}, last delivery of a round: median {floor_last_median:.1} ms; CPU per message: sender {:.1} µs, load generator {:.1} µs",
             fan.hist.value_at_quantile(0.5) as f64 / 1000.0, fan.missing, fan.rss_per_connection_kib,
@@ -386,9 +478,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     }
 
+    // P9: sign-ins, and what a storm of them does to everyone else's requests.
+    if args.wants("P9") {
+        rows.push(sign_in_storm(&args, &server, &sessions).await?);
+    }
+
     // P6: top the log up, stop the server, rebuild offline.
     if args.wants("P6") {
-        let head = top_up(server.base(), args.rebuild_events, args.connections, command_load).await?;
+        let head = top_up(server.base(), &server.admin, args.rebuild_events, args.connections, command_load).await?;
         server.proc.stop();
         let mut rates = Vec::new();
         for _ in 0..args.rebuild_runs {
@@ -436,6 +533,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rows.push(wasm_row(&args.wasm));
     }
 
+    // In the order of their ids, whatever order they ran in (P8 and P9 run before P6 stops the
+    // server); the sort keeps P2's rows in theirs.
+    rows.sort_by_key(|row| row.id);
     print_table(&rows, cores);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -447,7 +547,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Create the harness's keys on the fresh database, then start the server on it.
 async fn start_server(tally: &Path, db: &Path, work: &Path) -> anyhow::Result<Server> {
+    let admin = Identity::key(&create_key(tally, db, "bench-admin", "admin")?)?;
+    let staff = Identity::key(&create_key(tally, db, "bench-staff", "staff")?)?;
     let args = vec![
         "serve".into(),
         "--addr".into(),
@@ -455,29 +558,172 @@ async fn start_server(tally: &Path, db: &Path, work: &Path) -> anyhow::Result<Se
         "--database-url".into(),
         db.to_string_lossy().to_string(),
     ];
-    let proc = proc::spawn("tally", tally, &args, &[("RUST_LOG", "warn".into())], &work.join("server.log"), "/healthz")
-        .await?;
-    Ok(Server { proc })
+    let envs = [
+        ("RUST_LOG", "warn".to_string()),
+        // P4 watches its members from 1,000 sockets of one staff key, and P5 one member from
+        // 10,000 sockets of that member's session: far above the server's default cap per
+        // principal (32, enough for a person's tabs and devices).
+        ("TALLY_MAX_SOCKETS_PER_PRINCIPAL", "100000".to_string()),
+    ];
+    let proc = proc::spawn("tally", tally, &args, &envs, &work.join("server.log"), "/healthz").await?;
+    Ok(Server { proc, admin, staff })
+}
+
+/// `tally keys create` on the database, before any server holds it: the key's token.
+fn create_key(tally: &Path, db: &Path, name: &str, role: &str) -> anyhow::Result<String> {
+    let output = std::process::Command::new(tally)
+        .args(["keys", "create", "--database-url", &db.to_string_lossy(), "--name", name, "--role", role])
+        .env("RUST_LOG", "warn")
+        .output()?;
+    anyhow::ensure!(output.status.success(), "tally keys create failed: {}", String::from_utf8_lossy(&output.stderr));
+    // The token is alone on the last line.
+    let stdout = String::from_utf8(output.stdout)?;
+    let token = stdout.lines().map(str::trim).rfind(|line| !line.is_empty());
+    Ok(token.context("tally keys create printed no token")?.to_string())
+}
+
+fn email(i: usize) -> String {
+    format!("b{i}@bench.example")
+}
+
+/// Members signed in at most: each sign-in is a password hash on the server (Argon2id, tens of
+/// milliseconds, a few at a time).
+const MAX_SESSIONS: usize = 64;
+
+/// A seeded member signed in, as that member's browser would be.
+struct Member {
+    id: String,
+    email: String,
+    password: String,
+    session: Identity,
+}
+
+/// Sign the first `count` seeded members in the way a member enrolled by staff first does: an
+/// access link (staff asks for it), claimed with a new password.
+async fn sign_in_members(server: &Server, count: usize) -> anyhow::Result<Vec<Member>> {
+    let client = load::client(8);
+    futures::future::try_join_all((0..count).map(|i| claim(&client, server, i))).await
+}
+
+async fn claim(client: &reqwest::Client, server: &Server, i: usize) -> anyhow::Result<Member> {
+    let (base, id) = (server.base(), format!("b{i}"));
+    let link = server.admin.on(client.post(format!("{base}/api/members/{id}/access-link")));
+    let link: Value = link.send().await?.error_for_status()?.json().await?;
+    let token = link["url"].as_str().and_then(|url| url.strip_prefix("/claim/")).context("no access link")?;
+    let password = format!("bench-password-{i}");
+    let claim = Identity::browser(base, None)?.on(client.post(format!("{base}/api/claim")));
+    let answer = claim.json(&json!({"token": token, "password": password})).send().await?.error_for_status()?;
+    let cookie = answer
+        .headers()
+        .get_all(hyper::header::SET_COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok()?.strip_prefix(server::auth::sessions::COOKIE)?.strip_prefix('='))
+        .find_map(|rest| rest.split(';').next())
+        .with_context(|| format!("claiming {id}'s access link set no session cookie"))?;
+    let session = Identity::browser(base, Some(cookie))?;
+    // The measures that use it read this member only: make sure that works.
+    session.on(client.get(format!("{base}/api/members/{id}"))).send().await?.error_for_status()?;
+    Ok(Member { id, email: email(i), password, session })
 }
 
 fn get_path(path: &'static str) -> MakeRequest {
     Arc::new(move |_, _| (hyper::Method::GET, path.to_string(), None))
 }
 
-fn view_request(members: Arc<Vec<String>>) -> MakeRequest {
-    Arc::new(move |_, _| {
-        let m = &members[rand::rng().random_range(0..members.len())];
-        (hyper::Method::GET, format!("/api/members/{m}"), None)
+/// `GET <prefix><id>` of the member whose session the loop has (loop `i` is session `i % n`, as
+/// in `load::run`): members read only their own.
+fn own_member(sessions: &Arc<Vec<Member>>, prefix: &'static str) -> MakeRequest {
+    let sessions = sessions.clone();
+    Arc::new(move |worker, _| (hyper::Method::GET, format!("{prefix}{}", sessions[worker % sessions.len()].id), None))
+}
+
+/// P8's page, once: that it is the member's page (not a sign-in or error page), and its size.
+async fn page_size(base: &str, member: &Member) -> anyhow::Result<usize> {
+    let client = load::client(1);
+    let answer = member.session.on(client.get(format!("{base}/members/{}", member.id))).send().await?;
+    let status = answer.status();
+    let page = answer.text().await?;
+    anyhow::ensure!(
+        status.is_success() && page.starts_with("<!DOCTYPE html>") && page.contains(&member.id),
+        "GET /members/{} with the member's session answered {status}: {}",
+        member.id,
+        page.chars().take(300).collect::<String>()
+    );
+    Ok(page.len())
+}
+
+/// P9: sign-ins per second, and the latency of other requests before and during a storm of them.
+///
+/// A calm phase of members reading their own view at a fixed rate, then the same load while
+/// `sign_in_clients` clients sign in (correct passwords) back to back. The reads are an open loop
+/// timed from when each was due (`load::open_loop`), so requests the storm delays are counted,
+/// however long they wait. Each sign-in is a password hash (Argon2id) on the server, a few at a
+/// time (`TALLY_HASH_CONCURRENCY`): the storm's hashes must not take the cores the other requests
+/// need.
+async fn sign_in_storm(args: &RunArgs, server: &Server, sessions: &Arc<Vec<Member>>) -> anyhow::Result<Row> {
+    let (base, secs, rate) = (server.base(), Duration::from_secs(args.seconds), args.sign_in_load_rate);
+    let reads = own_member(sessions, "/api/members/");
+    let browsers: Vec<Identity> = sessions.iter().map(|m| m.session.clone()).collect();
+    let (calm, cpu_calm, _) =
+        with_usage(server.pid(), load::open_loop(base, args.connections, rate, secs, reads.clone(), &browsers)).await;
+    let sign_in: MakeRequest = {
+        let sessions = sessions.clone();
+        Arc::new(move |worker, _| {
+            let m = &sessions[worker % sessions.len()];
+            (hyper::Method::POST, "/api/session".into(), Some(json!({"email": m.email, "password": m.password})))
+        })
+    };
+    // Browsers on the sign-in page: no session yet.
+    let signing_in = [Identity::browser(base, None)?];
+    let ((storm, sign_ins), cpu, rss) = with_usage(server.pid(), async {
+        tokio::join!(
+            load::open_loop(base, args.connections, rate, secs, reads, &browsers),
+            load::run(base, args.sign_in_clients, secs, sign_in, &signing_in)
+        )
+    })
+    .await;
+    let signed_in = sign_ins.requests - sign_ins.errors;
+    let sign_ins_per_second = signed_in as f64 / sign_ins.seconds.max(1e-9);
+    let (calm_p99, storm_p99) = (calm.ms(0.99), storm.ms(0.99));
+    let ratio = storm_p99 / calm_p99.max(1e-9);
+    Ok(Row {
+        id: "P9",
+        measure: format!(
+            "sign-in storm: {} clients signing in (POST /api/session, correct passwords) back to back, beside \
+             {rate:.0} req/s of GET /api/members/{{id}} (open loop, {} connections, each a member's session \
+             reading its own member)",
+            args.sign_in_clients, args.connections
+        ),
+        result: format!(
+            "{sign_ins_per_second:.0} sign-ins/s (p50 {:.1} ms, p99 {:.1} ms, errors {}); other requests: p99 {calm_p99:.2} ms calm, \
+             {storm_p99:.2} ms during the storm ({ratio:.2} ×), p50 {:.2} / {:.2} ms, {:.0} / {:.0} req/s, errors {} / {}",
+            sign_ins.ms(0.5), sign_ins.ms(0.99), sign_ins.errors, calm.ms(0.5), storm.ms(0.5), calm.rps(), storm.rps(),
+            calm.errors, storm.errors
+        ),
+        target: "storm p99 ≤ 2 × calm p99",
+        met: Some(ratio <= 2.0 && signed_in > 0 && sign_ins.errors == 0 && calm.errors + storm.errors == 0),
+        server_cpu_percent: Some(cpu),
+        server_rss_mib: Some(rss),
+        figures: json!({"sign_ins_per_second": sign_ins_per_second, "sign_ins": signed_in, "sign_in_errors": sign_ins.errors,
+            "sign_in_p50_ms": sign_ins.ms(0.5), "sign_in_p99_ms": sign_ins.ms(0.99), "sign_in_clients": args.sign_in_clients,
+            "load_rate": rate, "calm_rps": calm.rps(), "storm_rps": storm.rps(), "calm_p50_ms": calm.ms(0.5),
+            "storm_p50_ms": storm.ms(0.5), "calm_p99_ms": calm_p99, "storm_p99_ms": storm_p99, "ratio": ratio,
+            "calm_errors": calm.errors, "storm_errors": storm.errors, "calm_cpu_percent": cpu_calm}),
     })
 }
 
-/// POST every body over `connections` connections; returns how many were accepted (2xx).
-async fn send_all(base: &str, connections: usize, requests: impl Iterator<Item = (String, Value)>) -> usize {
+/// POST every body over `connections` connections as `who`; returns how many were accepted (2xx).
+async fn send_all(
+    base: &str,
+    who: &Identity,
+    connections: usize,
+    requests: impl Iterator<Item = (String, Value)>,
+) -> usize {
     let requests: Arc<Vec<(String, Value)>> = Arc::new(requests.collect());
     let next = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..connections)
         .map(|_| {
-            let (requests, next, conn) = (requests.clone(), next.clone(), load::Conn::new(base));
+            let (requests, next, conn) = (requests.clone(), next.clone(), load::Conn::new(base, who));
             tokio::spawn(async move {
                 let Ok(mut conn) = conn else { return 0 };
                 let mut accepted = 0;
@@ -497,12 +743,13 @@ async fn send_all(base: &str, connections: usize, requests: impl Iterator<Item =
     accepted
 }
 
-/// Wait until every consumer has caught up; returns the head.
-async fn wait_caught_up(base: &str) -> anyhow::Result<u64> {
+/// Wait until every consumer has caught up; returns the head. `admin` may read their status.
+async fn wait_caught_up(base: &str, admin: &Identity) -> anyhow::Result<u64> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
-        let status: Value = client.get(format!("{base}/api/projections")).send().await?.json().await?;
+        let request = admin.on(client.get(format!("{base}/api/projections")));
+        let status: Value = request.send().await?.error_for_status()?.json().await?;
         let items = status["items"].as_array().cloned().unwrap_or_default();
         if !items.is_empty() && items.iter().all(|i| i["lag"] == 0) {
             return Ok(items[0]["head"].as_u64().unwrap_or(0));
@@ -513,11 +760,11 @@ async fn wait_caught_up(base: &str) -> anyhow::Result<u64> {
 }
 
 /// Wait until the server holds no membership view unwritten (see `TALLY_WRITE_BEHIND_MS`).
-async fn wait_written(base: &str) -> anyhow::Result<()> {
+async fn wait_written(base: &str, admin: &Identity) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let metrics = client.get(format!("{base}/metrics")).send().await?.error_for_status()?.text().await?;
+        let metrics = admin.on(client.get(format!("{base}/metrics"))).send().await?.error_for_status()?.text().await?;
         let unwritten = metrics
             .lines()
             .find_map(|line| line.strip_prefix(r#"tally_consumer_unwritten_rows{consumer="membership_view"} "#))
@@ -534,19 +781,25 @@ async fn wait_written(base: &str) -> anyhow::Result<()> {
 /// Between measures: the consumers caught up and every view the last measure changed written.
 /// P3 changes every member's view, and the server writes each changed view over the next
 /// write-behind interval (5 s): a measure started meanwhile would measure those writes too.
-async fn settle(base: &str) -> anyhow::Result<()> {
-    wait_caught_up(base).await?;
-    wait_written(base).await
+async fn settle(base: &str, admin: &Identity) -> anyhow::Result<()> {
+    wait_caught_up(base, admin).await?;
+    wait_written(base, admin).await
 }
 
-/// Append commands until the log holds `target` events.
-async fn top_up(base: &str, target: i64, connections: usize, make: MakeRequest) -> anyhow::Result<u64> {
+/// Append commands (as `admin`) until the log holds `target` events.
+async fn top_up(
+    base: &str,
+    admin: &Identity,
+    target: i64,
+    connections: usize,
+    make: MakeRequest,
+) -> anyhow::Result<u64> {
     loop {
-        let head = wait_caught_up(base).await?;
+        let head = wait_caught_up(base, admin).await?;
         if head as i64 >= target {
             return Ok(head);
         }
-        let _ = load::run(base, connections, Duration::from_secs(5), make.clone()).await;
+        let _ = load::run(base, connections, Duration::from_secs(5), make.clone(), std::slice::from_ref(admin)).await;
     }
 }
 
@@ -559,6 +812,7 @@ async fn composition(
     server: &Server,
     view_rps: f64,
     view_load: MakeRequest,
+    viewers: &[Identity],
 ) -> anyhow::Result<Vec<Row>> {
     let secs = Duration::from_secs(args.seconds);
     let mut rows = Vec::new();
@@ -595,12 +849,15 @@ async fn composition(
             let m = &members[rand::rng().random_range(0..members.len())];
             (hyper::Method::GET, format!("/members/{m}"), None)
         });
-        let composed = load::run(&gateway.base, args.connections, secs, request.clone()).await;
+        // The composition's services are this harness's own, open to anyone.
+        let anonymous = [Identity::default()];
+        let composed = load::run(&gateway.base, args.connections, secs, request.clone(), &anonymous).await;
         let (view, cpu, rss) = if latency == 0 {
             (None, None, None)
         } else {
             let (v, cpu, rss) =
-                with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone())).await;
+                with_usage(server.pid(), load::run(server.base(), args.connections, secs, view_load.clone(), viewers))
+                    .await;
             (Some(v), Some(cpu), Some(rss))
         };
         let view_rps_now = view.as_ref().map(|v| v.rps()).unwrap_or(view_rps);
@@ -624,8 +881,8 @@ async fn composition(
             // One upstream down: what each side answers.
             let statement = upstreams.pop();
             drop(statement);
-            let composed = load::run(&gateway.base, args.connections, secs, request).await;
-            let view = load::run(server.base(), args.connections, secs, view_load.clone()).await;
+            let composed = load::run(&gateway.base, args.connections, secs, request, &anonymous).await;
+            let view = load::run(server.base(), args.connections, secs, view_load.clone(), viewers).await;
             rows.push(Row {
                 id: "P2",
                 measure: "statement service down".into(),
