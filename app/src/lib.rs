@@ -88,7 +88,6 @@ pub fn App() -> impl IntoView {
 fn TopBar() -> impl IntoView {
     use crate::domain::access::Caller;
     let caller = request::caller();
-    let sign_out = ServerAction::<api::SignOut>::new();
     let links = match &caller {
         Caller::Member { member_id, .. } => vec![(format!("/members/{member_id}"), "My membership")],
         Caller::Person { .. } if caller.is_admin() => vec![
@@ -99,6 +98,7 @@ fn TopBar() -> impl IntoView {
         Caller::Person { .. } => vec![("/admin".to_string(), "Staff console")],
         Caller::Key { .. } | Caller::Anonymous => Vec::new(),
     };
+    let sign_out = <api::SignOut as leptos::server_fn::ServerFn>::PATH;
     let who = match &caller {
         Caller::Person { name, role, .. } => Some(format!("{name} ({})", role.as_str())),
         Caller::Member { member_id, .. } => Some(format!("member {member_id}")),
@@ -114,9 +114,9 @@ fn TopBar() -> impl IntoView {
                     Some(who) => view! {
                         <A href="/account">"Account"</A>
                         <span class="whoami muted small" data-testid="signed-in-as">{who}</span>
-                        <ActionForm action=sign_out attr:class="inline">
+                        <form method="post" action=sign_out class="inline">
                             <button type="submit" class="secondary small">"Sign out"</button>
-                        </ActionForm>
+                        </form>
                     }.into_any(),
                     None => view! { <A href="/">"Sign in"</A> }.into_any(),
                 }}

@@ -7,6 +7,7 @@ use crate::api::SignIn;
 use crate::error::AppError;
 use crate::views::Flash;
 use leptos::prelude::*;
+use leptos::server_fn::error::ServerFnUrlError;
 use leptos::server_fn::ServerFn;
 
 #[component]
@@ -29,13 +30,19 @@ pub fn Field(
     }
 }
 
-/// The error the last post of form `form` came back with, if any.
-pub fn failed<S>(action: ServerAction<S>, form: &str) -> Option<AppError>
-where
-    S: ServerFn<Error = AppError> + Clone + Send + Sync + 'static,
-    S::Output: Clone + Send + Sync + 'static,
-{
-    action.value().get_untracked().and_then(Result::err).filter(|e| e.form.as_deref().is_none_or(|f| f == form))
+/// The error the last post to server function `S` came back with, if it answers form `form`:
+/// after a plain form post, Leptos sends the browser back with the error in the address.
+///
+/// The forms outside islands are plain `<form method="post" action=S::PATH>`: no script ever
+/// runs for them, so the `ServerAction` and `ActionForm` machinery (signals, handlers) would be
+/// built on every render for nothing.
+pub fn failed<S: ServerFn<Error = AppError>>(form: &str) -> Option<AppError> {
+    let posted = use_context::<ServerActionError>()?;
+    if posted.path() != S::PATH {
+        return None;
+    }
+    let err = ServerFnUrlError::<AppError>::decode_err(posted.err());
+    err.form.as_deref().is_none_or(|f| f == form).then_some(err)
 }
 
 /// Under a form: its error, or the message it left (with its one-time secret, to copy).
@@ -61,17 +68,16 @@ pub fn Outcome(form: &'static str, error: Option<AppError>, flash: Option<Flash>
 /// Email and password; after signing in, on to `next` (or the account's own page).
 #[component]
 pub fn SignInForm(#[prop(into)] title: String, #[prop(optional, into)] next: String) -> impl IntoView {
-    let action = ServerAction::<SignIn>::new();
-    let error = failed(action, "sign_in");
+    let error = failed::<SignIn>("sign_in");
     view! {
         <section class="card auth">
             <h2>{title}</h2>
-            <ActionForm action attr:class="form">
+            <form method="post" action=SignIn::PATH class="form">
                 <input type="hidden" name="next" value=next/>
                 <Field label="Email" name="email" kind="email" autocomplete="username"/>
                 <Field label="Password" name="password" kind="password" autocomplete="current-password"/>
                 <button type="submit">"Sign in"</button>
-            </ActionForm>
+            </form>
             <Outcome form="sign_in" error flash=None/>
         </section>
     }

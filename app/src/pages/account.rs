@@ -4,6 +4,7 @@
 use crate::api::ChangePassword;
 use crate::components::forms::{failed, set_status, Field, Outcome, SignInForm};
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 
 #[component]
@@ -14,19 +15,18 @@ pub fn AccountPage() -> impl IntoView {
         return view! { <Title text="Sign in: Tally"/> <SignInForm title="Sign in" next="/account"/> }.into_any();
     }
     let flash = crate::request::take_flash();
-    let action = ServerAction::<ChangePassword>::new();
-    let error = failed(action, "password");
+    let error = failed::<ChangePassword>("password");
     view! {
         <Title text="Your account: Tally"/>
         <section class="card auth narrow">
             <h1>"Your account"</h1>
             <h2>"Change your password"</h2>
-            <ActionForm action attr:class="form">
+            <form method="post" action=ChangePassword::PATH class="form">
                 <Field label="Current password" name="current_password" kind="password" autocomplete="current-password"/>
                 <Field label="New password (at least 10 characters)" name="new_password" kind="password"
                     autocomplete="new-password"/>
                 <button type="submit">"Change password"</button>
-            </ActionForm>
+            </form>
             <Outcome form="password" error flash/>
         </section>
     }

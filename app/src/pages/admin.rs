@@ -11,6 +11,7 @@ use crate::error::AppError;
 use crate::format;
 use crate::views::{CommandAck, ConsumerStatus, MemberPage, MemberQuery};
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 use leptos_router::hooks::use_query_map;
 
@@ -74,15 +75,14 @@ pub fn AdminPage() -> impl IntoView {
 /// reset): shown once, here, to hand to the member.
 #[component]
 fn AccessLinkCard(flash: Option<crate::views::Flash>) -> impl IntoView {
-    let action = ServerAction::<IssueAccessLink>::new();
-    let error = failed(action, "access_link");
+    let error = failed::<IssueAccessLink>("access_link");
     view! {
         <section class="card action">
             <h2>"Issue an access link"</h2>
-            <ActionForm action attr:class="form inline-form">
+            <form method="post" action=IssueAccessLink::PATH class="form">
                 <Field label="Member id" name="member_id"/>
                 <button type="submit">"Issue link"</button>
-            </ActionForm>
+            </form>
             <Outcome form="access_link" error flash/>
         </section>
     }

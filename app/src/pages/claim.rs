@@ -4,6 +4,7 @@
 use crate::api::{claim_usable, ClaimLink};
 use crate::components::forms::{failed, set_status, Field, Outcome};
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 use leptos_router::hooks::use_params_map;
 
@@ -17,8 +18,7 @@ pub fn ClaimPage() -> impl IntoView {
         },
         claim_usable,
     );
-    let claim = ServerAction::<ClaimLink>::new();
-    let error = failed(claim, "claim");
+    let error = failed::<ClaimLink>("claim");
     view! {
         <Title text="Set your password: Tally"/>
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
@@ -30,11 +30,11 @@ pub fn ClaimPage() -> impl IntoView {
                             <section class="card auth narrow">
                                 <h1>"Set your password"</h1>
                                 <p class="muted">"This link works once. Choose a password of at least 10 characters."</p>
-                                <ActionForm action=claim attr:class="form">
+                                <form method="post" action=ClaimLink::PATH class="form">
                                     <input type="hidden" name="token" value=token/>
                                     <Field label="New password" name="password" kind="password" autocomplete="new-password"/>
                                     <button type="submit">"Set password and sign in"</button>
-                                </ActionForm>
+                                </form>
                                 <Outcome form="claim" error flash=None/>
                             </section>
                         }.into_any(),

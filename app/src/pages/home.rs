@@ -3,6 +3,7 @@
 use crate::api::Join;
 use crate::components::forms::{failed, Field, Outcome, SignInForm};
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 
 #[component]
@@ -16,8 +17,7 @@ pub fn HomePage() -> impl IntoView {
             Caller::Key { .. } | Caller::Anonymous => {}
         }
     }
-    let join = ServerAction::<Join>::new();
-    let join_error = failed(join, "join");
+    let join_error = failed::<Join>("join");
     view! {
         <Title text="Tally"/>
         <section class="hero">
@@ -31,13 +31,13 @@ pub fn HomePage() -> impl IntoView {
             <SignInForm title="Sign in"/>
             <section class="card auth">
                 <h2>"Join"</h2>
-                <ActionForm action=join attr:class="form">
+                <form method="post" action=Join::PATH class="form">
                     <Field label="Your name" name="name" autocomplete="name"/>
                     <Field label="Email" name="email" kind="email" autocomplete="email"/>
                     <Field label="Password (at least 10 characters)" name="password" kind="password"
                         autocomplete="new-password"/>
                     <button type="submit">"Join"</button>
-                </ActionForm>
+                </form>
                 <Outcome form="join" error=join_error flash=None/>
             </section>
         </div>

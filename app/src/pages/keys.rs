@@ -5,6 +5,7 @@ use crate::api::{list_keys, CreateKey, RevokeKey};
 use crate::components::forms::{failed, set_status, Field, NotAllowed, Outcome, SignInForm};
 use crate::format;
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 
 #[component]
@@ -24,8 +25,7 @@ pub fn KeysPage() -> impl IntoView {
     }
     let flash = crate::request::take_flash();
     let keys = Resource::new_blocking(|| (), |_| list_keys());
-    let (create, revoke) = (ServerAction::<CreateKey>::new(), ServerAction::<RevokeKey>::new());
-    let (create_error, revoke_error) = (failed(create, "create_key"), failed(revoke, "keys"));
+    let (create_error, revoke_error) = (failed::<CreateKey>("create_key"), failed::<RevokeKey>("keys"));
     view! {
         <Title text="Keys: Tally"/>
         <h1>"Keys"</h1>
@@ -35,7 +35,7 @@ pub fn KeysPage() -> impl IntoView {
         </p>
         <section class="card action">
             <h2>"Create a key"</h2>
-            <ActionForm action=create attr:class="form">
+            <form method="post" action=CreateKey::PATH class="form">
                 <Field label="Name" name="name" placeholder="Till 3, Oxford Street"/>
                 <label class="field">
                     <span>"Role"</span>
@@ -47,7 +47,7 @@ pub fn KeysPage() -> impl IntoView {
                     </select>
                 </label>
                 <button type="submit">"Create key"</button>
-            </ActionForm>
+            </form>
             <Outcome form="create_key" error=create_error flash=flash.clone()/>
         </section>
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
@@ -74,10 +74,10 @@ pub fn KeysPage() -> impl IntoView {
                                                     <td>{format::when(&key.created_at)}</td>
                                                     <td>{key.last_used_at.as_deref().map(format::when).unwrap_or_else(|| "never".into())}</td>
                                                     <td>
-                                                        <ActionForm action=revoke attr:class="inline">
+                                                        <form method="post" action=RevokeKey::PATH class="inline">
                                                             <input type="hidden" name="id" value=key.id/>
                                                             <button type="submit" class="danger small">"Revoke"</button>
-                                                        </ActionForm>
+                                                        </form>
                                                     </td>
                                                 </tr>
                                             }).collect_view()}

@@ -13,6 +13,7 @@ use crate::error::AppError;
 use crate::format;
 use crate::views::{Flash, HistoryEntry, MembershipView};
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 use leptos_router::hooks::{use_params_map, use_query_map};
 
@@ -56,26 +57,22 @@ pub fn MemberPage() -> impl IntoView {
         },
         |(id, min)| get_member(id, min),
     );
-    let history = Resource::new_blocking(
-        {
-            let member_id = member_id.clone();
-            move || member_id.clone()
-        },
-        move |id| async move {
-            if staff {
-                member_history(id).await.map(Some)
-            } else {
-                Ok(None)
-            }
-        },
-    );
+    // Staff only: members do not see their history's actors (and the page is cheaper without).
+    let history = staff.then(|| {
+        let member_id = member_id.clone();
+        Resource::new_blocking(move || member_id.clone(), member_history)
+    });
 
     view! {
         <Suspense fallback=|| view! { <p class="muted">"Loading membership…"</p> }>
             {move || {
                 let (member_id, flash) = (member_id.clone(), flash.clone());
                 Suspend::new(async move {
-                    let (view, history) = (initial.await, history.await);
+                    let view = initial.await;
+                    let history = match history {
+                        Some(history) => Some(history.await),
+                        None => None,
+                    };
                     match view {
                         Err(err) => {
                             set_status(if err.code == "forbidden" { 403 } else { 500 });
@@ -97,7 +94,7 @@ pub fn MemberPage() -> impl IntoView {
                             }
                             let forms = (own && view.is_some())
                                 .then(|| view! { <OwnForms view=view.clone() flash=flash.clone()/> });
-                            let audit = staff.then(|| view! {
+                            let audit = history.map(|history| view! {
                                 <StaffTools member_id=member_id.clone() history flash/>
                             });
                             view! {
@@ -160,27 +157,25 @@ fn LiveMembership(member_id: String, initial: Option<MembershipView>) -> impl In
 #[component]
 fn OwnForms(view: Option<MembershipView>, flash: Option<Flash>) -> impl IntoView {
     let (name, email) = view.map(|v| (v.name, v.email)).unwrap_or_default();
-    let redeem = ServerAction::<RedeemReward>::new();
-    let profile = ServerAction::<UpdateMyProfile>::new();
-    let (redeem_error, profile_error) = (failed(redeem, "redeem"), failed(profile, "profile"));
+    let (redeem_error, profile_error) = (failed::<RedeemReward>("redeem"), failed::<UpdateMyProfile>("profile"));
     view! {
         <div class="member-forms">
             <section class="card action">
                 <h2>"Redeem a reward"</h2>
-                <ActionForm action=redeem attr:class="form">
+                <form method="post" action=RedeemReward::PATH class="form">
                     <Field label="Points" name="points" kind="number"/>
                     <Field label="Reward" name="reward" required=false placeholder="Coffee mug"/>
                     <button type="submit">"Redeem"</button>
-                </ActionForm>
+                </form>
                 <Outcome form="redeem" error=redeem_error flash=flash.clone()/>
             </section>
             <section class="card action">
                 <h2>"Your profile"</h2>
-                <ActionForm action=profile attr:class="form">
+                <form method="post" action=UpdateMyProfile::PATH class="form">
                     <Field label="Name" name="name" value=name autocomplete="name"/>
                     <Field label="Email" name="email" kind="email" value=email autocomplete="email"/>
                     <button type="submit">"Save"</button>
-                </ActionForm>
+                </form>
                 <Outcome form="profile" error=profile_error flash/>
                 <p class="small muted"><a href="/account">"Change your password"</a></p>
             </section>
@@ -190,21 +185,16 @@ fn OwnForms(view: Option<MembershipView>, flash: Option<Flash>) -> impl IntoView
 
 /// Staff: an access link for this member, and the member's history with who caused each event.
 #[component]
-fn StaffTools(
-    member_id: String,
-    history: Result<Option<Vec<HistoryEntry>>, AppError>,
-    flash: Option<Flash>,
-) -> impl IntoView {
-    let link = ServerAction::<IssueAccessLink>::new();
-    let link_error = failed(link, "access_link");
+fn StaffTools(member_id: String, history: Result<Vec<HistoryEntry>, AppError>, flash: Option<Flash>) -> impl IntoView {
+    let link_error = failed::<IssueAccessLink>("access_link");
     view! {
         <section class="card action">
             <h2>"Access link"</h2>
             <p class="muted small">"For the member to set their password: first access, or a reset. Shown once."</p>
-            <ActionForm action=link attr:class="form">
+            <form method="post" action=IssueAccessLink::PATH class="form">
                 <input type="hidden" name="member_id" value=member_id/>
                 <button type="submit">"Issue an access link"</button>
-            </ActionForm>
+            </form>
             <Outcome form="access_link" error=link_error flash/>
         </section>
         <section class="card">
@@ -218,7 +208,7 @@ fn StaffTools(
                                 <th class="num">"Position"</th><th>"When"</th><th>"Event"</th><th>"By"</th><th>"Data"</th>
                             </tr></thead>
                             <tbody>
-                                {entries.unwrap_or_default().into_iter().rev().map(|e| view! {
+                                {entries.into_iter().rev().map(|e| view! {
                                     <tr>
                                         <td class="num">{format::points(e.position)}</td>
                                         <td>{format::when(&e.recorded_at)}</td>

@@ -4,6 +4,7 @@
 use crate::api::{list_people, ChangePerson, CreatePerson};
 use crate::components::forms::{failed, set_status, Field, NotAllowed, Outcome, SignInForm};
 use leptos::prelude::*;
+use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 
 #[component]
@@ -23,14 +24,13 @@ pub fn PeoplePage() -> impl IntoView {
     }
     let flash = crate::request::take_flash();
     let people = Resource::new_blocking(|| (), |_| list_people());
-    let (create, change) = (ServerAction::<CreatePerson>::new(), ServerAction::<ChangePerson>::new());
-    let (create_error, change_error) = (failed(create, "create_person"), failed(change, "people"));
+    let (create_error, change_error) = (failed::<CreatePerson>("create_person"), failed::<ChangePerson>("people"));
     view! {
         <Title text="People: Tally"/>
         <h1>"People"</h1>
         <section class="card action">
             <h2>"Add a person"</h2>
-            <ActionForm action=create attr:class="form">
+            <form method="post" action=CreatePerson::PATH class="form">
                 <Field label="Name" name="name"/>
                 <Field label="Email" name="email" kind="email"/>
                 <label class="field">
@@ -41,7 +41,7 @@ pub fn PeoplePage() -> impl IntoView {
                     </select>
                 </label>
                 <button type="submit">"Add"</button>
-            </ActionForm>
+            </form>
             <Outcome form="create_person" error=create_error flash=flash.clone()/>
         </section>
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
@@ -62,11 +62,11 @@ pub fn PeoplePage() -> impl IntoView {
                                                 let other_role = if p.role == "admin" { "staff" } else { "admin" };
                                                 let toggle = if p.disabled { "enable" } else { "disable" };
                                                 let change_button = move |what: &'static str, label: String, id: String| view! {
-                                                    <ActionForm action=change attr:class="inline">
+                                                    <form method="post" action=ChangePerson::PATH class="inline">
                                                         <input type="hidden" name="id" value=id/>
                                                         <input type="hidden" name="change" value=what/>
                                                         <button type="submit" class="secondary small">{label}</button>
-                                                    </ActionForm>
+                                                    </form>
                                                 };
                                                 view! {
                                                     <tr>
