@@ -37,6 +37,9 @@ pub struct Keys {
     store: Store,
     cache: RwLock<HashMap<String, Arc<Entry>>>,
     enabled: AtomicBool,
+    /// Uses of keys read while nothing is kept in memory (PostgreSQL, before the revocation
+    /// listener is connected): by key id, unix seconds.
+    uncached_uses: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 /// `(id, secret)` of a token, if it has the shape of one.
@@ -60,7 +63,7 @@ fn now_secs() -> i64 {
 
 impl Keys {
     pub fn new(store: Store, cached: bool) -> Self {
-        Keys { store, cache: RwLock::default(), enabled: AtomicBool::new(cached) }
+        Keys { store, cache: RwLock::default(), enabled: AtomicBool::new(cached), uncached_uses: Default::default() }
     }
 
     /// See `SessionRecords::set_cached`.
@@ -75,17 +78,21 @@ impl Keys {
     pub async fn caller(&self, token: &str) -> Result<Option<Arc<Caller>>, sqlx::Error> {
         let Some((id, secret)) = parse(token) else { return Ok(None) };
         let cached = self.cache.read().ok().and_then(|c| c.get(id).cloned());
-        let entry = match cached {
-            Some(entry) => entry,
+        let (entry, kept) = match cached {
+            Some(entry) => (entry, true),
             None => match self.read(id).await? {
-                Some(entry) => entry,
+                Some(entry) => (entry, self.enabled.load(Ordering::SeqCst)),
                 None => return Ok(None),
             },
         };
         if !secret::matches(secret, &entry.secret_hash) {
             return Ok(None);
         }
-        entry.used.store(now_secs(), Ordering::Relaxed);
+        if kept {
+            entry.used.store(now_secs(), Ordering::Relaxed);
+        } else if let Ok(mut uses) = self.uncached_uses.lock() {
+            uses.insert(id.to_string(), now_secs());
+        }
         Ok(Some(entry.caller.clone()))
     }
 
@@ -184,16 +191,19 @@ impl Keys {
 
     /// Write when the keys used since the last time were last used (one statement per key).
     pub async fn write_last_used(&self) -> Result<(), sqlx::Error> {
-        let used: Vec<(String, i64, Arc<Entry>)> = match self.cache.read() {
+        let mut used: Vec<(String, i64, Option<Arc<Entry>>)> = match self.cache.read() {
             Ok(cache) => cache
                 .iter()
                 .filter_map(|(id, e)| {
                     let used = e.used.load(Ordering::Relaxed);
-                    (used > e.written.load(Ordering::Relaxed)).then(|| (id.clone(), used, e.clone()))
+                    (used > e.written.load(Ordering::Relaxed)).then(|| (id.clone(), used, Some(e.clone())))
                 })
                 .collect(),
             Err(_) => return Ok(()),
         };
+        if let Ok(mut uses) = self.uncached_uses.lock() {
+            used.extend(uses.drain().map(|(id, at)| (id, at, None)));
+        }
         if used.is_empty() {
             return Ok(());
         }
@@ -207,7 +217,9 @@ impl Keys {
             .bind(&id)
             .execute(&mut *conn)
             .await?;
-            entry.written.store(at, Ordering::Relaxed);
+            if let Some(entry) = entry {
+                entry.written.store(at, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
