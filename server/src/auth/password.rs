@@ -1,17 +1,22 @@
-//! Passwords: Argon2id (through `password-auth`, its default), hashed and checked on blocking
-//! threads, a bounded number at once.
+//! Passwords: Argon2id (through `password-auth`, its default), hashed and checked on threads of
+//! their own, a bounded number at once, at the lowest scheduling priority.
 //!
 //! An Argon2id hash is tens of milliseconds of one core and 19 MiB of memory, by design. Run on
 //! tokio's worker threads it would stall every request sharing them; run without a bound, a storm
-//! of sign-ins would take every core. So each hash waits for one of `concurrency` permits (by
-//! default half the cores), then runs on the blocking pool.
+//! of sign-ins would take every core. So hashes run on `concurrency` threads of their own (by
+//! default half the cores), one at a time each, waiting their turn in a queue. Those threads are
+//! niced to 19: when a request needs a core a hash holds, the kernel gives it the core at once,
+//! so a sign-in storm slows sign-ins, not the other requests (BENCHMARKS.md, P9). Tokio's blocking
+//! pool could not be niced: its threads also serve other blocking work.
 
-use std::sync::Arc;
-use tokio::sync::{OnceCell, Semaphore};
+use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::{oneshot, OnceCell};
+
+type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Clone)]
 pub struct Passwords {
-    permits: Arc<Semaphore>,
+    jobs: mpsc::Sender<Job>,
     /// A hash of nothing anyone knows, checked when an email has no account, so that an unknown
     /// email takes as long to refuse as a wrong password.
     decoy: Arc<OnceCell<String>>,
@@ -24,8 +29,31 @@ pub enum PasswordError {
 }
 
 impl Passwords {
+    /// `concurrency` hashing threads; they stop once every clone of this is gone.
     pub fn new(concurrency: usize) -> Self {
-        Passwords { permits: Arc::new(Semaphore::new(concurrency.max(1))), decoy: Arc::default() }
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..concurrency.max(1) {
+            let queue = queue.clone();
+            let started = std::thread::Builder::new().name(format!("password-hash-{i}")).spawn(move || {
+                lowest_priority();
+                loop {
+                    // The lock is held only while waiting for the next job.
+                    let job = match queue.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            });
+            if let Err(err) = started {
+                tracing::error!(error = %err, "cannot start a password hashing thread");
+            }
+        }
+        Passwords { jobs, decoy: Arc::default() }
     }
 
     /// Half the machine's cores, at least one: what sign-ins may take while other requests go on.
@@ -56,11 +84,27 @@ impl Passwords {
     }
 
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, PasswordError> {
-        let _permit = self.permits.acquire().await.map_err(|_| PasswordError::Stopped)?;
-        metrics::gauge!("tally_password_hashes_running").increment(1.0);
-        let out = tokio::task::spawn_blocking(work).await.map_err(|_| PasswordError::Stopped);
-        metrics::gauge!("tally_password_hashes_running").decrement(1.0);
-        out
+        let (done, answer) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            metrics::gauge!("tally_password_hashes_running").increment(1.0);
+            let _ = done.send(work());
+            metrics::gauge!("tally_password_hashes_running").decrement(1.0);
+        });
+        self.jobs.send(job).map_err(|_| PasswordError::Stopped)?;
+        answer.await.map_err(|_| PasswordError::Stopped)
+    }
+}
+
+/// Nice the calling thread to 19. On Linux `setpriority(PRIO_PROCESS, 0, …)` applies to the
+/// calling thread alone (each thread is a task of its own to the scheduler).
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a plain system call on the calling thread; it reads no memory of ours.
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0;
+        if failed {
+            tracing::warn!("cannot lower the password hashing thread's priority");
+        }
     }
 }
 
