@@ -224,17 +224,12 @@ async fn call(app: &TestApp, who: As<'_>, path: &str, form: &[(&str, &str)]) -> 
         As::Key(token) => req.bearer_auth(token),
         As::Session(cookie) => req.header("cookie", cookie).header("origin", &app.base),
     };
-    let resp = req.send().await.expect("sent");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.expect("body");
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    let mut reply = Reply::of(req.send().await.expect("sent")).await;
     // A server function's error is its `AppError`; reshape it like a REST error for `code()`.
-    let body = match body.get("code") {
-        Some(code) if status >= 400 => json!({"error": {"code": code, "message": body["message"]}}),
-        _ => body,
-    };
-    Reply { status, headers, body }
+    if let Some(code) = reply.body.get("code").filter(|_| reply.status >= 400) {
+        reply.body = json!({"error": {"code": code, "message": reply.body["message"]}});
+    }
+    reply
 }
 
 /// A server function's outcome: success, or the error code it answers with.

@@ -429,15 +429,7 @@ async fn revoking_access_through_one_node_closes_its_sockets_on_another_within_a
         .await
         .unwrap();
     assert_eq!(joined.status(), 201);
-    let cookie = joined
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("tally_session="))
-        .and_then(|c| c.split(';').next())
-        .expect("signed in")
-        .to_string();
+    let cookie = common::session_cookie_in(joined.headers()).expect("signed in");
     let member_id = joined.json::<Value>().await.unwrap()["member_id"].as_str().unwrap().to_string();
     settle(&client, &b).await;
     let mut member_socket = common::ws_connect_to(&b.base, common::As::Session(&cookie)).await.expect("ws on B");

@@ -692,15 +692,7 @@ async fn a_sign_in_made_in_a_server_function_is_saved() {
         .expect("sent");
     let status = r.status().as_u16();
     let location = r.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let cookie = r
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("tally_session="))
-        .and_then(|c| c.split(';').next())
-        .map(str::to_string)
-        .expect("the session cookie is set");
+    let cookie = common::session_cookie_in(r.headers()).expect("the session cookie is set");
     assert_eq!((status, location.as_deref()), (302, Some(format!("/members/{member_id}").as_str())));
     assert_eq!(me(&app, &cookie).await.body["member_id"], member_id);
     let page = app.request(As::Session(&cookie), Method::GET, &format!("/members/{member_id}"), None).await;

@@ -9,6 +9,7 @@ use crate::views::Flash;
 use leptos::prelude::*;
 use leptos::server_fn::error::ServerFnUrlError;
 use leptos::server_fn::ServerFn;
+use leptos_meta::Title;
 
 #[component]
 pub fn Field(
@@ -105,4 +106,22 @@ pub fn NotAllowed(#[prop(into)] title: String, #[prop(into)] message: String, st
             <p>{message}</p>
         </section>
     }
+}
+
+/// What a page for staff (or, with `admins_only`, for admins) shows anyone else: a sign-in form
+/// (401) that comes back to `path`, or why not (403). None for those the page is for.
+pub fn staff_gate(path: &str, admins_only: bool) -> Option<AnyView> {
+    let caller = crate::request::caller();
+    if !caller.is_signed_in() {
+        set_status(401);
+        let title = if admins_only { "Admin sign in" } else { "Staff sign in" };
+        return Some(view! { <Title text="Sign in: Tally"/> <SignInForm title next=path.to_string()/> }.into_any());
+    }
+    let (allowed, title, message) = if admins_only {
+        (caller.is_admin(), "Admins only", "Keys and people's accounts are managed by admins.")
+    } else {
+        (caller.is_staff(), "Staff only", "The staff console is for the people who run the programme.")
+    };
+    (!allowed)
+        .then(|| view! { <Title text=format!("{title}: Tally")/> <NotAllowed title message status=403/> }.into_any())
 }

@@ -4,7 +4,7 @@
 //! download. Staff only: anyone else is asked to sign in, or told it is not for them.
 
 use crate::api::{get_consumers, search_members, IssueAccessLink, StaffAction};
-use crate::components::forms::{failed, Field, NotAllowed, Outcome, SignInForm};
+use crate::components::forms::{failed, staff_gate, Field, Outcome};
 use crate::domain::member::Status;
 use crate::domain::tier::TIERS;
 use crate::error::AppError;
@@ -19,21 +19,8 @@ use leptos_router::hooks::use_query_map;
 /// renders its results and hands the console island its first status.
 #[component]
 pub fn AdminPage() -> impl IntoView {
-    let caller = crate::request::caller();
-    if !caller.is_signed_in() {
-        crate::components::forms::set_status(401);
-        return view! {
-            <Title text="Staff sign in: Tally"/>
-            <SignInForm title="Staff sign in" next="/admin"/>
-        }
-        .into_any();
-    }
-    if !caller.is_staff() {
-        return view! {
-            <Title text="Staff only: Tally"/>
-            <NotAllowed title="Staff only" message="The staff console is for the people who run the programme." status=403/>
-        }
-        .into_any();
+    if let Some(refused) = staff_gate("/admin", false) {
+        return refused;
     }
     let flash = crate::request::take_flash();
     let search = use_query_map().with_untracked(|q| {

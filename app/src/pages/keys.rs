@@ -2,7 +2,7 @@
 //! page the form comes back to.
 
 use crate::api::{list_keys, CreateKey, RevokeKey};
-use crate::components::forms::{failed, set_status, Field, NotAllowed, Outcome, SignInForm};
+use crate::components::forms::{failed, staff_gate, Field, Outcome};
 use crate::format;
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn;
@@ -10,18 +10,8 @@ use leptos_meta::Title;
 
 #[component]
 pub fn KeysPage() -> impl IntoView {
-    let caller = crate::request::caller();
-    if !caller.is_signed_in() {
-        set_status(401);
-        return view! { <Title text="Sign in: Tally"/> <SignInForm title="Admin sign in" next="/admin/keys"/> }
-            .into_any();
-    }
-    if !caller.is_admin() {
-        return view! {
-            <Title text="Admins only: Tally"/>
-            <NotAllowed title="Admins only" message="Keys are managed by admins." status=403/>
-        }
-        .into_any();
+    if let Some(refused) = staff_gate("/admin/keys", true) {
+        return refused;
     }
     let flash = crate::request::take_flash();
     let keys = Resource::new_blocking(|| (), |_| list_keys());

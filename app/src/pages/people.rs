@@ -2,25 +2,15 @@
 //! access link (to set its password) is shown once, on the page the form comes back to.
 
 use crate::api::{list_people, ChangePerson, CreatePerson};
-use crate::components::forms::{failed, set_status, Field, NotAllowed, Outcome, SignInForm};
+use crate::components::forms::{failed, staff_gate, Field, Outcome};
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
 
 #[component]
 pub fn PeoplePage() -> impl IntoView {
-    let caller = crate::request::caller();
-    if !caller.is_signed_in() {
-        set_status(401);
-        return view! { <Title text="Sign in: Tally"/> <SignInForm title="Admin sign in" next="/admin/people"/> }
-            .into_any();
-    }
-    if !caller.is_admin() {
-        return view! {
-            <Title text="Admins only: Tally"/>
-            <NotAllowed title="Admins only" message="People's accounts are managed by admins." status=403/>
-        }
-        .into_any();
+    if let Some(refused) = staff_gate("/admin/people", true) {
+        return refused;
     }
     let flash = crate::request::take_flash();
     let people = Resource::new_blocking(|| (), |_| list_people());

@@ -32,6 +32,16 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The response's status, headers and body (JSON, or the text as a JSON string).
+    pub async fn of(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Reply { status, headers, body }
+    }
+
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
@@ -52,8 +62,12 @@ pub enum As<'a> {
 
 /// The session cookie a response set (`name=value`), if any.
 pub fn session_cookie(reply: &Reply) -> Option<String> {
-    reply
-        .headers
+    session_cookie_in(&reply.headers)
+}
+
+/// The session cookie these response headers set (`name=value`), if any.
+pub fn session_cookie_in(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers
         .get_all(reqwest::header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -206,13 +220,7 @@ impl TestApp {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.expect("body");
-        let body =
-            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
-        Reply { status, headers, body }
+        Reply::of(req.send().await.expect("request sent")).await
     }
 
     /// A request as `who`: JSON body, and for a session its cookie and this app's `Origin`.
@@ -226,13 +234,7 @@ impl TestApp {
             As::Key(token) => req.bearer_auth(token),
             As::Session(cookie) => req.header("cookie", cookie).header("origin", &self.base),
         };
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.expect("body");
-        let body =
-            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
-        Reply { status, headers, body }
+        Reply::of(req.send().await.expect("request sent")).await
     }
 
     /// A member joins (`POST /api/signup`); returns their id and session cookie.
