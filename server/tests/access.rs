@@ -244,14 +244,17 @@ fn outcome(reply: &Reply) -> Out {
     if reply.status < 400 {
         return Out::Ok;
     }
-    match reply.code() {
-        "unauthenticated" => Out::Err("unauthenticated"),
-        "forbidden" => Out::Err("forbidden"),
-        "member_not_found" => Out::Err("member_not_found"),
-        "invalid_credentials" => Out::Err("invalid_credentials"),
-        "not_found" => Out::Err("not_found"),
+    // A server function's error comes with the status the REST API gives its code.
+    let (out, status) = match reply.code() {
+        "unauthenticated" => (Out::Err("unauthenticated"), 401),
+        "forbidden" => (Out::Err("forbidden"), 403),
+        "member_not_found" => (Out::Err("member_not_found"), 404),
+        "invalid_credentials" => (Out::Err("invalid_credentials"), 401),
+        "not_found" => (Out::Err("not_found"), 404),
         other => panic!("unexpected answer {other}: {:?}", reply.body),
-    }
+    };
+    assert_eq!(reply.status, status, "{:?}", reply.body);
+    out
 }
 
 async fn fn_row(app: &TestApp, p: &Principals, name: &str, path: &str, form: &[(&str, &str)], expected: [Out; 7]) {

@@ -83,7 +83,7 @@ pub async fn join(name: String, email: String, password: String) -> Result<Signe
 /// Whether the access link `token` can still be used (the claim page asks before its form).
 #[server(prefix = "/_fn")]
 pub async fn claim_usable(token: String) -> Result<bool, AppError> {
-    identity()?.link_usable(&token).await
+    identity()?.link_usable(&token).await.map_err(AppError::answered)
 }
 
 /// Use an access link: set the password, sign in, go to the account's page.
@@ -129,7 +129,7 @@ pub async fn issue_access_link(member_id: String) -> Result<AccessLink, AppError
 #[server(prefix = "/_fn")]
 pub async fn list_keys() -> Result<Vec<KeySummary>, AppError> {
     super::authorized(crate::domain::access::Action::Administer)?;
-    identity()?.keys(&crate::request::caller()).await
+    identity()?.keys(&crate::request::caller()).await.map_err(AppError::answered)
 }
 
 /// Admin: a new key; its token is shown once, on the page the form goes back to.
@@ -160,7 +160,7 @@ pub async fn revoke_key(id: String) -> Result<(), AppError> {
 #[server(prefix = "/_fn")]
 pub async fn list_people() -> Result<Vec<PersonSummary>, AppError> {
     super::authorized(crate::domain::access::Action::Administer)?;
-    identity()?.people(&crate::request::caller()).await
+    identity()?.people(&crate::request::caller()).await.map_err(AppError::answered)
 }
 
 /// Admin: a person's account; the link to set its password is shown once.

@@ -33,12 +33,13 @@ fn portal() -> Result<std::sync::Arc<dyn Portal>, AppError> {
 fn authorized(action: crate::domain::access::Action) -> Result<crate::domain::access::Caller, AppError> {
     use crate::domain::access::{authorize, Denied};
     let caller = crate::request::caller();
-    match authorize(&caller, action) {
-        Ok(()) => Ok(caller),
-        Err(Denied::Unauthenticated) => Err(AppError::unauthenticated()),
-        Err(Denied::Forbidden) => Err(AppError::new("forbidden", "you may not do this")),
-        Err(Denied::NotFound) => Err(AppError::new("member_not_found", "no such member")),
-    }
+    let denied = match authorize(&caller, action) {
+        Ok(()) => return Ok(caller),
+        Err(Denied::Unauthenticated) => AppError::unauthenticated(),
+        Err(Denied::Forbidden) => AppError::new("forbidden", "you may not do this"),
+        Err(Denied::NotFound) => AppError::new("member_not_found", "no such member"),
+    };
+    Err(denied.answered())
 }
 
 /// The member's view; with `min_position`, first wait (up to 2 s) until the projector has applied
@@ -46,36 +47,35 @@ fn authorized(action: crate::domain::access::Action) -> Result<crate::domain::ac
 /// member's view is `None`, as an unknown member's is.
 #[server(prefix = "/_fn")]
 pub async fn get_member(member_id: String, min_position: Option<u64>) -> Result<Option<MembershipView>, AppError> {
-    use crate::domain::access::Action;
-    match authorized(Action::ReadMember(&member_id)) {
-        Ok(_) => {}
-        Err(err) if err.code == "member_not_found" => return Ok(None),
-        Err(err) => return Err(err),
+    use crate::domain::access::{authorize, Action, Denied};
+    if authorize(&crate::request::caller(), Action::ReadMember(&member_id)) == Err(Denied::NotFound) {
+        return Ok(None);
     }
+    authorized(Action::ReadMember(&member_id))?;
     let portal = portal()?;
     if let Some(position) = min_position {
         portal.wait_for_position(position).await;
     }
-    portal.member(&member_id).await
+    portal.member(&member_id).await.map_err(AppError::answered)
 }
 
 #[server(prefix = "/_fn")]
 pub async fn search_members(query: MemberQuery) -> Result<MemberPage, AppError> {
     authorized(crate::domain::access::Action::ManageMembers)?;
-    portal()?.search(query).await
+    portal()?.search(query).await.map_err(AppError::answered)
 }
 
 #[server(prefix = "/_fn")]
 pub async fn get_consumers() -> Result<Vec<ConsumerStatus>, AppError> {
     authorized(crate::domain::access::Action::Operations)?;
-    portal()?.consumers().await
+    portal()?.consumers().await.map_err(AppError::answered)
 }
 
 /// A member's history with who caused each event (staff: the audit trail).
 #[server(prefix = "/_fn")]
 pub async fn member_history(member_id: String) -> Result<Vec<HistoryEntry>, AppError> {
     authorized(crate::domain::access::Action::ManageMembers)?;
-    portal()?.history(&member_id).await
+    portal()?.history(&member_id).await.map_err(AppError::answered)
 }
 
 /// Every staff console form posts here; its hidden `kind` field says which action it is: `enroll`,
