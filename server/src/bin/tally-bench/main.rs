@@ -564,6 +564,10 @@ async fn start_server(tally: &Path, db: &Path, work: &Path) -> anyhow::Result<Se
         // 10,000 sockets of that member's session: far above the server's default cap per
         // principal (32, enough for a person's tabs and devices).
         ("TALLY_MAX_SOCKETS_PER_PRINCIPAL", "100000".to_string()),
+        // The sockets' clients read frames straight off TCP and answer no pings (a browser does):
+        // with the default idle time (60 s) a long P4 or P5 on a slow machine would see them
+        // closed. Pinging is not what these measures are about.
+        ("TALLY_WS_IDLE_SECS", "3600".to_string()),
     ];
     let proc = proc::spawn("tally", tally, &args, &envs, &work.join("server.log"), "/healthz").await?;
     Ok(Server { proc, admin, staff })
