@@ -5,9 +5,9 @@
 //!   applied position to the `min_position` waiters.
 //! - PostgreSQL (many nodes): the projector sends `NOTIFY tally_views, '<position>|<id>,<id>…'`
 //!   inside its transaction, so the notice goes out exactly when the views commit. Every node
-//!   (the projector's own included) LISTENs, reads the changed rows once per change (never per
-//!   client) and feeds its hub and waiters. A node that lost its listener connection reconnects,
-//!   and re-reads the projector's checkpoint so waiters never hang.
+//!   (the projector's own included) LISTENs (see `notices`), reads the changed rows once per
+//!   change (never per client) and feeds its hub and waiters. A node that lost its listener
+//!   connection reconnects, and re-reads the projector's checkpoint so waiters never hang.
 
 use crate::live::Hub;
 use crate::projector::membership_view::ViewRow;
@@ -18,7 +18,6 @@ use sqlx::AnyConnection;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 pub const CHANNEL: &str = "tally_views";
 /// Writers announce their commits here, so the leader's consumers wake for appends made on any
@@ -139,53 +138,36 @@ impl ViewFeed {
         }
     }
 
-    /// PostgreSQL only: receive every node's view changes until shut down.
-    pub async fn listen(self: Arc<Self>, url: String, store: Store, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let result = self.listen_once(&url, &store, &shutdown).await;
-            // Changes may be missed until the listener is back: no cached views meanwhile.
-            self.cache.set_enabled(false);
-            match result {
-                Ok(()) => return,
-                Err(err) => {
-                    tracing::warn!(error = %err, "view listener lost its connection; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+    /// PostgreSQL: the notice listener is connected; every later change will arrive, so caching
+    /// is safe again. Whatever was announced while no one listened: catch up the position.
+    pub async fn listening(&self, store: &Store) -> anyhow::Result<()> {
+        self.cache.set_enabled(true);
+        self.advance(crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?);
+        Ok(())
     }
 
-    async fn listen_once(&self, url: &str, store: &Store, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-        listener.listen_all([CHANNEL, APPENDS_CHANNEL]).await?;
-        // Listening from here on: every later change will arrive, so caching is safe again.
-        self.cache.set_enabled(true);
-        // Whatever was announced while we were not listening: catch up the position.
-        self.advance(crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?);
-        loop {
-            let notice = tokio::select! {
-                n = listener.recv() => n?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            if notice.channel() == APPENDS_CHANNEL {
-                if let Ok(position) = notice.payload().parse::<i64>() {
-                    crate::store::raise(&self.head, position);
-                }
-                continue;
+    /// PostgreSQL: the notice listener lost its connection; changes may be missed until it is
+    /// back, so no cached views meanwhile.
+    pub fn not_listening(&self) {
+        self.cache.set_enabled(false);
+    }
+
+    /// PostgreSQL: a notice on one of this feed's channels (see `notices`).
+    pub async fn notice(&self, channel: &str, payload: &str, store: &Store) -> Result<(), sqlx::Error> {
+        if channel == APPENDS_CHANNEL {
+            if let Ok(position) = payload.parse::<i64>() {
+                crate::store::raise(&self.head, position);
             }
-            let Some((position, ids)) = notice.payload().split_once('|') else { continue };
-            let Ok(position) = position.parse::<i64>() else { continue };
-            for id in ids.split(',').filter(|id| !id.is_empty()) {
-                if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
-                    self.deliver(id, view_position, Arc::new(ViewText::ready(json.into())));
-                }
-            }
-            self.advance(position);
+            return Ok(());
         }
+        let Some((position, ids)) = payload.split_once('|') else { return Ok(()) };
+        let Ok(position) = position.parse::<i64>() else { return Ok(()) };
+        for id in ids.split(',').filter(|id| !id.is_empty()) {
+            if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
+                self.deliver(id, view_position, Arc::new(ViewText::ready(json.into())));
+            }
+        }
+        self.advance(position);
+        Ok(())
     }
 }

@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod leader;
 pub mod live;
+pub mod notices;
 pub mod portal;
 pub mod processors;
 pub mod projector;
@@ -135,8 +136,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
             let url = store::normalize_url(&db.database_url);
             let retry = Duration::from_millis(args.leader_retry_ms.max(50));
             tasks.push(tokio::spawn(leader::lead(url.clone(), consumers.clone(), shutdown.clone(), retry)));
-            tasks.push(tokio::spawn(feed.clone().listen(url.clone(), store.clone(), shutdown.clone())));
-            tasks.push(tokio::spawn(auth.clone().listen(url, shutdown.clone())));
+            let notices = notices::listen(url, store.clone(), feed.clone(), Some(auth.clone()), shutdown.clone());
+            tasks.push(tokio::spawn(notices));
         }
     }
 

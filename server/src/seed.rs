@@ -59,7 +59,7 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
     let mut tasks = consumers.run(shutdown.clone());
     if store.backend == store::Backend::Postgres {
         let url = store::normalize_url(&args.db.database_url);
-        tasks.push(tokio::spawn(feed.listen(url, store.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::notices::listen(url, store.clone(), feed, None, shutdown.clone())));
     }
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let style = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")

@@ -247,43 +247,25 @@ impl Auth {
         }
     }
 
-    /// PostgreSQL: hear every node's revocations until shut down. While not listening nothing is
-    /// kept in memory (every request reads the tables), so nothing revoked elsewhere is missed;
-    /// on reconnecting, the open sockets are checked against the tables.
-    pub async fn listen(self: Arc<Self>, url: String, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let result = self.listen_once(&url, &shutdown).await;
-            self.set_cached(false);
-            match result {
-                Ok(()) => return,
-                Err(err) => {
-                    tracing::warn!(error = %err, "revocation listener lost its connection; reconnecting");
-                    metrics::counter!("tally_auth_listener_reconnects_total").increment(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    async fn listen_once(&self, url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-        listener.listen(CHANNEL).await?;
+    /// PostgreSQL: the notice listener is connected (see `notices`); revocations from other
+    /// nodes will be heard, so sessions, accounts and keys may be kept in memory again. The
+    /// sockets opened meanwhile are checked against the tables, for revocations missed.
+    pub async fn listening(&self) {
         self.set_cached(true);
         self.recheck_sockets(true).await;
-        loop {
-            let notice = tokio::select! {
-                n = listener.recv() => n?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            match Revoked::parse(notice.payload()) {
-                Some(revoked) => self.apply(&revoked),
-                None => tracing::warn!(payload = notice.payload(), "unknown revocation notice"),
-            }
+    }
+
+    /// PostgreSQL: the notice listener lost its connection: nothing is kept in memory (every
+    /// request reads the tables) until it is back, so nothing revoked elsewhere is missed.
+    pub fn not_listening(&self) {
+        self.set_cached(false);
+    }
+
+    /// PostgreSQL: a revocation another node (or this one) announced.
+    pub fn notice(&self, payload: &str) {
+        match Revoked::parse(payload) {
+            Some(revoked) => self.apply(&revoked),
+            None => tracing::warn!(payload, "unknown revocation notice"),
         }
     }
 
