@@ -153,10 +153,15 @@ test("without JavaScript: staff sign in, issue an access link, and a wrong passw
   await staff.context.close();
 });
 
-test("a member cannot open the staff console without JavaScript either", async ({ browser }) => {
+test("without JavaScript a member sees only their own page and cannot open the staff console either", async ({ browser }) => {
+  const api = await adminApi();
+  const other = await enroll(api, "Someone Else Offline");
   const context = await browser.newContext({ javaScriptEnabled: false });
   const page = await context.newPage();
   await join(page, "Curious Offline");
+  const otherPage = await page.goto(`/members/${other}`);
+  expect(otherPage?.status()).toBe(404);
+  await expect(page.getByRole("heading", { name: "Member not found" })).toBeVisible();
   const response = await page.goto("/admin");
   expect(response?.status()).toBe(403);
   await expect(page.getByRole("heading", { name: "Staff only" })).toBeVisible();
