@@ -260,8 +260,21 @@ async fn a_purchase_earns_points_exactly_once() {
     assert_eq!(first.status, 202);
     assert_eq!(first.body["transaction_id"], "t-1");
     app.catch_up().await;
-    let again = app.post("/api/transactions", json!({"transaction_id": "t-1", "member_id": "m1", "amount_cents": 99_999, "currency": "EUR", "channel": "ecommerce"})).await;
+    // The same sale sent again: 202 with the first position, nothing recorded.
+    let again = app.post("/api/transactions", purchase.clone()).await;
     assert_eq!((again.status, &again.body["position"]), (202, &first.body["position"]));
+    // The same id with another sale: a conflict, nothing recorded either.
+    let others = [
+        json!({"transaction_id": "t-1", "member_id": "m1", "amount_cents": 99_999, "currency": "EUR", "channel": "pos"}),
+        json!({"transaction_id": "t-1", "member_id": "m2", "amount_cents": 12_399, "currency": "EUR", "channel": "pos"}),
+        json!({"transaction_id": "t-1", "amount_cents": 12_399, "currency": "EUR", "channel": "pos"}),
+        json!({"transaction_id": "t-1", "member_id": "m1", "amount_cents": 12_399, "currency": "USD", "channel": "pos"}),
+        json!({"transaction_id": "t-1", "member_id": "m1", "amount_cents": 12_399, "currency": "EUR", "channel": "ecommerce"}),
+    ];
+    for other in others {
+        let conflict = app.post("/api/transactions", other.clone()).await;
+        assert_eq!((conflict.status, conflict.code()), (409, "transaction_conflict"), "{other}");
+    }
 
     let view = app.view("m1").await;
     assert_eq!(view["points_balance"], 123);

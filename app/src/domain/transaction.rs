@@ -34,6 +34,17 @@ pub struct Purchase {
     pub performed_at: String,
 }
 
+impl Purchase {
+    /// Whether `other` is this sale sent again: the same member, amount, currency and channel
+    /// (when it was sent again does not matter).
+    pub fn same_sale(&self, other: &Purchase) -> bool {
+        self.member_id == other.member_id
+            && self.amount_cents == other.amount_cents
+            && self.currency == other.currency
+            && self.channel == other.channel
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NotRewardedReason {
@@ -62,6 +73,8 @@ pub enum TransactionCommand {
 pub enum TransactionError {
     #[error("transaction not found")]
     NotFound,
+    #[error("transaction '{0}' was recorded with another member, amount, currency or channel")]
+    Conflict(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,15 +93,16 @@ impl Aggregate for TransactionAggregate {
     const STREAM_PREFIX: &'static str = "transaction-";
 
     /// Both opening and closing are idempotent: the same purchase again, or a second closing,
-    /// records nothing, so a retried sale or a re-run policy changes nothing.
+    /// records nothing, so a retried sale or a re-run policy changes nothing. The same
+    /// transaction id with another purchase is a conflict: a channel reusing an id by mistake
+    /// must hear of it, not be told it was recorded.
     fn decide(state: &Transaction, command: TransactionCommand) -> Result<Vec<TransactionEvent>, TransactionError> {
         match command {
-            TransactionCommand::Perform(purchase) => {
-                if state.purchase.is_some() {
-                    return Ok(vec![]);
-                }
-                Ok(vec![TransactionEvent::TransactionPerformed(purchase)])
-            }
+            TransactionCommand::Perform(purchase) => match &state.purchase {
+                Some(recorded) if recorded.same_sale(&purchase) => Ok(vec![]),
+                Some(recorded) => Err(TransactionError::Conflict(recorded.transaction_id.clone())),
+                None => Ok(vec![TransactionEvent::TransactionPerformed(purchase)]),
+            },
             TransactionCommand::Reward { member_id, points } => {
                 if state.purchase.is_none() {
                     return Err(TransactionError::NotFound);
@@ -158,6 +172,30 @@ mod tests {
         given::<TransactionAggregate>(vec![TransactionEvent::TransactionPerformed(purchase())])
             .when(TransactionCommand::Perform(purchase()))
             .then(vec![]);
+    }
+
+    #[test]
+    fn the_same_purchase_sent_again_later_records_nothing() {
+        let later = Purchase { performed_at: "2026-11-23T10:05:00Z".into(), ..purchase() };
+        given::<TransactionAggregate>(vec![TransactionEvent::TransactionPerformed(purchase())])
+            .when(TransactionCommand::Perform(later))
+            .then(vec![]);
+    }
+
+    #[test]
+    fn the_same_transaction_id_with_another_purchase_is_a_conflict() {
+        let others = [
+            Purchase { member_id: Some("m2".into()), ..purchase() },
+            Purchase { member_id: None, ..purchase() },
+            Purchase { amount_cents: 2_600, ..purchase() },
+            Purchase { currency: "USD".into(), ..purchase() },
+            Purchase { channel: Channel::Ecommerce, ..purchase() },
+        ];
+        for other in others {
+            given::<TransactionAggregate>(vec![TransactionEvent::TransactionPerformed(purchase())])
+                .when(TransactionCommand::Perform(other))
+                .then_err(TransactionError::Conflict("t1".into()));
+        }
     }
 
     #[test]

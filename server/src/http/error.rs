@@ -22,6 +22,8 @@ pub enum ApiError {
     EmailTaken,
     #[error("member '{0}' already exists")]
     MemberExists(String),
+    #[error("{0}")]
+    TransactionConflict(String),
     #[error("the request body is larger than 64 KiB")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -69,6 +71,7 @@ impl ApiError {
             ApiError::VersionConflict(_) => (StatusCode::CONFLICT, "version_conflict"),
             ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
             ApiError::MemberExists(_) => (StatusCode::CONFLICT, "member_exists"),
+            ApiError::TransactionConflict(_) => (StatusCode::CONFLICT, "transaction_conflict"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::InsufficientPoints(_) => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_points"),
             ApiError::AccountSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_suspended"),
@@ -127,6 +130,9 @@ impl From<CommandError> for ApiError {
                 MemberError::PurchaseTooSmall => ApiError::InvalidRequest(e.to_string()),
             },
             CommandError::Transaction(TransactionError::NotFound) => ApiError::NotFound("transaction".into()),
+            CommandError::Transaction(e @ TransactionError::Conflict(_)) => {
+                ApiError::TransactionConflict(e.to_string())
+            }
             CommandError::VersionConflict { expected, actual } if expected >= 0 => {
                 ApiError::VersionConflict(format!("the member is at version {actual}, not {expected}"))
             }
