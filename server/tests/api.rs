@@ -481,3 +481,46 @@ async fn an_event_the_projections_cannot_read_is_reported_and_never_skipped() {
     let view = app.get("/api/members/m1").await;
     assert_eq!(view.body["points_balance"], 0, "{:?}", view.body);
 }
+
+#[tokio::test]
+async fn idempotency_keys_past_their_window_are_pruned_a_few_at_a_time_and_recent_ones_kept() {
+    let app = spawn_app().await;
+    app.enroll("m1", "Ada", "ada@example.com").await;
+    for key in ["old-1", "old-2", "old-3", "old-4", "old-5"] {
+        let r = app
+            .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("idempotency-key", key)])
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // A purchase: the loyalty policy keeps a key of its own for its earn.
+    let purchase =
+        json!({"transaction_id": "t-1", "member_id": "m1", "amount_cents": 1_000, "currency": "EUR", "channel": "pos"});
+    assert_eq!(app.post("/api/transactions", purchase).await.status, 202);
+    app.catch_up().await;
+    let store = &app.state.store;
+    let mut conn = store.write.acquire().await.expect("write connection");
+    sqlx::query("UPDATE idempotency_keys SET created_at = '2020-01-01T00:00:00.000Z'")
+        .execute(&mut *conn)
+        .await
+        .expect("backdate");
+    drop(conn);
+    let r = app
+        .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("idempotency-key", "recent")])
+        .await;
+    assert_eq!(r.status, 200);
+    let scopes: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT scope FROM idempotency_keys").fetch_all(&store.read).await.expect("scopes");
+    assert!(scopes.iter().any(|(s,)| s == "loyalty_policy"), "{scopes:?}");
+
+    // Batches of two: six old keys (five of the client's, the policy's one) take four statements.
+    let removed = store.prune_idempotency_keys(chrono::Duration::days(7), 2).await.expect("pruned");
+    assert_eq!(removed, 6);
+    let left: Vec<(String,)> =
+        sqlx::query_as("SELECT key FROM idempotency_keys").fetch_all(&store.read).await.expect("keys");
+    assert_eq!(left, [("recent".to_string(),)]);
+    // The recent key still replays.
+    let again = app
+        .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("idempotency-key", "recent")])
+        .await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+}

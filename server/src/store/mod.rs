@@ -345,15 +345,36 @@ impl Store {
         sqlx::query("SELECT 1").fetch_one(&self.read).await.map(|_| ())
     }
 
-    /// Drop idempotency keys older than `keep` (API.md promises at least 24 hours).
-    pub async fn prune_idempotency_keys(&self, keep: chrono::Duration) -> Result<u64, sqlx::Error> {
+    /// Drop idempotency keys older than `keep` (API.md promises at least 24 hours), at most
+    /// `batch` per statement, giving the write connection back between statements: the command
+    /// writer waits for at most one small batch, however many keys are due.
+    ///
+    /// Every scope goes: the clients' (`api:<actor>`) and the loyalty policy's. A policy key is
+    /// written in the transaction that also closes its purchase, and a closed purchase is never
+    /// handled again, so once the window has passed nothing can ask for it.
+    pub async fn prune_idempotency_keys(&self, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
         let cutoff = crate::clock::rfc3339(chrono::Utc::now() - keep);
-        let done =
-            sqlx::query("DELETE FROM idempotency_keys WHERE (scope = 'api' OR scope LIKE 'api:%') AND created_at < $1")
-                .bind(cutoff)
-                .execute(&mut *self.write.acquire().await?)
-                .await?;
-        Ok(done.rows_affected())
+        let mut removed = 0;
+        loop {
+            let started = std::time::Instant::now();
+            let mut conn = self.write.acquire().await?;
+            let done = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE (scope, key) IN \
+                 (SELECT scope, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2)",
+            )
+            .bind(&cutoff)
+            .bind(batch)
+            .execute(&mut *conn)
+            .await?;
+            drop(conn);
+            metrics::histogram!("tally_idempotency_prune_batch_seconds").record(started.elapsed().as_secs_f64());
+            removed += done.rows_affected();
+            if done.rows_affected() < batch.max(1) as u64 {
+                return Ok(removed);
+            }
+            // Let whoever waits for the write connection (the command writer) go first.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
