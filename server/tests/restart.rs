@@ -163,6 +163,8 @@ async fn views_ahead_of_the_log_are_rebuilt_from_it_at_start() {
     store.write.close().await;
     store.views.close().await;
     store.read.close().await;
+    // One process at a time on a SQLite file: this one lets go before the server starts.
+    drop(store);
 
     let app = common::spawn_on(&url, dir).await;
     app.catch_up().await;
@@ -174,4 +176,61 @@ async fn views_ahead_of_the_log_are_rebuilt_from_it_at_start() {
     assert_eq!(app.earn("p1", 5).await.status, 200);
     app.catch_up().await;
     assert_eq!(app.view("p1").await["points_balance"], 255);
+}
+
+/// A SQLite file has one Tally process at a time: a second `tally serve`, `tally rebuild` or
+/// `tally keys create` on a file a server holds exits at once, naming the file and the holder, and
+/// the server goes on undisturbed.
+#[tokio::test]
+async fn a_second_process_on_a_sqlite_file_a_server_holds_is_refused_at_once() {
+    let (db, _dir) = common::sqlite_database();
+    let client = common::bearer_client(&common::create_key_cli(&db, "admin"));
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = start_binary(&db, port, &[]);
+    wait_healthy(&client, &base).await;
+    let enrolled = client
+        .post(format!("{base}/api/members"))
+        .json(&json!({"member_id": "h", "name": "Held", "email": "h@example.com"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(enrolled.status(), 201);
+
+    let second_port = free_port().to_string();
+    let second_addr = format!("127.0.0.1:{second_port}");
+    for args in [
+        vec!["serve", "--addr", second_addr.as_str(), "--database-url", db.as_str()],
+        vec!["rebuild", "--database-url", db.as_str()],
+        vec!["keys", "create", "--database-url", db.as_str(), "--name", "late", "--role", "admin"],
+    ] {
+        let started = Instant::now();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("runs");
+        assert!(!output.status.success(), "{args:?} must not run beside the server");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains(&db) && said.contains(&format!("pid {}", server.0.id())), "{args:?}: {said}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{args:?} waited instead of refusing");
+    }
+    // The server was not disturbed.
+    let earned = client
+        .post(format!("{base}/api/members/h/points/earn"))
+        .json(&json!({"points": 5}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(earned.status(), 200);
+    let view: Value = client
+        .get(format!("{base}/api/members/h?min_position=1"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["member_id"], "h");
+    drop(server);
 }

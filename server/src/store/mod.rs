@@ -18,6 +18,7 @@
 mod append;
 pub mod checkpointer;
 pub mod heads;
+pub mod lock;
 mod native;
 mod recent;
 mod writes;
@@ -64,9 +65,9 @@ pub struct Store {
     pub native: Option<Native>,
     /// SQLite: where each stream ends (the log has no index by stream; see `heads`).
     pub(crate) heads: Option<Arc<Heads>>,
-    /// SQLite: stops the files' checkpointer threads and the heads' writer once the last clone
-    /// of the store is gone.
-    _background: Arc<tokio_util::sync::DropGuard>,
+    /// SQLite: stops the files' checkpointer threads and the heads' writer, and lets go of the
+    /// file's lock (see `lock`), once the last clone of the store is gone.
+    _background: Arc<(tokio_util::sync::DropGuard, Option<lock::FileLock>)>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
@@ -148,6 +149,8 @@ impl Store {
             Backend::Sqlite => sqlite_file(&url),
             Backend::Postgres => None,
         };
+        // Before anything touches the file: one process at a time.
+        let file_lock = sqlite_path.as_deref().map(lock::acquire).transpose()?;
         let views_path = sqlite_path.as_deref().map(views_file);
         let synchronous = if durable { "FULL" } else { "NORMAL" };
         // `attach`: the views' file, for connections that read both (see `views_file`).
@@ -246,7 +249,7 @@ impl Store {
         if let Some(heads) = &heads {
             tokio::spawn(heads::flush_behind(write.clone(), heads.clone(), stop.clone()));
         }
-        let background = Arc::new(stop.drop_guard());
+        let background = Arc::new((stop.drop_guard(), file_lock));
         Ok(Store {
             write,
             views,

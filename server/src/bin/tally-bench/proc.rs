@@ -31,6 +31,8 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
+        // Gone for good before the caller goes on (a rebuild needs the database file let go).
+        let _ = self.child.wait();
     }
 }
 
