@@ -3,7 +3,7 @@
 //! The REST routes (`http::auth`) and the server functions (`portal`) both call these, so the two
 //! surfaces cannot drift apart.
 
-use crate::auth::accounts::{Account, AccountError, PersonInfo};
+use crate::auth::accounts::{self, Account, AccountError, PersonInfo};
 use crate::auth::keys::{KeyError, KeyInfo};
 use crate::auth::links::{self, IssuedLink, LinkFor};
 use crate::auth::sessions::{id_hash, SessionAuth, AUTH_KEY};
@@ -15,7 +15,7 @@ use crate::{queries, AppState};
 use app::domain::access::{authorize, Action, Caller, Role};
 use app::domain::validate;
 use serde::Serialize;
-use sqlx::{Acquire, Row};
+use sqlx::Acquire;
 use std::net::IpAddr;
 use tower_sessions::Session;
 
@@ -192,36 +192,7 @@ pub async fn claim(state: &AppState, session: &Session, token: &str, password: &
             id
         }
         LinkFor::Member(member_id) => {
-            let existing = sqlx::query("SELECT id FROM accounts WHERE member_id = $1")
-                .bind(&member_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            match existing {
-                Some(row) => {
-                    let id: String = row.try_get("id")?;
-                    sqlx::query("UPDATE accounts SET password_hash = $1 WHERE id = $2")
-                        .bind(&hash)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await?;
-                    id
-                }
-                None => {
-                    let id = crate::auth::secret::random_id();
-                    sqlx::query(
-                        "INSERT INTO accounts (id, role, member_id, name, password_hash, created_at, created_by) \
-                         VALUES ($1, 'member', $2, '', $3, $4, $5)",
-                    )
-                    .bind(&id)
-                    .bind(&member_id)
-                    .bind(&hash)
-                    .bind(crate::clock::now())
-                    .bind(format!("member:{member_id}"))
-                    .execute(&mut *tx)
-                    .await?;
-                    id
-                }
-            }
+            accounts::set_member_password(&mut tx, &member_id, &hash, &format!("member:{member_id}")).await?
         }
     };
     tx.commit().await?;

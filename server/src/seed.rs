@@ -195,22 +195,10 @@ pub async fn demo_accounts(state: &AppState) -> anyhow::Result<()> {
     for (member_id, _, email) in DEMO_MEMBERS {
         let password = crate::auth::secret::random(12);
         let hash = auth.passwords.hash(&password).await?;
-        match auth.accounts.of_member(member_id).await? {
-            Some(account) => auth.accounts.set_password(&account.id, &hash).await?,
-            None => {
-                let mut conn = state.store.write.acquire().await?;
-                sqlx::query(
-                    "INSERT INTO accounts (id, role, member_id, name, password_hash, created_at, created_by) \
-                     VALUES ($1, 'member', $2, '', $3, $4, 'system')",
-                )
-                .bind(crate::auth::secret::random_id())
-                .bind(member_id)
-                .bind(&hash)
-                .bind(clock::now())
-                .execute(&mut *conn)
-                .await?;
-            }
-        }
+        let mut conn = state.store.write.acquire().await?;
+        let account = crate::auth::accounts::set_member_password(&mut conn, member_id, &hash, "system").await?;
+        drop(conn);
+        auth.accounts.forget(&account);
         lines.push(format!("  member {email:<22} password {password}   (/members/{member_id})"));
     }
     for (email, name, role) in DEMO_PEOPLE {

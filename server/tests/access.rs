@@ -6,12 +6,9 @@
 mod common;
 
 use common::{spawn_app, As, Reply, TestApp};
-use futures::{SinkExt, StreamExt};
 use leptos::server_fn::ServerFn;
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::time::Duration;
-use tokio_tungstenite::tungstenite::Message;
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -353,24 +350,6 @@ async fn the_sign_in_server_functions_answer_anyone_and_sign_out_ends_only_sessi
     }
 }
 
-/// The next text message within 5 s, as JSON.
-async fn next(socket: &mut common::WebSocket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .expect("a message within 5 s")
-            .expect("socket open")
-            .expect("no socket error");
-        if let Message::Text(text) = message {
-            return serde_json::from_str(&text).expect("JSON message");
-        }
-    }
-}
-
-async fn subscribe(socket: &mut common::WebSocket, topic: &str) {
-    socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await.expect("sent");
-}
-
 #[tokio::test]
 async fn websocket_upgrades_and_subscriptions_follow_the_table() {
     let app = spawn_app().await;
@@ -388,8 +367,8 @@ async fn websocket_upgrades_and_subscriptions_follow_the_table() {
     let may_read = [false, true, false, false, true, true, false];
     for ((column, who), allowed) in p.columns().into_iter().zip(may_read).skip(1) {
         let mut socket = common::ws_connect(&app, who).await.expect("upgrade");
-        subscribe(&mut socket, &target).await;
-        let first = next(&mut socket).await;
+        common::send_json(&mut socket, json!({"subscribe": &target})).await;
+        let first = common::next_json(&mut socket).await;
         if allowed {
             assert_eq!(
                 (first["type"].as_str(), first["topic"].as_str()),
@@ -408,8 +387,8 @@ async fn websocket_upgrades_and_subscriptions_follow_the_table() {
 
     // An id that does not exist answers a member as another member's does.
     let mut socket = common::ws_connect(&app, As::Session(&p.member_other)).await.expect("upgrade");
-    subscribe(&mut socket, "member:nobody-has-this-id").await;
-    let unknown = next(&mut socket).await;
+    common::send_json(&mut socket, json!({"subscribe": "member:nobody-has-this-id"})).await;
+    let unknown = common::next_json(&mut socket).await;
     assert_eq!(
         (unknown["code"].as_str(), unknown["topic"].as_str()),
         (Some("forbidden"), Some("member:nobody-has-this-id"))
@@ -419,18 +398,18 @@ async fn websocket_upgrades_and_subscriptions_follow_the_table() {
     let staff_only = [false, false, false, false, true, true, false];
     for ((column, who), allowed) in p.columns().into_iter().zip(staff_only).skip(1) {
         let mut socket = common::ws_connect(&app, who).await.expect("upgrade");
-        subscribe(&mut socket, "members").await;
+        common::send_json(&mut socket, json!({"subscribe": "members"})).await;
         if allowed {
             let earned = app.earn(&p.target, 1).await;
             assert_eq!(earned.status, 200);
-            let change = next(&mut socket).await;
+            let change = common::next_json(&mut socket).await;
             assert_eq!(
                 (change["type"].as_str(), change["topic"].as_str()),
                 (Some("view"), Some(target.as_str())),
                 "{column}"
             );
         } else {
-            let refused = next(&mut socket).await;
+            let refused = common::next_json(&mut socket).await;
             assert_eq!(
                 (refused["code"].as_str(), refused["topic"].as_str()),
                 (Some("forbidden"), Some("members")),

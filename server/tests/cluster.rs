@@ -391,29 +391,6 @@ async fn a_socket_on_one_node_sees_a_change_made_through_another() {
     assert_eq!(view.json::<Value>().await.unwrap()["points_balance"], 80);
 }
 
-/// The close code `socket` gets within `within`.
-async fn closed_with(socket: &mut common::WebSocket, within: Duration) -> u16 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, socket.next()).await.expect("closed within the time") {
-            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    }
-}
-
-async fn subscribed(socket: &mut common::WebSocket, topic: &str) -> Value {
-    socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await.unwrap();
-    loop {
-        let msg =
-            tokio::time::timeout(Duration::from_secs(10), socket.next()).await.expect("message").unwrap().unwrap();
-        if let Message::Text(t) = msg {
-            return serde_json::from_str::<Value>(&t).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn revoking_access_through_one_node_closes_its_sockets_on_another_within_a_second() {
     let Some(db) = fresh_database().await else { return };
@@ -433,7 +410,7 @@ async fn revoking_access_through_one_node_closes_its_sockets_on_another_within_a
     let member_id = joined.json::<Value>().await.unwrap()["member_id"].as_str().unwrap().to_string();
     settle(&client, &b).await;
     let mut member_socket = common::ws_connect_to(&b.base, common::As::Session(&cookie)).await.expect("ws on B");
-    assert_eq!(subscribed(&mut member_socket, &format!("member:{member_id}")).await["type"], "view");
+    assert_eq!(common::subscribed(&mut member_socket, &format!("member:{member_id}")).await["type"], "view");
 
     // A key made through A, watching everyone on B.
     let made: Value = client
@@ -464,12 +441,12 @@ async fn revoking_access_through_one_node_closes_its_sockets_on_another_within_a
         .await
         .unwrap();
     assert_eq!(out.status(), 204);
-    assert_eq!(closed_with(&mut member_socket, Duration::from_secs(1)).await, 4401);
+    assert_eq!(common::closed_with(&mut member_socket, Duration::from_secs(1)).await, 4401);
     let me = reqwest::Client::new().get(format!("{}/api/me", b.base)).header("cookie", &cookie).send().await.unwrap();
     assert_eq!(me.status(), 401, "B forgot the session");
 
     // Revoked through A: B closes the key's socket within a second and refuses the key.
     assert_eq!(client.delete(format!("{}/api/keys/{key_id}", a.base)).send().await.unwrap().status(), 204);
-    assert_eq!(closed_with(&mut key_socket, Duration::from_secs(1)).await, 4401);
+    assert_eq!(common::closed_with(&mut key_socket, Duration::from_secs(1)).await, 4401);
     assert_eq!(watcher.get(format!("{}/api/members", b.base)).send().await.unwrap().status(), 401);
 }

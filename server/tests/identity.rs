@@ -30,29 +30,6 @@ async fn me(app: &TestApp, cookie: &str) -> common::Reply {
     app.request(As::Session(cookie), Method::GET, "/api/me", None).await
 }
 
-/// The close code a socket gets within `within`, skipping other messages.
-async fn closed_with(socket: &mut common::WebSocket, within: Duration) -> u16 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let message = tokio::time::timeout_at(deadline, socket.next()).await.expect("closed in time");
-        match message {
-            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    }
-}
-
-async fn subscribe(socket: &mut common::WebSocket, topic: &str) -> Value {
-    socket.send(Message::Text(json!({"subscribe": topic}).to_string().into())).await.expect("sent");
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("an answer");
-        if let Some(Ok(Message::Text(text))) = message {
-            return serde_json::from_str(&text).expect("json");
-        }
-    }
-}
-
 #[tokio::test]
 async fn joining_enrols_the_member_and_signs_them_in_with_a_lax_http_only_cookie() {
     let app = spawn_app().await;
@@ -163,9 +140,9 @@ async fn changing_a_password_ends_the_accounts_other_sessions_and_closes_their_s
     let elsewhere = app.sign_in("ada@example.com", PASSWORD).await;
     let topic = format!("member:{member_id}");
     let mut other_socket = common::ws_connect(&app, As::Session(&elsewhere)).await.expect("ws");
-    assert_eq!(subscribe(&mut other_socket, &topic).await["type"], "view");
+    assert_eq!(common::subscribed(&mut other_socket, &topic).await["type"], "view");
     let mut this_socket = common::ws_connect(&app, As::Session(&here)).await.expect("ws");
-    assert_eq!(subscribe(&mut this_socket, &topic).await["type"], "view");
+    assert_eq!(common::subscribed(&mut this_socket, &topic).await["type"], "view");
 
     let wrong = json!({"current_password": "not the password", "new_password": "a brand new password"});
     let r = app.request(As::Session(&here), Method::PUT, "/api/me/password", Some(wrong)).await;
@@ -176,12 +153,12 @@ async fn changing_a_password_ends_the_accounts_other_sessions_and_closes_their_s
     let change = json!({"current_password": PASSWORD, "new_password": "a brand new password"});
     let r = app.request(As::Session(&here), Method::PUT, "/api/me/password", Some(change)).await;
     assert_eq!(r.status, 204, "{:?}", r.body);
-    assert_eq!(closed_with(&mut other_socket, Duration::from_secs(1)).await, 4401);
+    assert_eq!(common::closed_with(&mut other_socket, Duration::from_secs(1)).await, 4401);
     assert_eq!(me(&app, &elsewhere).await.status, 401, "the other session ended");
     assert_eq!(me(&app, &here).await.status, 200, "the session that changed it goes on");
     // This session's socket stays open: it still gets changes.
     assert_eq!(app.earn(&member_id, 5).await.status, 200);
-    assert_eq!(subscribe(&mut this_socket, &topic).await["type"], "view");
+    assert_eq!(common::subscribed(&mut this_socket, &topic).await["type"], "view");
 
     let old = app
         .request(
@@ -255,7 +232,7 @@ async fn a_password_reset_link_ends_the_sessions_the_account_had() {
     let app = spawn_app().await;
     let (member_id, cookie) = app.join("Ada", "ada@example.com", PASSWORD).await;
     let mut socket = common::ws_connect(&app, As::Session(&cookie)).await.expect("ws");
-    assert_eq!(subscribe(&mut socket, &format!("member:{member_id}")).await["type"], "view");
+    assert_eq!(common::subscribed(&mut socket, &format!("member:{member_id}")).await["type"], "view");
     let link = app.post(&format!("/api/members/{member_id}/access-link"), json!({})).await;
     let token = link.body["url"].as_str().expect("url").trim_start_matches("/claim/").to_string();
     let r = app
@@ -267,7 +244,7 @@ async fn a_password_reset_link_ends_the_sessions_the_account_had() {
         )
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(closed_with(&mut socket, Duration::from_secs(1)).await, 4401);
+    assert_eq!(common::closed_with(&mut socket, Duration::from_secs(1)).await, 4401);
     assert_eq!(me(&app, &cookie).await.status, 401);
 }
 
@@ -298,10 +275,10 @@ async fn a_key_works_until_revoked_and_then_its_sockets_close() {
 
     app.enroll("m1", "M", "m1@example.com").await;
     let mut socket = common::ws_connect(&app, As::Key(token)).await.expect("ws");
-    assert_eq!(subscribe(&mut socket, "member:m1").await["type"], "view");
+    assert_eq!(common::subscribed(&mut socket, "member:m1").await["type"], "view");
     let revoked = app.request(As::Key(&app.admin_token), Method::DELETE, &format!("/api/keys/{id}"), None).await;
     assert_eq!(revoked.status, 204);
-    assert_eq!(closed_with(&mut socket, Duration::from_secs(1)).await, 4401);
+    assert_eq!(common::closed_with(&mut socket, Duration::from_secs(1)).await, 4401);
     let r = app.request(As::Key(token), Method::GET, "/api/members", None).await;
     assert_eq!((r.status, r.code()), (401, "unauthenticated"));
     assert_eq!(
@@ -370,14 +347,14 @@ async fn an_idle_session_expires_and_its_sockets_close() {
     let app = spawn_configured(|a| a.access.session_idle = Duration::from_secs(2).into()).await;
     let (member_id, cookie) = app.join("Ada", "ada@example.com", PASSWORD).await;
     let mut socket = common::ws_connect(&app, As::Session(&cookie)).await.expect("ws");
-    assert_eq!(subscribe(&mut socket, &format!("member:{member_id}")).await["type"], "view");
+    assert_eq!(common::subscribed(&mut socket, &format!("member:{member_id}")).await["type"], "view");
     let set_cookie_age = |r: &common::Reply| {
         header(r, "set-cookie").into_iter().find(|c| c.starts_with("tally_session=")).map(str::to_string)
     };
     let joined_at = Instant::now();
     assert_eq!(me(&app, &cookie).await.status, 200);
     // Expired 2 s after its last save (the sign-up), and the socket closed within a second.
-    assert_eq!(closed_with(&mut socket, Duration::from_secs(4)).await, 4401);
+    assert_eq!(common::closed_with(&mut socket, Duration::from_secs(4)).await, 4401);
     assert!(joined_at.elapsed() < Duration::from_secs(4));
     let after = me(&app, &cookie).await;
     assert_eq!((after.status, after.code()), (401, "unauthenticated"));
@@ -584,7 +561,7 @@ async fn a_socket_watches_at_most_a_hundred_topics_and_a_principal_opens_only_so
     for i in 0..100 {
         staff.send(Message::Text(json!({"subscribe": format!("member:m{i}")}).to_string().into())).await.expect("sent");
     }
-    let refused = subscribe(&mut staff, "member:m100").await;
+    let refused = common::subscribed(&mut staff, "member:m100").await;
     assert_eq!(
         (refused["code"].as_str(), refused["topic"].as_str()),
         (Some("too_many_subscriptions"), Some("member:m100"))
@@ -785,7 +762,7 @@ async fn people_accounts_can_be_made_changed_and_disabled_by_admins() {
         .request(As::Key(&app.admin_token), Method::PATCH, &format!("/api/users/{id}"), Some(json!({"role": "admin"})))
         .await;
     assert_eq!(r.status, 204);
-    assert_eq!(closed_with(&mut socket, Duration::from_secs(1)).await, 4401);
+    assert_eq!(common::closed_with(&mut socket, Duration::from_secs(1)).await, 4401);
     assert_eq!(me(&app, &staff).await.status, 401);
     let admin = app.sign_in("staff@tally.example", PASSWORD).await;
     assert_eq!(me(&app, &admin).await.body["kind"], "admin");

@@ -23,20 +23,6 @@ async fn send_raw(socket: &mut Socket, text: &str) {
     socket.send(Message::Text(text.to_string().into())).await.expect("sent");
 }
 
-/// The next text message, as JSON; fails the test after 5 s of silence.
-async fn next(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .expect("a message within 5 s")
-            .expect("socket open")
-            .expect("no socket error");
-        if let Message::Text(text) = message {
-            return serde_json::from_str(&text).expect("JSON message");
-        }
-    }
-}
-
 #[tokio::test]
 async fn subscribing_sends_the_current_view_then_every_change() {
     let app = spawn_app().await;
@@ -46,7 +32,7 @@ async fn subscribing_sends_the_current_view_then_every_change() {
 
     let mut socket = connect(&app).await;
     send(&mut socket, json!({"subscribe": "member:m1"})).await;
-    let snapshot = next(&mut socket).await;
+    let snapshot = common::next_json(&mut socket).await;
     assert_eq!(snapshot["type"], "view");
     assert_eq!(snapshot["topic"], "member:m1");
     assert_eq!(snapshot["position"], 2);
@@ -54,7 +40,7 @@ async fn subscribing_sends_the_current_view_then_every_change() {
     assert_eq!(snapshot["position"], snapshot["view"]["position"]);
 
     let r = app.earn("m1", 1_000).await;
-    let pushed = next(&mut socket).await;
+    let pushed = common::next_json(&mut socket).await;
     assert_eq!(pushed["type"], "view");
     assert_eq!(pushed["view"]["points_balance"], 1_010);
     assert_eq!(pushed["view"]["tier"], "silver");
@@ -69,13 +55,13 @@ async fn a_malformed_message_gets_an_error_and_the_socket_stays_open() {
     let mut socket = connect(&app).await;
     for bad in ["not json", r#"{"subscribe": "orders"}"#, r#"{"subscribe": 5}"#, r#"{"shout": "member:m1"}"#] {
         send_raw(&mut socket, bad).await;
-        let reply = next(&mut socket).await;
+        let reply = common::next_json(&mut socket).await;
         assert_eq!(reply["type"], "error", "{bad}");
         assert_eq!(reply["code"], "invalid_request");
         assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     send(&mut socket, json!({"subscribe": "member:m1"})).await;
-    assert_eq!(next(&mut socket).await["view"]["member_id"], "m1");
+    assert_eq!(common::next_json(&mut socket).await["view"]["member_id"], "m1");
 }
 
 #[tokio::test]
@@ -85,17 +71,17 @@ async fn unsubscribing_stops_the_updates_and_members_topic_sees_everyone() {
     app.catch_up().await;
     let mut watcher = connect(&app).await;
     send(&mut watcher, json!({"subscribe": "member:m1"})).await;
-    next(&mut watcher).await;
+    common::next_json(&mut watcher).await;
     send(&mut watcher, json!({"unsubscribe": "member:m1"})).await;
 
     let mut staff = connect(&app).await;
     send(&mut staff, json!({"subscribe": "members"})).await;
     // Let both subscriptions register before the changes.
     send(&mut staff, json!({"subscribe": "member:m1"})).await;
-    assert_eq!(next(&mut staff).await["topic"], "member:m1");
+    assert_eq!(common::next_json(&mut staff).await["topic"], "member:m1");
 
     app.enroll("m2", "Bob", "bob@example.com").await;
-    let update = next(&mut staff).await;
+    let update = common::next_json(&mut staff).await;
     assert_eq!(update["topic"], "member:m2");
     assert_eq!(update["view"]["name"], "Bob");
 
@@ -103,7 +89,7 @@ async fn unsubscribing_stops_the_updates_and_members_topic_sees_everyone() {
     app.earn("m1", 5).await;
     app.catch_up().await;
     send_raw(&mut watcher, "ping?").await;
-    assert_eq!(next(&mut watcher).await["type"], "error");
+    assert_eq!(common::next_json(&mut watcher).await["type"], "error");
 }
 
 #[tokio::test]
@@ -112,7 +98,7 @@ async fn a_view_appears_on_the_socket_when_the_member_is_enrolled_later() {
     let mut socket = connect(&app).await;
     send(&mut socket, json!({"subscribe": "member:late"})).await;
     app.enroll("late", "Late Comer", "late@example.com").await;
-    let view = next(&mut socket).await;
+    let view = common::next_json(&mut socket).await;
     assert_eq!(view["view"]["name"], "Late Comer");
 }
 

@@ -73,6 +73,42 @@ pub enum AccountError {
 
 const COLUMNS: &str = "id, role, member_id, email, name, password_hash, disabled";
 
+/// A member's account: `$1` id, `$2` member id, `$3` password hash, `$4` created at, `$5` by whom.
+/// Also run by the command batch of a member who joins (`commands::io`).
+pub const NEW_MEMBER_ACCOUNT_SQL: &str = "INSERT INTO accounts (id, role, member_id, name, password_hash, created_at, \
+                                          created_by) VALUES ($1, 'member', $2, '', $3, $4, $5)";
+
+/// Set a member's password inside the caller's transaction, making their account if they have
+/// none yet (a member staff enrolled, on first access); returns the account's id.
+pub async fn set_member_password(
+    conn: &mut sqlx::AnyConnection,
+    member_id: &str,
+    hash: &str,
+    created_by: &str,
+) -> Result<String, sqlx::Error> {
+    let existing =
+        sqlx::query("SELECT id FROM accounts WHERE member_id = $1").bind(member_id).fetch_optional(&mut *conn).await?;
+    if let Some(row) = existing {
+        let id: String = row.try_get("id")?;
+        sqlx::query("UPDATE accounts SET password_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(id);
+    }
+    let id = secret::random_id();
+    sqlx::query(NEW_MEMBER_ACCOUNT_SQL)
+        .bind(&id)
+        .bind(member_id)
+        .bind(hash)
+        .bind(crate::clock::now())
+        .bind(created_by)
+        .execute(&mut *conn)
+        .await?;
+    Ok(id)
+}
+
 fn account(row: &sqlx::any::AnyRow) -> Result<Account, sqlx::Error> {
     let role: String = row.try_get("role")?;
     Ok(Account {

@@ -7,6 +7,7 @@
 
 use super::batch::{Reservation, StoredKey};
 use super::{Answer, Envelope, NewAccount};
+use crate::auth::accounts::NEW_MEMBER_ACCOUNT_SQL;
 use crate::store::{self, NativeTx, NewEvent, StoredEvent, Streams, EVENT_COLUMNS};
 use sqlx::Row;
 use std::collections::HashMap;
@@ -47,8 +48,6 @@ const KEYS_SQL: &str = "SELECT key, request, status, response FROM idempotency_k
 const OWNERS_SQL: &str = "SELECT email, member_id FROM email_reservations WHERE email IN ({})";
 const TAKE_SQL: &str = "INSERT INTO email_reservations (email, member_id) VALUES ($1, $2)";
 const RELEASE_SQL: &str = "DELETE FROM email_reservations WHERE email = $1 AND member_id = $2";
-const ACCOUNT_SQL: &str = "INSERT INTO accounts (id, role, member_id, name, password_hash, created_at, created_by) \
-                           VALUES ($1, 'member', $2, '', $3, $4, $5)";
 const SAVE_KEY_COLUMNS: &str =
     "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES";
 
@@ -103,7 +102,7 @@ impl BatchIo for Streams<'_> {
         created_by: &str,
         now: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(ACCOUNT_SQL)
+        sqlx::query(NEW_MEMBER_ACCOUNT_SQL)
             .bind(&account.id)
             .bind(member_id)
             .bind(&account.password_hash)
@@ -199,7 +198,7 @@ impl BatchIo for NativeTx<'_> {
         created_by: &str,
         now: &str,
     ) -> Result<(), sqlx::Error> {
-        self.execute(ACCOUNT_SQL, &[&account.id, &member_id, &account.password_hash, &now, &created_by])?;
+        self.execute(NEW_MEMBER_ACCOUNT_SQL, &[&account.id, &member_id, &account.password_hash, &now, &created_by])?;
         Ok(())
     }
 

@@ -430,3 +430,44 @@ pub async fn ws_connect_to(base: &str, who: As<'_>) -> Result<WebSocket, tokio_t
 pub async fn ws_connect(app: &TestApp, who: As<'_>) -> Result<WebSocket, tokio_tungstenite::tungstenite::Error> {
     ws_connect_to(&app.base, who).await
 }
+
+/// Send `message` as a text frame.
+pub async fn send_json(socket: &mut WebSocket, message: Value) {
+    use futures::SinkExt;
+    let text = tokio_tungstenite::tungstenite::Message::Text(message.to_string().into());
+    socket.send(text).await.expect("sent");
+}
+
+/// The next text message, as JSON; fails the test after 5 s of silence.
+pub async fn next_json(socket: &mut WebSocket) -> Value {
+    use futures::StreamExt;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("socket open")
+            .expect("no socket error");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(&text).expect("JSON message");
+        }
+    }
+}
+
+/// Subscribe to `topic` and return the first message that follows.
+pub async fn subscribed(socket: &mut WebSocket, topic: &str) -> Value {
+    send_json(socket, json!({"subscribe": topic})).await;
+    next_json(socket).await
+}
+
+/// The close code a socket gets within `within`, skipping other messages.
+pub async fn closed_with(socket: &mut WebSocket, within: Duration) -> u16 {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await.expect("closed within the time") {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
