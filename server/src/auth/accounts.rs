@@ -5,14 +5,13 @@
 //! to it (password, role, disabled) clears it on every node along with its sessions (see
 //! `revoke`).
 
+use super::kept::Kept;
 use super::secret;
 use crate::store::Store;
 use app::domain::access::{Caller, Role};
 use app::domain::validate;
 use sqlx::Row;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// An account as sign-in and the admin pages see it.
 #[derive(Clone)]
@@ -124,41 +123,34 @@ fn account(row: &sqlx::any::AnyRow) -> Result<Account, sqlx::Error> {
 
 pub struct Accounts {
     store: Store,
-    cache: RwLock<HashMap<String, Arc<Caller>>>,
-    enabled: AtomicBool,
+    cache: Kept<Arc<Caller>>,
 }
+
+/// Accounts kept in memory at most.
+const CACHE_ENTRIES: usize = 100_000;
 
 impl Accounts {
     pub fn new(store: Store, cached: bool) -> Self {
-        Accounts { store, cache: RwLock::default(), enabled: AtomicBool::new(cached) }
+        Accounts { store, cache: Kept::new(cached, CACHE_ENTRIES) }
     }
 
-    /// See `SessionRecords::set_cached`.
+    /// See `Kept`.
     pub fn set_cached(&self, on: bool) {
-        self.enabled.store(on, Ordering::SeqCst);
-        if let Ok(mut cache) = self.cache.write() {
-            cache.clear();
-        }
+        self.cache.set_on(on);
     }
 
     pub fn forget(&self, id: &str) {
-        if let Ok(mut cache) = self.cache.write() {
-            cache.remove(id);
-        }
+        self.cache.forget(id);
     }
 
     /// Who a signed-in account acts as; None if it is gone or disabled.
     pub async fn caller(&self, id: &str) -> Result<Option<Arc<Caller>>, sqlx::Error> {
-        if let Some(caller) = self.cache.read().ok().and_then(|c| c.get(id).cloned()) {
+        if let Some(caller) = self.cache.get(id) {
             return Ok(Some(caller));
         }
         let Some(caller) = self.get(id).await?.and_then(|a| a.caller()) else { return Ok(None) };
         let caller = Arc::new(caller);
-        if self.enabled.load(Ordering::SeqCst) {
-            if let Ok(mut cache) = self.cache.write() {
-                cache.insert(id.to_string(), caller.clone());
-            }
-        }
+        self.cache.put(id.to_string(), caller.clone());
         Ok(Some(caller))
     }
 

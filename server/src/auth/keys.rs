@@ -5,15 +5,18 @@
 //! a key reads nothing; revoking one clears it on every node (see `revoke`). When a key was last
 //! used is noted in memory and written behind about once a minute, not on every request.
 
+use super::kept::Kept;
 use super::secret;
 use crate::store::Store;
 use app::domain::access::{Caller, Role};
 use sqlx::Row;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 const PREFIX: &str = "tk_";
+/// Keys kept in memory at most.
+const CACHE_ENTRIES: usize = 100_000;
 
 /// A key as `GET /api/keys` lists it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,8 +38,7 @@ struct Entry {
 
 pub struct Keys {
     store: Store,
-    cache: RwLock<HashMap<String, Arc<Entry>>>,
-    enabled: AtomicBool,
+    cache: Kept<Arc<Entry>>,
     /// Uses of keys read while nothing is kept in memory (PostgreSQL, before the revocation
     /// listener is connected): by key id, unix seconds.
     uncached_uses: std::sync::Mutex<HashMap<String, i64>>,
@@ -63,25 +65,21 @@ fn now_secs() -> i64 {
 
 impl Keys {
     pub fn new(store: Store, cached: bool) -> Self {
-        Keys { store, cache: RwLock::default(), enabled: AtomicBool::new(cached), uncached_uses: Default::default() }
+        Keys { store, cache: Kept::new(cached, CACHE_ENTRIES), uncached_uses: Default::default() }
     }
 
-    /// See `SessionRecords::set_cached`.
+    /// See `Kept`.
     pub fn set_cached(&self, on: bool) {
-        self.enabled.store(on, Ordering::SeqCst);
-        if let Ok(mut cache) = self.cache.write() {
-            cache.clear();
-        }
+        self.cache.set_on(on);
     }
 
     /// The caller a bearer token stands for; None for anything but a live key's exact token.
     pub async fn caller(&self, token: &str) -> Result<Option<Arc<Caller>>, sqlx::Error> {
         let Some((id, secret)) = parse(token) else { return Ok(None) };
-        let cached = self.cache.read().ok().and_then(|c| c.get(id).cloned());
-        let (entry, kept) = match cached {
+        let (entry, kept) = match self.cache.get(id) {
             Some(entry) => (entry, true),
             None => match self.read(id).await? {
-                Some(entry) => (entry, self.enabled.load(Ordering::SeqCst)),
+                Some(entry) => (entry, self.cache.is_on()),
                 None => return Ok(None),
             },
         };
@@ -110,19 +108,13 @@ impl Keys {
             used: AtomicI64::new(0),
             written: AtomicI64::new(0),
         });
-        if self.enabled.load(Ordering::SeqCst) {
-            if let Ok(mut cache) = self.cache.write() {
-                cache.insert(id.to_string(), entry.clone());
-            }
-        }
+        self.cache.put(id.to_string(), entry.clone());
         Ok(Some(entry))
     }
 
     /// Forget a key here (it was revoked, here or on another node).
     pub fn forget(&self, id: &str) {
-        if let Ok(mut cache) = self.cache.write() {
-            cache.remove(id);
-        }
+        self.cache.forget(id);
     }
 
     /// A new key; its token is in the answer and nowhere else.
@@ -191,16 +183,15 @@ impl Keys {
 
     /// Write when the keys used since the last time were last used (one statement per key).
     pub async fn write_last_used(&self) -> Result<(), sqlx::Error> {
-        let mut used: Vec<(String, i64, Option<Arc<Entry>>)> = match self.cache.read() {
-            Ok(cache) => cache
-                .iter()
-                .filter_map(|(id, e)| {
-                    let used = e.used.load(Ordering::Relaxed);
-                    (used > e.written.load(Ordering::Relaxed)).then(|| (id.clone(), used, Some(e.clone())))
-                })
-                .collect(),
-            Err(_) => return Ok(()),
-        };
+        let mut used: Vec<(String, i64, Option<Arc<Entry>>)> = self
+            .cache
+            .rows()
+            .into_iter()
+            .filter_map(|(id, e)| {
+                let used = e.used.load(Ordering::Relaxed);
+                (used > e.written.load(Ordering::Relaxed)).then_some((id, used, Some(e)))
+            })
+            .collect();
         if let Ok(mut uses) = self.uncached_uses.lock() {
             used.extend(uses.drain().map(|(id, at)| (id, at, None)));
         }

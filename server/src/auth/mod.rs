@@ -7,6 +7,7 @@
 //! forgets it and closes the sockets it opened (see [`Auth::revoke`]).
 
 pub mod accounts;
+mod kept;
 pub mod keys;
 pub mod limits;
 pub mod links;
@@ -17,7 +18,6 @@ pub mod sockets;
 
 use crate::store::{Backend, Store};
 use accounts::Accounts;
-use app::domain::access::Caller;
 use keys::Keys;
 use limits::SignInLimits;
 use password::Passwords;
@@ -138,11 +138,6 @@ impl Auth {
             config,
             store,
         }
-    }
-
-    /// The caller behind an account signed in to a session.
-    pub async fn account_caller(&self, account: &str) -> Result<Option<Arc<Caller>>, sqlx::Error> {
-        self.accounts.caller(account).await
     }
 
     /// End access on every node: forget it here, close its sockets, and tell the other nodes

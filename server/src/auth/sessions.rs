@@ -17,11 +17,10 @@
 //! most once per [`TOUCH_EVERY`]: an active session is written about once a minute, not on every
 //! request, and lives on; an idle one expires.
 
+use super::kept::Kept;
 use crate::store::Store;
 use sqlx::Row;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use time::OffsetDateTime;
 use tower_sessions::session::{Id, Record};
 use tower_sessions::session_store::{self, Error};
@@ -79,9 +78,7 @@ pub struct SessionRecords {
 struct Inner {
     store: Store,
     /// By the SHA-256 of the session id, as in the table.
-    cache: RwLock<HashMap<String, Cached>>,
-    /// Off while revocations from other nodes could be missed (PostgreSQL, listener down).
-    enabled: AtomicBool,
+    cache: Kept<Cached>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -109,48 +106,28 @@ fn account_of(record: &Record) -> Result<String, Error> {
 
 impl SessionRecords {
     pub fn new(store: Store, cached: bool) -> Self {
-        SessionRecords { inner: Arc::new(Inner { store, cache: RwLock::default(), enabled: AtomicBool::new(cached) }) }
+        SessionRecords { inner: Arc::new(Inner { store, cache: Kept::new(cached, CACHE_ENTRIES) }) }
     }
 
-    /// Keep records in memory or not (PostgreSQL: only while revocations are heard). Either way
-    /// the copy starts empty.
+    /// See `Kept`.
     pub fn set_cached(&self, on: bool) {
-        self.inner.enabled.store(on, Ordering::SeqCst);
-        self.clear();
-    }
-
-    fn clear(&self) {
-        if let Ok(mut cache) = self.inner.cache.write() {
-            cache.clear();
-        }
+        self.inner.cache.set_on(on);
     }
 
     fn remember(&self, hash: String, record: &Record, account: String) {
-        if !self.inner.enabled.load(Ordering::SeqCst) {
-            return;
-        }
-        if let Ok(mut cache) = self.inner.cache.write() {
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
-            }
-            cache.insert(hash, Cached { record: record.clone(), account });
-        }
+        self.inner.cache.put(hash, Cached { record: record.clone(), account });
     }
 
     /// Forget these sessions here (they were ended, here or on another node).
     pub fn forget(&self, hashes: &[String]) {
-        if let Ok(mut cache) = self.inner.cache.write() {
-            for hash in hashes {
-                cache.remove(hash);
-            }
+        for hash in hashes {
+            self.inner.cache.forget(hash);
         }
     }
 
     /// Forget every session of `account` but `except`, here.
     pub fn forget_account(&self, account: &str, except: Option<&str>) {
-        if let Ok(mut cache) = self.inner.cache.write() {
-            cache.retain(|hash, c| c.account != account || Some(hash.as_str()) == except);
-        }
+        self.inner.cache.retain(|hash, c| c.account != account || Some(hash.as_str()) == except);
     }
 
     /// End every session of `account` except `except` (a hash) in the table; returns the hashes
@@ -171,7 +148,7 @@ impl SessionRecords {
     /// sockets opened with it. From memory when known there and alive; else from the table.
     pub async fn alive(&self, hash: &str) -> Result<bool, sqlx::Error> {
         let now = OffsetDateTime::now_utc();
-        let cached = self.inner.cache.read().ok().and_then(|c| c.get(hash).map(|c| c.record.expiry_date));
+        let cached = self.inner.cache.get(hash).map(|c| c.record.expiry_date);
         if cached.is_some_and(|expiry| expiry > now) {
             return Ok(true);
         }
@@ -277,7 +254,7 @@ impl session_store::SessionStore for SessionRecords {
     async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
         let hash = id_hash(id);
         let now = OffsetDateTime::now_utc();
-        if let Some(cached) = self.inner.cache.read().ok().and_then(|c| c.get(&hash).cloned()) {
+        if let Some(cached) = self.inner.cache.get(&hash) {
             if cached.record.expiry_date > now {
                 return Ok(Some(Record { id: *id, ..cached.record }));
             }

@@ -45,7 +45,7 @@ async fn resolve(auth: &Auth, headers: &HeaderMap, session: Option<&Session>) ->
     let Some(session) = session.filter(|s| s.id().is_some()) else { return Ok((ANONYMOUS.clone(), false)) };
     let signed_in = session.get::<SessionAuth>(AUTH_KEY).await.map_err(ApiError::internal)?;
     let Some(mut signed_in) = signed_in else { return Ok((ANONYMOUS.clone(), true)) };
-    let caller = auth.account_caller(&signed_in.account).await?;
+    let caller = auth.accounts.caller(&signed_in.account).await?;
     // Used: keep the session alive (saved, and its cookie renewed, about once a minute).
     let now = time::OffsetDateTime::now_utc();
     if caller.is_some() && signed_in.stale(now) {
