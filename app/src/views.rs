@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// One member's portal, denormalized: `membership_view`, `GET /api/members/{id}`, `member:<id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct MembershipView {
     pub member_id: String,
     pub name: String,
@@ -23,6 +24,7 @@ pub struct MembershipView {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct NextTier {
     pub tier: Tier,
     pub points_needed: u64,
@@ -38,6 +40,7 @@ impl NextTier {
 pub const RECENT_ACTIVITY: usize = 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct Activity {
     pub position: u64,
     /// enrolled | profile_updated | earned | redeemed | tier_changed | suspended | reactivated
@@ -49,6 +52,7 @@ pub struct Activity {
 
 /// A row of `member_search`: what staff find members by.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct MemberSummary {
     pub member_id: String,
     pub name: String,
@@ -62,6 +66,7 @@ pub struct MemberSummary {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct MemberPage {
     pub items: Vec<MemberSummary>,
     pub next: Option<String>,
@@ -69,6 +74,7 @@ pub struct MemberPage {
 
 /// Filters of `GET /api/members` (and of the staff console's search form).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct MemberQuery {
     pub q: Option<String>,
     pub tier: Option<String>,
@@ -79,6 +85,7 @@ pub struct MemberQuery {
 
 /// One consumer (projection or processor), as `GET /api/projections` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct ConsumerStatus {
     pub name: String,
     pub position: u64,
@@ -154,6 +161,7 @@ impl SignedIn {
 
 /// An access link, as issued (shown once).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct AccessLink {
     /// `/claim/<token>`.
     pub url: String,
@@ -162,6 +170,7 @@ pub struct AccessLink {
 
 /// A machine client's key, as `GET /api/keys` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct KeySummary {
     pub id: String,
     pub name: String,
@@ -172,6 +181,7 @@ pub struct KeySummary {
 
 /// A person's account (staff, admin).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct PersonSummary {
     pub id: String,
     pub email: String,

@@ -122,8 +122,15 @@ pub struct ServeArgs {
     /// Time limit for one HTTP request, in seconds (WebSockets excepted).
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// How long a background part (a consumer, the notice listener…) may keep failing before
+    /// `/healthz` answers 503, in seconds.
+    #[arg(long, env = "TALLY_UNHEALTHY_AFTER_SECS", default_value_t = 30)]
+    pub unhealthy_after_secs: u64,
     #[command(flatten)]
     pub access: AccessArgs,
+    /// Test hooks (see `faults`): no flag or variable sets them.
+    #[arg(skip)]
+    pub faults: crate::faults::Faults,
 }
 
 /// Identity and access (docs/security.md).

@@ -14,7 +14,7 @@ use crate::projector::membership_view::ViewRow;
 use crate::store::{Backend, Store};
 use crate::view_cache::{ViewCache, ViewText};
 use app::views::member_topic;
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Row};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -27,6 +27,8 @@ pub const APPENDS_CHANNEL: &str = "tally_appends";
 const IDS_PER_NOTICE: usize = 100;
 /// Views kept in memory (about 2 KiB each).
 const VIEW_CACHE_ENTRIES: usize = 200_000;
+/// Changed views pushed again after the listener was down (see `ViewFeed::listening`).
+const RESYNC_LIMIT: i64 = 10_000;
 
 pub struct ViewFeed {
     hub: Arc<Hub>,
@@ -139,11 +141,50 @@ impl ViewFeed {
     }
 
     /// PostgreSQL: the notice listener is connected; every later change will arrive, so caching
-    /// is safe again. Whatever was announced while no one listened: catch up the position.
+    /// is safe again. What changed while no one listened (a gap: the notices are gone for good)
+    /// is read from the table and pushed like any change, so this node's sockets and waiters
+    /// are current again; the gap is logged and counted.
     pub async fn listening(&self, store: &Store) -> anyhow::Result<()> {
         self.cache.set_enabled(true);
-        self.advance(crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?);
+        let heard = self.position();
+        let current = crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?;
+        if current > heard {
+            let changed = self.resync(store, heard, current).await?;
+            tracing::warn!(
+                from = heard,
+                to = current,
+                views = changed,
+                "view changes were announced while the notice listener was down; re-read them from the table"
+            );
+            metrics::counter!("tally_notice_gaps_total").increment(1);
+            metrics::counter!("tally_notice_gap_positions_total").increment((current - heard) as u64);
+        }
+        self.advance(current);
         Ok(())
+    }
+
+    /// Deliver every view that changed after `after` (up to `RESYNC_LIMIT` of them, oldest
+    /// first; past that, the sockets of the rest get their changes when they next change or
+    /// resubscribe). Returns how many were delivered.
+    async fn resync(&self, store: &Store, after: i64, to: i64) -> Result<usize, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT member_id, view, position FROM membership_view WHERE position > $1 AND position <= $2 \
+             ORDER BY position LIMIT $3",
+        )
+        .bind(after)
+        .bind(to)
+        .bind(RESYNC_LIMIT)
+        .fetch_all(&store.read)
+        .await?;
+        for row in &rows {
+            let member_id: String = row.try_get("member_id")?;
+            let json: String = row.try_get("view")?;
+            self.deliver(&member_id, row.try_get("position")?, Arc::new(ViewText::ready(json.into())));
+        }
+        if rows.len() as i64 == RESYNC_LIMIT {
+            tracing::warn!(limit = RESYNC_LIMIT, "more views changed during the gap than are pushed again");
+        }
+        Ok(rows.len())
     }
 
     /// PostgreSQL: the notice listener lost its connection; changes may be missed until it is

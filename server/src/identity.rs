@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use tower_sessions::Session;
 
 /// `GET /api/me`, and what signing in answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Me {
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,7 +31,7 @@ pub struct Me {
 }
 
 /// A person's new account and the link that lets them set their password.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NewPerson {
     #[serde(flatten)]
     pub person: PersonInfo,

@@ -26,7 +26,12 @@ pub async fn lead(url: String, consumers: Arc<Consumers>, shutdown: Cancellation
     }
 }
 
-async fn hold(url: &str, consumers: &Consumers, shutdown: &CancellationToken, retry: Duration) -> anyhow::Result<()> {
+async fn hold(
+    url: &str,
+    consumers: &Arc<Consumers>,
+    shutdown: &CancellationToken,
+    retry: Duration,
+) -> anyhow::Result<()> {
     let mut conn = sqlx::PgConnection::connect(url).await?;
     loop {
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")

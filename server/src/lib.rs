@@ -6,6 +6,8 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod fanout;
+pub mod faults;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod leader;
@@ -90,12 +92,15 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     // Install the metrics recorder before any task records a value.
     let metrics = telemetry::metrics();
     let db = &args.db;
-    let store = store::Store::open(
+    let mut store = store::Store::open(
         &db.database_url,
         &store::PoolSizes { read: db.read_pool, write: db.write_pool },
         db.durable,
     )
     .await?;
+    store.faults = args.faults.clone();
+    store.health.set_grace(Duration::from_secs(args.unhealthy_after_secs));
+    let health = store.health.clone();
     rebuild::repair_views_ahead_of_log(&store).await.context("checking the views against the event log")?;
     let head = Arc::new(watch::Sender::new(store.head().await.context("reading the event store head")?));
     let (bus, writer) = commands::CommandBus::start(store.clone(), head.clone());
@@ -122,10 +127,17 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         access.hash_concurrency.unwrap_or_else(auth::password::Passwords::default_concurrency),
     )?;
     let auth = Arc::new(auth::Auth::new(store.clone(), auth_config));
+    // Every background task is supervised: restarted with backoff if it panics or ends early.
     let mut tasks = vec![
         writer,
-        tokio::spawn(prune_keys(store.clone(), shutdown.clone())),
-        tokio::spawn(auth.clone().maintain(shutdown.clone())),
+        health::spawn_supervised(health.clone(), "idempotency key pruner", shutdown.clone(), {
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            move || prune_keys(store.clone(), shutdown.clone())
+        }),
+        health::spawn_supervised(health.clone(), "identity maintenance", shutdown.clone(), {
+            let (auth, shutdown) = (auth.clone(), shutdown.clone());
+            move || auth.clone().maintain(shutdown.clone())
+        }),
     ];
     match store.backend {
         // One node: run the consumers here, now.
@@ -135,9 +147,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         store::Backend::Postgres => {
             let url = store::normalize_url(&db.database_url);
             let retry = Duration::from_millis(args.leader_retry_ms.max(50));
-            tasks.push(tokio::spawn(leader::lead(url.clone(), consumers.clone(), shutdown.clone(), retry)));
-            let notices = notices::listen(url, store.clone(), feed.clone(), Some(auth.clone()), shutdown.clone());
-            tasks.push(tokio::spawn(notices));
+            tasks.push(health::spawn_supervised(health.clone(), "consumer leadership", shutdown.clone(), {
+                let (url, consumers, shutdown) = (url.clone(), consumers.clone(), shutdown.clone());
+                move || leader::lead(url.clone(), consumers.clone(), shutdown.clone(), retry)
+            }));
+            tasks.push(health::spawn_supervised(health.clone(), "notice listener", shutdown.clone(), {
+                let (store, feed, auth, shutdown) = (store.clone(), feed.clone(), auth.clone(), shutdown.clone());
+                move || notices::listen(url.clone(), store.clone(), feed.clone(), Some(auth.clone()), shutdown.clone())
+            }));
         }
     }
 
@@ -281,17 +298,22 @@ impl Tally {
     }
 }
 
-/// Idempotency keys are kept 7 days (API.md promises at least 24 hours); pruned hourly, 1,000 at a
-/// time (a few milliseconds of the write connection each).
+/// Idempotency keys are kept 7 days (API.md promises at least 24 hours), the ones the server made
+/// an hour (see `commands::SERVER_SCOPE`); pruned every ten minutes, 1,000 at a time (a few
+/// milliseconds of the write connection each).
 async fn prune_keys(store: store::Store, shutdown: CancellationToken) {
     loop {
-        match store.prune_idempotency_keys(chrono::Duration::days(7), 1_000).await {
+        let pruned = match store.prune_idempotency_keys(chrono::Duration::days(7), 1_000).await {
+            Ok(clients) => store.prune_server_made_keys(chrono::Duration::hours(1), 1_000).await.map(|s| s + clients),
+            Err(err) => Err(err),
+        };
+        match pruned {
             Ok(n) if n > 0 => tracing::info!(removed = n, "pruned old idempotency keys"),
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "could not prune idempotency keys"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
             _ = shutdown.cancelled() => return,
         }
     }

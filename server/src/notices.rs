@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// How `/healthz?verbose` names this part.
+const PART: &str = "notice listener";
+
 /// Receive every node's notices until shut down; `auth` is None for tools that serve no
 /// requests (`tally seed`).
 pub async fn listen(
@@ -24,7 +27,7 @@ pub async fn listen(
 ) {
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        let result = listen_once(&url, &store, &feed, auth.as_deref(), &shutdown).await;
+        let result = listen_once(&url, &store, &feed, auth.as_deref(), &shutdown, &mut backoff).await;
         feed.not_listening();
         if let Some(auth) = &auth {
             auth.not_listening();
@@ -34,6 +37,7 @@ pub async fn listen(
             Err(err) => {
                 tracing::warn!(error = %err, "the notice listener lost its connection; reconnecting");
                 metrics::counter!("tally_notice_listener_reconnects_total").increment(1);
+                store.health.failing(PART, format!("{err:#}"));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return,
@@ -50,8 +54,11 @@ async fn listen_once(
     feed: &ViewFeed,
     auth: Option<&Auth>,
     shutdown: &CancellationToken,
+    backoff: &mut Duration,
 ) -> anyhow::Result<()> {
     let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    // `recv` would reconnect by itself and drop the notices of the gap without a word; with
+    // `try_recv` a lost connection is seen here, so the caches are switched off and resynced.
     let mut channels = vec![VIEWS_CHANNEL, APPENDS_CHANNEL];
     if auth.is_some() {
         channels.push(crate::auth::CHANNEL);
@@ -62,9 +69,14 @@ async fn listen_once(
     if let Some(auth) = auth {
         auth.listening().await;
     }
+    store.health.ok(PART);
+    *backoff = Duration::from_millis(100);
     loop {
         let notice = tokio::select! {
-            n = listener.recv() => n?,
+            n = listener.try_recv() => match n? {
+                Some(notice) => notice,
+                None => anyhow::bail!("the connection was closed"),
+            },
             _ = shutdown.cancelled() => return Ok(()),
         };
         match (notice.channel(), auth) {

@@ -2,7 +2,7 @@
 //! command bus for writes, `identity` for accounts, with the same validation and error codes as
 //! the REST endpoints.
 
-use crate::commands::{Envelope, Meta};
+use crate::commands::{Envelope, Meta, Outcome};
 use crate::http::commands as rest;
 use crate::http::error::ApiError;
 use crate::{identity, queries, AppState};
@@ -101,12 +101,17 @@ impl Portal for ServerPortal {
             meta: Meta { correlation_id: uuid::Uuid::new_v4().to_string(), causation_id: None, actor: caller.actor() },
         };
         let answer = rest::send(&self.state, envelope).await.map_err(|e| e.to_app_error())?;
-        let body: serde_json::Value = serde_json::from_str(&answer.body).map_err(|e| app_err(ApiError::internal(e)))?;
-        Ok(CommandAck {
-            member_id: body["member_id"].as_str().map(str::to_string),
-            transaction_id: body["transaction_id"].as_str().map(str::to_string),
-            version: body["version"].as_u64(),
-            position: body["position"].as_u64().unwrap_or(0),
+        let position = answer.position().max(0) as u64;
+        Ok(match answer.outcome {
+            Outcome::Member(member) => CommandAck {
+                member_id: Some(member.member_id),
+                transaction_id: None,
+                version: Some(member.version.max(0) as u64),
+                position,
+            },
+            Outcome::Purchase(purchase) => {
+                CommandAck { member_id: None, transaction_id: Some(purchase.transaction_id), version: None, position }
+            }
         })
     }
 
@@ -184,8 +189,10 @@ impl Identity for ServerPortal {
     async fn join(&self, request: &Parts, name: &str, email: &str, password: &str) -> Result<SignedIn, AppError> {
         let answer =
             identity::sign_up(&self.state, &session(request)?, name, email, password).await.map_err(app_err)?;
-        let body: serde_json::Value = serde_json::from_str(&answer.body).map_err(|e| app_err(ApiError::internal(e)))?;
-        let member_id = body["member_id"].as_str().map(str::to_string);
+        let member_id = match answer.outcome {
+            Outcome::Member(member) => Some(member.member_id),
+            Outcome::Purchase(_) => None,
+        };
         Ok(SignedIn { kind: "member".into(), member_id, name: name.trim().to_string() })
     }
 

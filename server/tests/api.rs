@@ -512,9 +512,10 @@ async fn idempotency_keys_past_their_window_are_pruned_a_few_at_a_time_and_recen
         sqlx::query_as("SELECT DISTINCT scope FROM idempotency_keys").fetch_all(&store.read).await.expect("scopes");
     assert!(scopes.iter().any(|(s,)| s == "loyalty_policy"), "{scopes:?}");
 
-    // Batches of two: six old keys (five of the client's, the policy's one) take four statements.
+    // Batches of two: eight old keys (five of the client's, the policy's one, and the two the
+    // server made for the enrolment and the purchase, sent without one) take five statements.
     let removed = store.prune_idempotency_keys(chrono::Duration::days(7), 2).await.expect("pruned");
-    assert_eq!(removed, 6);
+    assert_eq!(removed, 8);
     let left: Vec<(String,)> =
         sqlx::query_as("SELECT key FROM idempotency_keys").fetch_all(&store.read).await.expect("keys");
     assert_eq!(left, [("recent".to_string(),)]);
@@ -523,4 +524,45 @@ async fn idempotency_keys_past_their_window_are_pruned_a_few_at_a_time_and_recen
         .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("idempotency-key", "recent")])
         .await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
+}
+
+#[tokio::test]
+async fn a_command_sent_without_a_key_gets_one_from_the_server_kept_an_hour() {
+    let app = spawn_app().await;
+    app.enroll("m1", "Ada", "ada@example.com").await;
+    let earned = app.earn("m1", 1).await;
+    assert_eq!(earned.status, 200);
+    assert_eq!(earned.header("idempotent-replayed"), None, "a first answer is not a replay");
+    let store = &app.state.store;
+    let server_keys = "SELECT COUNT(*) FROM idempotency_keys WHERE scope = 'server'";
+    let count = |sql: &'static str| async move {
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&store.read).await.expect("count");
+        n
+    };
+    assert_eq!(count(server_keys).await, 2, "the enrolment's and the earn's");
+
+    // Kept an hour: younger ones stay, older ones go; clients' keys are not touched.
+    assert_eq!(store.prune_server_made_keys(chrono::Duration::hours(1), 100).await.expect("pruned"), 0);
+    let mut conn = store.write.acquire().await.expect("write connection");
+    let two_hours_ago = server::clock::rfc3339(chrono::Utc::now() - chrono::Duration::hours(2));
+    sqlx::query("UPDATE idempotency_keys SET created_at = $1")
+        .bind(two_hours_ago)
+        .execute(&mut *conn)
+        .await
+        .expect("backdate");
+    drop(conn);
+    let r = app
+        .send(Method::POST, "/api/members/m1/points/earn", Some(json!({"points": 1})), &[("idempotency-key", "mine")])
+        .await;
+    assert_eq!(r.status, 200);
+    let mut conn = store.write.acquire().await.expect("write connection");
+    sqlx::query("UPDATE idempotency_keys SET created_at = $1 WHERE key = 'mine'")
+        .bind(server::clock::rfc3339(chrono::Utc::now() - chrono::Duration::hours(2)))
+        .execute(&mut *conn)
+        .await
+        .expect("backdate");
+    drop(conn);
+    assert_eq!(store.prune_server_made_keys(chrono::Duration::hours(1), 100).await.expect("pruned"), 2);
+    assert_eq!(count(server_keys).await, 0);
+    assert_eq!(count("SELECT COUNT(*) FROM idempotency_keys WHERE key = 'mine'").await, 1, "a client's key stays");
 }

@@ -9,37 +9,12 @@ mod common;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use server::projector::membership_view;
 use server::store::{PoolSizes, Store};
 use sqlx::Connection;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
-
-fn admin_url() -> String {
-    std::env::var("TALLY_TEST_POSTGRES")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh database, or None (test skipped) when no server answers and CI is unset.
-async fn fresh_database() -> Option<String> {
-    let admin = admin_url();
-    let mut conn = match sqlx::PgConnection::connect(&admin).await {
-        Ok(conn) => conn,
-        Err(err) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: no PostgreSQL at {admin} ({err}); set TALLY_TEST_POSTGRES to run the cluster tests");
-            return None;
-        }
-        Err(err) => panic!("CI needs PostgreSQL at {admin}: {err}"),
-    };
-    let name = format!("tally_t_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
-    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
-    Some(format!("{base}/{name}"))
-}
 
 /// An admin key for the cluster's database (made with `tally keys create`, which creates the
 /// schema first if no node has yet), and a client that sends it.
@@ -114,47 +89,17 @@ async fn settle(client: &reqwest::Client, node: &Node) {
 }
 
 /// Every view equals a fresh rebuild from the events; every purchase closed once and earned at
-/// most once. Returns the number of events checked.
+/// most once (see `common::audit`). Returns the number of events checked.
 async fn assert_views_match_a_rebuild(db: &str) -> usize {
     let store = Store::open(db, &PoolSizes { read: 2, write: 2 }, true).await.expect("store");
     let events = store.read_all(0, i64::MAX).await.expect("events");
-    let mut positions: Vec<i64> = events.iter().map(|e| e.position).collect();
-    positions.dedup();
-    assert_eq!(positions.len(), events.len(), "positions are unique");
-
-    let mut rebuilt: HashMap<String, app::views::MembershipView> = HashMap::new();
-    let mut closings: HashMap<String, usize> = HashMap::new();
-    let mut earned_for: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        if let Some(id) = e.stream_key("member-") {
-            let event: app::domain::member::MemberEvent = e.decode().expect("member event");
-            if let app::domain::member::MemberEvent::PointsEarned { transaction_id: Some(t), .. } = &event {
-                *earned_for.entry(t.clone()).or_default() += 1;
-            }
-            if let Some(view) = membership_view::evolve(rebuilt.remove(id), e, &event) {
-                rebuilt.insert(id.to_string(), view);
-            }
-        } else if let Some(txn) = e.stream_key("transaction-") {
-            if e.event_type != "TransactionPerformed" {
-                *closings.entry(txn.to_string()).or_default() += 1;
-            }
-        }
-    }
-    for (id, view) in &rebuilt {
-        let (stored, _) = server::queries::member_view(&store, id).await.expect("query").expect("view row exists");
-        let stored: app::views::MembershipView = serde_json::from_str(&stored).expect("view json");
-        assert_eq!(&stored, view, "view of {id} differs from a rebuild");
-    }
-    let performed = events.iter().filter(|e| e.event_type == "TransactionPerformed").count();
-    assert_eq!(closings.len(), performed, "every purchase is closed");
-    assert!(closings.values().all(|n| *n == 1), "no purchase is closed twice");
-    assert!(earned_for.values().all(|n| *n == 1), "no purchase earns twice");
+    common::audit::views_match_a_rebuild(&store, &events).await;
     events.len()
 }
 
 #[tokio::test]
 async fn three_nodes_write_concurrently_and_every_event_is_applied_exactly_once() {
-    let Some(db) = fresh_database().await else { return };
+    let Some(db) = common::postgres_database().await else { return };
     let client = admin(&db).0;
     let mut nodes = Vec::new();
     for _ in 0..3 {
@@ -191,7 +136,7 @@ async fn three_nodes_write_concurrently_and_every_event_is_applied_exactly_once(
 
 #[tokio::test]
 async fn when_the_consumer_node_is_killed_another_takes_over_within_two_seconds() {
-    let Some(db) = fresh_database().await else { return };
+    let Some(db) = common::postgres_database().await else { return };
     let client = admin(&db).0;
     let mut nodes =
         vec![start_node(&db, &client).await, start_node(&db, &client).await, start_node(&db, &client).await];
@@ -311,7 +256,7 @@ async fn give_up_leadership(mut baton: sqlx::PgConnection) {
 /// would lose the other node's changes from its activity list).
 #[tokio::test]
 async fn a_node_that_leads_again_after_another_did_applies_on_the_current_views() {
-    let Some(db) = fresh_database().await else { return };
+    let Some(db) = common::postgres_database().await else { return };
     let client = admin(&db).0;
     let a = start_node(&db, &client).await;
     wait_for_leadership(&client, &a, true).await;
@@ -357,7 +302,7 @@ async fn a_node_that_leads_again_after_another_did_applies_on_the_current_views(
 
 #[tokio::test]
 async fn a_socket_on_one_node_sees_a_change_made_through_another() {
-    let Some(db) = fresh_database().await else { return };
+    let Some(db) = common::postgres_database().await else { return };
     let (client, token) = admin(&db);
     let a = start_node(&db, &client).await;
     let b = start_node(&db, &client).await;
@@ -393,7 +338,7 @@ async fn a_socket_on_one_node_sees_a_change_made_through_another() {
 
 #[tokio::test]
 async fn revoking_access_through_one_node_closes_its_sockets_on_another_within_a_second() {
-    let Some(db) = fresh_database().await else { return };
+    let Some(db) = common::postgres_database().await else { return };
     let client = admin(&db).0;
     let a = start_node(&db, &client).await;
     let b = start_node(&db, &client).await;
@@ -449,4 +394,77 @@ async fn revoking_access_through_one_node_closes_its_sockets_on_another_within_a
     assert_eq!(client.delete(format!("{}/api/keys/{key_id}", a.base)).send().await.unwrap().status(), 204);
     assert_eq!(common::closed_with(&mut key_socket, Duration::from_secs(1)).await, 4401);
     assert_eq!(watcher.get(format!("{}/api/members", b.base)).send().await.unwrap().status(), 401);
+}
+
+/// The notice listeners' connections are cut in the middle of a load: each node notices, serves
+/// from the tables meanwhile, reconnects, re-reads what changed in the gap and pushes it. Within
+/// two seconds of the consumers catching up, every node's sockets and reads show the last view.
+#[tokio::test]
+async fn after_the_listeners_are_cut_every_node_converges_within_two_seconds() {
+    let Some(db) = common::postgres_database().await else { return };
+    let (client, token) = admin(&db);
+    let nodes = [start_node(&db, &client).await, start_node(&db, &client).await, start_node(&db, &client).await];
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    let members = common::audit::enroll(&client, &bases[0], "w", 3).await;
+    settle(&client, &nodes[0]).await;
+    let mut sockets = Vec::new();
+    for node in &nodes {
+        let mut socket = common::ws_connect_to(&node.base, common::As::Key(&token)).await.expect("ws");
+        for member in &members {
+            common::subscribed(&mut socket, &format!("member:{member}")).await;
+        }
+        sockets.push(socket);
+    }
+
+    let load = tokio::spawn({
+        let (client, bases, members) = (client.clone(), bases.clone(), members.clone());
+        async move { common::audit::earns(&client, &bases, &members, "listen", 900, 24).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = common::terminate_backends_where(&db, true).await;
+    assert!(cut >= 3, "every node's listener connection was cut ({cut})");
+    let sent = load.await.expect("load");
+    let acknowledged = sent.iter().filter(|(_, s)| *s == 200).count();
+    assert!(acknowledged >= 600, "most earns are acknowledged ({acknowledged})");
+    settle(&client, &nodes[0]).await;
+
+    // Each member's balance is what the log says.
+    let mut expected = HashMap::new();
+    for member in &members {
+        let view: Value =
+            client.get(format!("{}/api/members/{member}", bases[0])).send().await.unwrap().json().await.unwrap();
+        expected.insert(format!("member:{member}"), view["points_balance"].clone());
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for (node, socket) in nodes.iter().zip(&mut sockets) {
+        let mut latest: HashMap<String, Value> = HashMap::new();
+        while latest != expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let text = match tokio::time::timeout(left, socket.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => text,
+                Ok(Some(Ok(_))) => continue, // pings
+                _ => panic!("node {} did not converge within 2 s: {latest:?} ≠ {expected:?}", node.base),
+            };
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if let Some(topic) = frame["topic"].as_str() {
+                latest.insert(topic.to_string(), frame["view"]["points_balance"].clone());
+            }
+        }
+        for member in &members {
+            let view: Value =
+                client.get(format!("{}/api/members/{member}", node.base)).send().await.unwrap().json().await.unwrap();
+            assert_eq!(view["points_balance"], expected[&format!("member:{member}")], "{} reads {member}", node.base);
+        }
+    }
+    for node in &nodes {
+        let metrics = client.get(format!("{}/metrics", node.base)).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("tally_notice_listener_reconnects_total"), "{} counted its reconnect", node.base);
+    }
+    drop(sockets);
+    drop(nodes);
+    let store = Store::open(&db, &PoolSizes { read: 2, write: 2 }, true).await.expect("store");
+    let events = store.read_all(0, i64::MAX).await.expect("events");
+    common::audit::views_match_a_rebuild(&store, &events).await;
+    let acknowledged_in_log = common::audit::audit(&db, &sent).await;
+    assert_eq!(acknowledged_in_log, acknowledged);
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// What a key or a person's account may do beyond a member's own account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub enum Role {
     /// A sales channel (point of sale, web shop): posts purchases, nothing else.
     Channel,

@@ -48,7 +48,7 @@ impl Account {
 }
 
 /// A person's account as the admin page lists it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct PersonInfo {
     pub id: String,
     pub email: String,

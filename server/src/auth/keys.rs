@@ -19,7 +19,7 @@ const PREFIX: &str = "tk_";
 const CACHE_ENTRIES: usize = 100_000;
 
 /// A key as `GET /api/keys` lists it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: String,
     pub name: String,

@@ -19,7 +19,7 @@ pub enum LinkFor {
 }
 
 /// A link, as issued: shown to whoever issued it, once.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct IssuedLink {
     /// `/claim/<token>`.
     pub url: String,

@@ -11,7 +11,9 @@
 //! appended between the catch-up and the insert). An `Err` means the transaction must be rolled
 //! back and the cache cleared: nothing of the batch stands.
 
-use super::{Answer, BatchIo, Command, CommandError, Envelope, MemberAction, NewAccount};
+use super::{
+    Answer, BatchIo, Command, CommandError, Envelope, MemberAction, MemberOutcome, NewAccount, Outcome, PurchaseOutcome,
+};
 use crate::store::{NewEvent, StoredEvent};
 use app::domain::member::{points_earned, Member, MemberAggregate, MemberCommand, MemberEvent};
 use app::domain::transaction::{Transaction, TransactionAggregate, TransactionCommand};
@@ -148,7 +150,6 @@ enum Pending {
     ReplayOf(usize),
     Member {
         member_id: String,
-        status: u16,
         version: i64,
         at: At,
         points: Option<u64>,
@@ -320,19 +321,14 @@ pub async fn execute_batch(
                 Ok(answer) => Ok(Answer { replayed: true, ..answer.clone() }),
                 Err(_) => Err(CommandError::Unavailable), // cannot happen: only successes are replayed
             },
-            Pending::Member { member_id, status, version, at, points } => {
-                let position = position_of(at);
-                let mut body = json!({"member_id": member_id, "version": version, "position": position});
-                if let Some(points) = points {
-                    body["points"] = json!(points);
-                }
-                Ok(Answer { status, body: body.to_string(), replayed: false, position })
+            Pending::Member { member_id, version, at, points } => {
+                let outcome = MemberOutcome { member_id, version, position: position_of(at), points };
+                Ok(Answer { outcome: Outcome::Member(outcome), replayed: false })
             }
             Pending::Purchase { transaction_id, first } => {
                 // A purchase seen before answers with the position it was first recorded at.
-                let position = position_of(first);
-                let body = json!({"transaction_id": transaction_id, "position": position}).to_string();
-                Ok(Answer { status: 202, body, replayed: false, position })
+                let outcome = PurchaseOutcome { transaction_id, position: position_of(first) };
+                Ok(Answer { outcome: Outcome::Purchase(outcome), replayed: false })
             }
         };
         answers.push(answer);
@@ -483,8 +479,7 @@ fn decide_member(
     let at =
         if events.is_empty() { last_at(cx.stream, last_row, folded.last_position) } else { At::Row(rows.len() - 1) };
     let points = matches!(action, MemberAction::EarnForPurchase { .. }).then(|| points_earned(&events));
-    let status = if matches!(action, MemberAction::Enroll { .. }) { 201 } else { 200 };
-    let pending = Pending::Member { member_id: cx.member_id.to_string(), status, version: folded.version, at, points };
+    let pending = Pending::Member { member_id: cx.member_id.to_string(), version: folded.version, at, points };
     Ok((pending, cx.stream.to_string(), !events.is_empty()))
 }
 
@@ -541,14 +536,13 @@ async fn load_email_owners(
 /// A stored idempotency key's first answer.
 pub struct StoredKey {
     pub(super) request: String,
-    pub(super) status: u16,
+    /// The first answer's outcome, as JSON.
     pub(super) response: String,
 }
 
 impl StoredKey {
     fn answer(&self) -> Result<Answer, CommandError> {
-        let position = serde_json::from_str::<serde_json::Value>(&self.response)?["position"].as_i64().unwrap_or(0);
-        Ok(Answer { status: self.status, body: self.response.clone(), replayed: true, position })
+        Ok(Answer { outcome: serde_json::from_str(&self.response)?, replayed: true })
     }
 }
 

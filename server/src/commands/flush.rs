@@ -15,6 +15,8 @@
 //! server had stopped just before. PostgreSQL does not use this: it flushes at commit.
 
 use super::{Answer, CommandError};
+use crate::faults::Faults;
+use crate::health::{Health, WritesStopped};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -31,18 +33,27 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Sync the write-ahead log of the SQLite database at `database`.
-    pub fn for_sqlite(database: PathBuf) -> Flusher {
+    /// Sync the write-ahead log of the SQLite database at `database`; a failed sync stops
+    /// writes on `health`.
+    pub fn for_sqlite(database: PathBuf, health: Arc<Health>, faults: Faults) -> Flusher {
         let mut wal = database.into_os_string();
         wal.push("-wal");
         let wal = PathBuf::from(wal);
-        // Opened per sync: SQLite may recreate the file (when the last connection closes).
-        Flusher::start(Arc::new(move || std::fs::File::open(&wal)?.sync_data()))
+        Flusher::start(
+            Arc::new(move || {
+                if faults.log_sync_fails() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+                // Opened per sync: SQLite may recreate the file (when the last connection closes).
+                std::fs::File::open(&wal)?.sync_data()
+            }),
+            health,
+        )
     }
 
-    pub fn start(sync: SyncFn) -> Flusher {
+    pub fn start(sync: SyncFn, health: Arc<Health>) -> Flusher {
         let (batches, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(sync, rx));
+        tokio::spawn(run(sync, rx, health));
         Flusher { batches }
     }
 
@@ -57,7 +68,11 @@ impl Flusher {
     }
 }
 
-async fn run(sync: SyncFn, mut rx: mpsc::UnboundedReceiver<Vec<(Reply, Result<Answer, CommandError>)>>) {
+async fn run(
+    sync: SyncFn,
+    mut rx: mpsc::UnboundedReceiver<Vec<(Reply, Result<Answer, CommandError>)>>,
+    health: Arc<Health>,
+) {
     let mut waiting = Vec::new();
     while rx.recv_many(&mut waiting, usize::MAX).await > 0 {
         let sync = sync.clone();
@@ -67,17 +82,19 @@ async fn run(sync: SyncFn, mut rx: mpsc::UnboundedReceiver<Vec<(Reply, Result<An
             Err(panicked) => Err(std::io::Error::other(panicked.to_string())),
         };
         if let Err(err) = &synced {
-            // Committed, visible, but maybe not on disk: the callers must not be told it is.
-            tracing::error!(error = %err, "syncing the write-ahead log failed; its commands are answered 500");
+            // Committed, visible, but maybe not on disk, and after a failed fsync the kernel may
+            // have dropped the pages for good: a later sync that succeeds proves nothing. These
+            // callers are not told their commands are durable, and no one after them will be.
             metrics::counter!("tally_wal_sync_errors_total").increment(1);
+            health.stop_writes(format!("syncing the event log to disk failed: {err}"));
         }
         metrics::histogram!("tally_wal_sync_seconds").record(started.elapsed().as_secs_f64());
         for (reply, result) in waiting.drain(..).flatten() {
             let result = match &synced {
                 Ok(()) => result,
-                Err(err) => {
-                    Err(CommandError::Database(sqlx::Error::Io(std::io::Error::new(err.kind(), err.to_string()))))
-                }
+                Err(err) => Err(CommandError::WritesStopped(WritesStopped(format!(
+                    "syncing the event log to disk failed: {err}; this command may or may not stand"
+                )))),
             };
             // The caller may have gone away; the command stands regardless.
             let _ = reply.send(result);
@@ -91,7 +108,8 @@ mod tests {
     use std::sync::Mutex;
 
     fn answer(position: i64) -> Result<Answer, CommandError> {
-        Ok(Answer { status: 200, body: "{}".into(), replayed: false, position })
+        let outcome = crate::commands::PurchaseOutcome { transaction_id: "t".into(), position };
+        Ok(Answer { outcome: crate::commands::Outcome::Purchase(outcome), replayed: false })
     }
 
     #[tokio::test]
@@ -106,20 +124,22 @@ mod tests {
             let rx = release_rx.lock().map_err(|_| std::io::Error::other("poisoned"))?;
             rx.recv().map_err(std::io::Error::other)?
         });
-        let flusher = Flusher::start(sync);
+        let health = Arc::new(Health::default());
+        let flusher = Flusher::start(sync, health.clone());
 
         let (tx, mut rx) = oneshot::channel();
         flusher.answer_after_sync(vec![(tx, answer(7))]);
         entered.recv().await.expect("the sync started");
         assert!(rx.try_recv().is_err(), "answered before the sync finished");
         release.send(Ok(())).expect("sync waiting");
-        assert_eq!(rx.await.expect("answered").expect("synced").position, 7);
+        assert_eq!(rx.await.expect("answered").expect("synced").position(), 7);
 
         let (tx, rx) = oneshot::channel();
         flusher.answer_after_sync(vec![(tx, answer(8))]);
         entered.recv().await.expect("the sync started");
         release.send(Err(std::io::Error::other("disk gone"))).expect("sync waiting");
         let failed = rx.await.expect("answered");
-        assert!(matches!(failed, Err(CommandError::Database(_))), "a failed sync must not acknowledge");
+        assert!(matches!(failed, Err(CommandError::WritesStopped(_))), "a failed sync must not acknowledge");
+        assert!(health.writes_stopped().is_some(), "a failed sync stops writes");
     }
 }

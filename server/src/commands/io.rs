@@ -44,12 +44,11 @@ pub trait BatchIo {
     async fn save_idempotency_keys(&mut self, records: &[(&Envelope, &Answer)], now: &str) -> Result<(), sqlx::Error>;
 }
 
-const KEYS_SQL: &str = "SELECT key, request, status, response FROM idempotency_keys WHERE scope = $1 AND key IN ({})";
+const KEYS_SQL: &str = "SELECT key, request, response FROM idempotency_keys WHERE scope = $1 AND key IN ({})";
 const OWNERS_SQL: &str = "SELECT email, member_id FROM email_reservations WHERE email IN ({})";
 const TAKE_SQL: &str = "INSERT INTO email_reservations (email, member_id) VALUES ($1, $2)";
 const RELEASE_SQL: &str = "DELETE FROM email_reservations WHERE email = $1 AND member_id = $2";
-const SAVE_KEY_COLUMNS: &str =
-    "INSERT INTO idempotency_keys (scope, key, request, status, response, created_at) VALUES";
+const SAVE_KEY_COLUMNS: &str = "INSERT INTO idempotency_keys (scope, key, request, response, created_at) VALUES";
 
 impl BatchIo for Streams<'_> {
     async fn head(&mut self) -> Result<i64, sqlx::Error> {
@@ -71,11 +70,7 @@ impl BatchIo for Streams<'_> {
     async fn idempotency_keys(&mut self, scope: &str, keys: &[&str]) -> Result<Vec<(String, StoredKey)>, sqlx::Error> {
         let mut found = Vec::new();
         for row in store::select_in(self.conn, KEYS_SQL, &[scope], keys).await? {
-            let stored = StoredKey {
-                request: row.try_get("request")?,
-                status: row.try_get::<i64, _>("status")? as u16,
-                response: row.try_get("response")?,
-            };
+            let stored = StoredKey { request: row.try_get("request")?, response: row.try_get("response")? };
             found.push((row.try_get("key")?, stored));
         }
         Ok(found)
@@ -118,20 +113,15 @@ impl BatchIo for Streams<'_> {
     }
 
     async fn save_idempotency_keys(&mut self, records: &[(&Envelope, &Answer)], now: &str) -> Result<(), sqlx::Error> {
-        for chunk in records.chunks(store::MAX_PARAMS / 6) {
+        for chunk in records.chunks(store::MAX_PARAMS / 5) {
             let values =
-                (0..chunk.len()).map(|i| format!("({})", store::params(self.conn, i * 6 + 1, 6))).collect::<Vec<_>>();
+                (0..chunk.len()).map(|i| format!("({})", store::params(self.conn, i * 5 + 1, 5))).collect::<Vec<_>>();
             let sql = format!("{SAVE_KEY_COLUMNS} {}", values.join(", "));
             let mut query = sqlx::query(&sql);
             for (envelope, answer) in chunk {
                 let Some(idem) = &envelope.idempotency else { continue };
-                query = query
-                    .bind(&idem.scope)
-                    .bind(&idem.key)
-                    .bind(&idem.request)
-                    .bind(answer.status as i64)
-                    .bind(&answer.body)
-                    .bind(now);
+                let response = serde_json::to_string(&answer.outcome).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                query = query.bind(&idem.scope).bind(&idem.key).bind(&idem.request).bind(response).bind(now);
             }
             query.execute(&mut *self.conn).await?;
         }
@@ -162,9 +152,8 @@ impl BatchIo for NativeTx<'_> {
         let sql = KEYS_SQL.replace("IN ({})", "= $2");
         let mut found = Vec::new();
         for key in keys {
-            let stored = self.query_one(&sql, &[&scope, key], |row| {
-                Ok(StoredKey { request: row.get(1)?, status: row.get::<_, i64>(2)? as u16, response: row.get(3)? })
-            })?;
+            let stored = self
+                .query_one(&sql, &[&scope, key], |row| Ok(StoredKey { request: row.get(1)?, response: row.get(2)? }))?;
             if let Some(stored) = stored {
                 found.push((key.to_string(), stored));
             }
@@ -213,11 +202,11 @@ impl BatchIo for NativeTx<'_> {
     }
 
     async fn save_idempotency_keys(&mut self, records: &[(&Envelope, &Answer)], now: &str) -> Result<(), sqlx::Error> {
-        let sql = format!("{SAVE_KEY_COLUMNS} ($1, $2, $3, $4, $5, $6)");
+        let sql = format!("{SAVE_KEY_COLUMNS} ($1, $2, $3, $4, $5)");
         for (envelope, answer) in records {
             let Some(idem) = &envelope.idempotency else { continue };
-            let status = i64::from(answer.status);
-            self.execute(&sql, &[&idem.scope, &idem.key, &idem.request, &status, &answer.body, &now])?;
+            let response = serde_json::to_string(&answer.outcome).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            self.execute(&sql, &[&idem.scope, &idem.key, &idem.request, &response, &now])?;
         }
         Ok(())
     }

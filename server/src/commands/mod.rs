@@ -16,12 +16,14 @@ pub use flush::Flusher;
 pub use io::BatchIo;
 
 use crate::clock;
+use crate::health::{Health, WritesStopped};
 use crate::store::{self, NativeConn, Store};
 use app::domain::member::MemberError;
 use app::domain::transaction::{Purchase, TransactionError};
 use app::domain::Aggregate;
 use flush::Reply;
 use futures::FutureExt;
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -104,6 +106,10 @@ impl std::fmt::Debug for NewAccount {
 /// consumers use their own name.
 pub const API_SCOPE: &str = "api:";
 
+/// The scope of the keys the server makes for commands that come without one (see
+/// [`CommandBus::send`]).
+pub const SERVER_SCOPE: &str = "server";
+
 /// Who asked, and why: copied into every event's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Meta {
@@ -119,6 +125,9 @@ pub struct Idempotency {
     pub key: String,
     /// The canonical request the key stands for; the same key with another request is refused.
     pub request: String,
+    /// Made by the server for this one request, so no earlier command can have used it: the
+    /// first run does not look it up (only a batch run again after a failure does).
+    pub unused: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -129,14 +138,58 @@ pub struct Envelope {
     pub meta: Meta,
 }
 
-/// A command's answer: HTTP status and JSON body, exactly what is replayed for its idempotency key.
+/// What a command did, as the write side reports it; `http` (and the portal) make a status and
+/// a body of it. It is also what an idempotency key keeps, and answers again.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Outcome {
+    Member(MemberOutcome),
+    Purchase(PurchaseOutcome),
+}
+
+/// A member command's outcome (API.md: the body of a command's 200 or 201).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct MemberOutcome {
+    pub member_id: String,
+    /// The member's stream version after the command (what `If-Match` names).
+    pub version: i64,
+    /// The position of the member's last event (what `min_position` waits for).
+    pub position: i64,
+    /// Points a purchase earned (the loyalty policy's commands only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<u64>,
+}
+
+/// A recorded purchase (API.md: the body of `POST /api/transactions`' 202). A purchase recorded
+/// before answers with the position it was first recorded at.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct PurchaseOutcome {
+    pub transaction_id: String,
+    pub position: i64,
+}
+
+impl Outcome {
+    /// Where the command's stream ends in the log (what wakes the consumers).
+    pub fn position(&self) -> i64 {
+        match self {
+            Outcome::Member(member) => member.position,
+            Outcome::Purchase(purchase) => purchase.position,
+        }
+    }
+}
+
+/// A command's answer: its outcome, and whether it is one stored under its idempotency key
+/// (the command ran before).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    pub status: u16,
-    pub body: String,
+    pub outcome: Outcome,
     pub replayed: bool,
-    /// The position in `body` (of the stream's last event), kept to wake consumers.
-    pub position: i64,
+}
+
+impl Answer {
+    pub fn position(&self) -> i64 {
+        self.outcome.position()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +204,10 @@ pub enum CommandError {
     IdempotencyKeyReused,
     #[error("the server is shutting down")]
     Unavailable,
+    #[error(transparent)]
+    WritesStopped(#[from] WritesStopped),
+    #[error("the server's disk is full; nothing was recorded, try again later")]
+    DiskFull,
     #[error("stored event cannot be read: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("database error: {0}")]
@@ -159,6 +216,12 @@ pub enum CommandError {
 
 impl From<sqlx::Error> for CommandError {
     fn from(err: sqlx::Error) -> Self {
+        if let Some(stopped) = WritesStopped::within(&err) {
+            return CommandError::WritesStopped(WritesStopped(stopped.0.clone()));
+        }
+        if store::is_disk_full(&err) {
+            return CommandError::DiskFull;
+        }
         CommandError::Database(err)
     }
 }
@@ -172,6 +235,7 @@ struct Job {
 #[derive(Clone)]
 pub struct CommandBus {
     jobs: mpsc::Sender<Job>,
+    health: Arc<Health>,
 }
 
 impl CommandBus {
@@ -180,6 +244,7 @@ impl CommandBus {
     /// otherwise it is a task. The handle resolves when it has stopped.
     pub fn start(store: Store, head: std::sync::Arc<watch::Sender<i64>>) -> (CommandBus, tokio::task::JoinHandle<()>) {
         let (jobs, mut rx) = mpsc::channel::<Job>(16_384);
+        let health = store.health.clone();
         let mut writer = Writer::new(store, head);
         let task = match writer.store.native.clone() {
             Some(native) => {
@@ -213,11 +278,33 @@ impl CommandBus {
                 tracing::info!("command writer stopped");
             }),
         };
-        (CommandBus { jobs }, task)
+        (CommandBus { jobs, health }, task)
+    }
+
+    /// Whether the writer still takes commands.
+    pub fn is_running(&self) -> bool {
+        !self.jobs.is_closed()
     }
 
     /// Run one command; resolves once its events are committed (or it was refused).
-    pub async fn send(&self, envelope: Envelope) -> Result<Answer, CommandError> {
+    ///
+    /// A command that comes without an idempotency key gets one made here, so that a batch whose
+    /// commit may or may not have landed (PostgreSQL's connection lost during `COMMIT`) can be
+    /// run again safely: what did land is found by its key and answered as it was, and nothing is
+    /// applied twice. If the caller stops waiting (a timed-out request, a client gone) before the
+    /// writer reaches the command, it is dropped unrun; once reached, it completes once.
+    pub async fn send(&self, mut envelope: Envelope) -> Result<Answer, CommandError> {
+        if let Some(stopped) = self.health.writes_stopped() {
+            return Err(stopped.into());
+        }
+        if envelope.idempotency.is_none() {
+            envelope.idempotency = Some(Idempotency {
+                scope: SERVER_SCOPE.to_string(),
+                key: uuid::Uuid::new_v4().to_string(),
+                request: String::new(),
+                unused: true,
+            });
+        }
         let (reply, answer) = oneshot::channel();
         self.jobs.send(Job { envelope, reply }).await.map_err(|_| CommandError::Unavailable)?;
         answer.await.map_err(|_| CommandError::Unavailable)?
@@ -241,15 +328,52 @@ impl Writer {
             store::Backend::Sqlite => StateCache::with_local_head(head.subscribe()),
             store::Backend::Postgres => StateCache::default(),
         };
-        let flusher = store.sqlite_path.clone().filter(|_| store.flush_behind()).map(Flusher::for_sqlite);
+        let flusher = (store.sqlite_path.clone().filter(|_| store.flush_behind()))
+            .map(|path| Flusher::for_sqlite(path, store.health.clone(), store.faults.clone()));
         Writer { store, head, cache, flusher }
     }
 
     /// Commit `batch` (emptying it) and answer its callers, now or after the log's sync.
+    ///
+    /// Commands whose callers stopped waiting are dropped unrun. Once writes are stopped (see
+    /// `health`) every command is refused. A panic while committing answers the batch 503
+    /// (its callers' replies are dropped), forgets the cached states and the write connection,
+    /// and the writer goes on with the next batch.
     async fn commit(&mut self, batch: &mut Vec<Job>, native: Option<&mut NativeConn>) {
         let started = Instant::now();
+        batch.retain(|job| {
+            let waiting = !job.reply.is_closed();
+            if !waiting {
+                metrics::counter!("tally_commands_total", "command" => job.envelope.command.name(), "outcome" => "cancelled")
+                    .increment(1);
+            }
+            waiting
+        });
+        if let Some(stopped) = self.store.health.writes_stopped() {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(WritesStopped(stopped.0.clone()).into()));
+            }
+            return;
+        }
         let size = batch.len();
-        let (replies, newest) = commit_batch(&self.store, batch, &mut self.cache, native).await;
+        if size == 0 {
+            return;
+        }
+        let committed = std::panic::AssertUnwindSafe(commit_batch(&self.store, batch, &mut self.cache, native))
+            .catch_unwind()
+            .await;
+        let (replies, newest) = match committed {
+            Ok(committed) => committed,
+            Err(panic) => {
+                let reason = format!("panicked: {}", crate::health::panic_message(panic.as_ref()));
+                tracing::error!(%reason, size, "the command writer failed a batch; its commands are answered 503");
+                self.store.health.restarted("command writer", &reason);
+                self.cache.clear();
+                self.store.write.reset().await;
+                return;
+            }
+        };
+        self.store.health.ok("command writer");
         match &self.flusher {
             Some(flusher) => flusher.answer_after_sync(replies),
             None => {
@@ -266,9 +390,11 @@ impl Writer {
 }
 
 /// Run a batch in one transaction and answer each command. If the database fails the batch,
-/// nothing of it stands; each command is then retried alone, so a command that breaks a
-/// constraint (a race with a writer outside this process) fails by itself. Also returns the
-/// newest committed position (0 if nothing was committed).
+/// each command is then retried alone, so a command that breaks a constraint (a race with a
+/// writer outside this process) fails by itself; and should the batch have committed after all
+/// (PostgreSQL, connection lost during `COMMIT`), each is found by its idempotency key and
+/// answered as committed, not run twice. Once writes are stopped nothing is retried. Also
+/// returns the newest committed position (0 if nothing was committed).
 async fn commit_batch(
     store: &Store,
     batch: &mut Vec<Job>,
@@ -283,10 +409,19 @@ async fn commit_batch(
         Err(err) => {
             cache.clear();
             store.write.reset().await;
-            tracing::warn!(error = %err, size = jobs.len(), "group commit failed; retrying its commands one by one");
             let mut results = Vec::with_capacity(jobs.len());
-            for envelope in &envelopes {
-                let result = match try_commit(store, &[*envelope], &now, cache, native.as_deref_mut()).await {
+            if let Some(stopped) = store.health.writes_stopped() {
+                results.extend(envelopes.iter().map(|_| Err(WritesStopped(stopped.0.clone()).into())));
+            } else {
+                tracing::warn!(error = %err, size = jobs.len(), "group commit failed; retrying its commands one by one");
+            }
+            for envelope in envelopes.iter().skip(results.len()) {
+                // The batch may have committed after all (see `try_commit`): look every key up.
+                let mut again = (*envelope).clone();
+                if let Some(idempotency) = again.idempotency.as_mut() {
+                    idempotency.unused = false;
+                }
+                let mut result = match try_commit(store, &[&again], &now, cache, native.as_deref_mut()).await {
                     Ok(mut alone) => alone.pop().unwrap_or(Err(CommandError::Unavailable)),
                     Err(err) => {
                         cache.clear();
@@ -295,12 +430,16 @@ async fn commit_batch(
                         if store::is_unique_violation(&err) {
                             Err(CommandError::VersionConflict { expected: -1, actual: -1 })
                         } else {
-                            Err(CommandError::Database(err))
+                            Err(err.into())
                         }
                     }
                 };
-                if let Ok(answer) = &result {
-                    cache.committed(answer.position);
+                if let Ok(answer) = &mut result {
+                    cache.committed(answer.position());
+                    // Found by a key the server made: the caller never sent this command before.
+                    if again.idempotency.as_ref().is_some_and(|i| i.scope == SERVER_SCOPE) {
+                        answer.replayed = false;
+                    }
                 }
                 results.push(result);
             }
@@ -328,7 +467,7 @@ async fn commit_batch(
 
 /// The newest position the answers report (0 if none succeeded).
 fn newest(results: &[Result<Answer, CommandError>]) -> i64 {
-    results.iter().filter_map(|r| r.as_ref().ok()).map(|a| a.position).max().unwrap_or(0)
+    results.iter().filter_map(|r| r.as_ref().ok()).map(Answer::position).max().unwrap_or(0)
 }
 
 /// One transaction: the batch, the announcement to other nodes, the commit. With `native` (SQLite
@@ -356,7 +495,15 @@ async fn try_commit(
     let mut streams = store::Streams::begin(&mut tx, store.heads()).await?;
     let executed = execute_batch(&mut streams, envelopes, now, Some(cache)).await?;
     crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&executed.answers)).await?;
-    tx.commit().await?;
+    if let Err(err) = tx.commit().await {
+        // PostgreSQL: the server may have committed before the connection broke; running the
+        // batch again finds what landed by the commands' idempotency keys (see `commit_batch`).
+        // SQLite: the file's state is unknown to this process; stop (see `health`).
+        if store.backend == store::Backend::Sqlite && !store::is_rollback(&err) {
+            store.health.stop_writes(format!("committing to the event log failed: {err}"));
+        }
+        return Err(err);
+    }
     // Before the write connection goes back, so the tail gets the events in position order.
     store.committed(executed.appended);
     Ok(executed.answers)

@@ -3,6 +3,8 @@
 
 use super::error::ApiError;
 use super::guard::Authed;
+use crate::auth::links::IssuedLink;
+use crate::commands::MemberOutcome;
 use crate::identity;
 use crate::AppState;
 use axum::body::Bytes;
@@ -84,7 +86,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Sessioned {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignUpBody {
     name: String,
@@ -93,17 +95,18 @@ pub struct SignUpBody {
 }
 
 /// `POST /api/signup`: 201 with the enrolment's answer; the response signs the member in.
+#[utoipa::path(post, path = "/api/signup", tag = "identity", request_body = SignUpBody, security(()),
+    responses((status = 201, description = "Joined and signed in (the session cookie is set)", body = MemberOutcome)))]
 pub async fn sign_up(
     State(state): State<AppState>,
     Sessioned(session): Sessioned,
     JsonBody(body): JsonBody<SignUpBody>,
 ) -> Result<Response, ApiError> {
     let answer = identity::sign_up(&state, &session, &body.name, &body.email, &body.password).await?;
-    let status = StatusCode::from_u16(answer.status).map_err(ApiError::internal)?;
-    Ok((status, [(header::CONTENT_TYPE, "application/json")], answer.body).into_response())
+    Ok((StatusCode::CREATED, Json(answer.outcome)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignInBody {
     email: String,
@@ -111,6 +114,8 @@ pub struct SignInBody {
 }
 
 /// `POST /api/session`.
+#[utoipa::path(post, path = "/api/session", tag = "identity", request_body = SignInBody, security(()),
+    responses((status = 200, description = "Signed in (the session cookie is set)", body = identity::Me)))]
 pub async fn sign_in(
     State(state): State<AppState>,
     Sessioned(session): Sessioned,
@@ -122,17 +127,21 @@ pub async fn sign_in(
 }
 
 /// `DELETE /api/session`.
+#[utoipa::path(delete, path = "/api/session", tag = "identity",
+    responses((status = 204, description = "Signed out")))]
 pub async fn sign_out(State(state): State<AppState>, Sessioned(session): Sessioned) -> Result<StatusCode, ApiError> {
     identity::sign_out(&state, &session).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /api/me`.
+#[utoipa::path(get, path = "/api/me", tag = "identity",
+    responses((status = 200, description = "Who is asking", body = identity::Me)))]
 pub async fn me(State(state): State<AppState>, caller: Authed) -> Json<identity::Me> {
     Json(identity::me(&state, &caller.0).await)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordBody {
     current_password: String,
@@ -140,6 +149,8 @@ pub struct PasswordBody {
 }
 
 /// `PUT /api/me/password`: 204; every other session of the account ends.
+#[utoipa::path(put, path = "/api/me/password", tag = "identity", request_body = PasswordBody,
+    responses((status = 204, description = "Changed; the account's other sessions end")))]
 pub async fn change_password(
     State(state): State<AppState>,
     caller: Authed,
@@ -151,7 +162,7 @@ pub async fn change_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimBody {
     token: String,
@@ -159,6 +170,8 @@ pub struct ClaimBody {
 }
 
 /// `POST /api/claim`: what the `/claim/<token>` page does, for clients without the page.
+#[utoipa::path(post, path = "/api/claim", tag = "identity", request_body = ClaimBody, security(()),
+    responses((status = 200, description = "Password set and signed in", body = identity::Me)))]
 pub async fn claim(
     State(state): State<AppState>,
     Sessioned(session): Sessioned,
@@ -169,6 +182,8 @@ pub async fn claim(
 }
 
 /// `POST /api/members/{id}/access-link` (staff): 201 `{url, expires_at}`.
+#[utoipa::path(post, path = "/api/members/{id}/access-link", tag = "identity", params(("id" = String, Path, description = "The member's id")),
+    responses((status = 201, description = "A link for the member to set their password", body = IssuedLink)))]
 pub async fn member_link(
     State(state): State<AppState>,
     caller: Authed,
@@ -178,31 +193,55 @@ pub async fn member_link(
     Ok((StatusCode::CREATED, Json(link)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
     name: String,
     role: String,
 }
 
+/// A new key (`POST /api/keys`): its token is shown this once.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct NewKey {
+    id: String,
+    name: String,
+    role: app::domain::access::Role,
+    token: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct KeyList {
+    items: Vec<crate::auth::keys::KeyInfo>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct PersonList {
+    items: Vec<crate::auth::accounts::PersonInfo>,
+}
+
 /// `POST /api/keys` (admin): 201 `{id, name, role, token}`.
+#[utoipa::path(post, path = "/api/keys", tag = "identity", request_body = KeyBody,
+    responses((status = 201, description = "The key; its token is shown this once", body = NewKey)))]
 pub async fn create_key(
     State(state): State<AppState>,
     caller: Authed,
     JsonBody(body): JsonBody<KeyBody>,
 ) -> Result<Response, ApiError> {
     let (key, token) = identity::create_key(&state, &caller.0, &body.name, &body.role).await?;
-    let body = serde_json::json!({"id": key.id, "name": key.name, "role": key.role, "token": token});
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, Json(NewKey { id: key.id, name: key.name, role: key.role, token })).into_response())
 }
 
 /// `GET /api/keys` (admin).
+#[utoipa::path(get, path = "/api/keys", tag = "identity",
+    responses((status = 200, description = "Every key", body = KeyList)))]
 pub async fn keys(State(state): State<AppState>, caller: Authed) -> Result<Response, ApiError> {
     let items = identity::keys(&state, &caller.0).await?;
-    Ok(Json(serde_json::json!({ "items": items })).into_response())
+    Ok(Json(KeyList { items }).into_response())
 }
 
 /// `DELETE /api/keys/{id}` (admin): 204.
+#[utoipa::path(delete, path = "/api/keys/{id}", tag = "identity", params(("id" = String, Path, description = "The key's id")),
+    responses((status = 204, description = "Revoked; its sockets close")))]
 pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Authed,
@@ -212,7 +251,7 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersonBody {
     email: String,
@@ -221,6 +260,8 @@ pub struct PersonBody {
 }
 
 /// `POST /api/users` (admin): 201, the account and its first access link.
+#[utoipa::path(post, path = "/api/users", tag = "identity", request_body = PersonBody,
+    responses((status = 201, description = "The account and its first access link", body = identity::NewPerson)))]
 pub async fn create_person(
     State(state): State<AppState>,
     caller: Authed,
@@ -231,12 +272,14 @@ pub async fn create_person(
 }
 
 /// `GET /api/users` (admin).
+#[utoipa::path(get, path = "/api/users", tag = "identity",
+    responses((status = 200, description = "Every person's account", body = PersonList)))]
 pub async fn people(State(state): State<AppState>, caller: Authed) -> Result<Response, ApiError> {
     let items = identity::people(&state, &caller.0).await?;
-    Ok(Json(serde_json::json!({ "items": items })).into_response())
+    Ok(Json(PersonList { items }).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersonChange {
     role: Option<String>,
@@ -244,6 +287,8 @@ pub struct PersonChange {
 }
 
 /// `PATCH /api/users/{id}` (admin): 204.
+#[utoipa::path(patch, path = "/api/users/{id}", tag = "identity", params(("id" = String, Path, description = "The account's id")),
+    request_body = PersonChange, responses((status = 204, description = "Changed")))]
 pub async fn update_person(
     State(state): State<AppState>,
     caller: Authed,
@@ -258,6 +303,8 @@ pub async fn update_person(
 }
 
 /// `POST /api/users/{id}/access-link` (admin): 201, a password reset link.
+#[utoipa::path(post, path = "/api/users/{id}/access-link", tag = "identity", params(("id" = String, Path, description = "The account's id")),
+    responses((status = 201, description = "A password reset link", body = IssuedLink)))]
 pub async fn person_link(
     State(state): State<AppState>,
     caller: Authed,

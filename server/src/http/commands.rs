@@ -3,7 +3,9 @@
 
 use super::error::ApiError;
 use super::guard::Authed;
-use crate::commands::{Command, Envelope, Idempotency, MemberAction, Meta, NewAccount, API_SCOPE};
+use crate::commands::{
+    Command, Envelope, Idempotency, MemberAction, MemberOutcome, Meta, NewAccount, PurchaseOutcome, API_SCOPE,
+};
 use crate::AppState;
 use app::domain::access::{Action, Caller};
 use app::domain::transaction::{Channel, Purchase, MAX_AMOUNT_CENTS};
@@ -16,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollBody {
     pub name: String,
@@ -24,38 +26,38 @@ pub struct EnrollBody {
     pub member_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileBody {
     pub name: Option<String>,
     pub email: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EarnBody {
     pub points: i64,
     pub reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedeemBody {
     pub points: i64,
     pub reward: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SuspendBody {
     pub reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReactivateBody {}
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
     pub transaction_id: Option<String>,
@@ -178,6 +180,7 @@ fn envelope(
                 scope: format!("{API_SCOPE}{actor}"),
                 key: key.to_string(),
                 request: format!("{} {} if-match={:?} {}", method, uri.path(), expected_version, body),
+                unused: false,
             })
         }
         Some(_) => return Err(invalid("Idempotency-Key must be 1 to 200 visible characters".into())),
@@ -201,18 +204,28 @@ pub async fn send(state: &AppState, envelope: Envelope) -> Result<crate::command
     })
 }
 
-/// Send to the bus and turn the answer into the HTTP response (the stored one, on a replay).
+/// API.md: an enrolment answers 201, a purchase 202 (recorded; its points follow), the rest 200.
+pub fn status_of(command: &Command) -> StatusCode {
+    match command {
+        Command::Member { action: MemberAction::Enroll { .. }, .. } => StatusCode::CREATED,
+        Command::RecordPurchase(_) => StatusCode::ACCEPTED,
+        Command::Member { .. } => StatusCode::OK,
+    }
+}
+
+/// Send to the bus and turn the outcome into the HTTP response (the stored one, on a replay).
 pub async fn dispatch(state: &AppState, envelope: Envelope) -> Result<Response, ApiError> {
+    let status = status_of(&envelope.command);
     let answer = send(state, envelope).await?;
-    let status = StatusCode::from_u16(answer.status).map_err(ApiError::internal)?;
-    let mut response =
-        (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], answer.body).into_response();
+    let mut response = (status, axum::Json(&answer.outcome)).into_response();
     if answer.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
 }
 
+#[utoipa::path(post, path = "/api/members", tag = "commands", request_body = EnrollBody,
+    responses((status = 201, description = "Enrolled", body = MemberOutcome)))]
 pub async fn enroll(State(state): State<AppState>, mut req: CommandRequest) -> Result<Response, ApiError> {
     req.may(Action::ManageMembers)?;
     let command = enroll_command(req.body()?, None)?;
@@ -230,6 +243,8 @@ pub fn enroll_command(req: EnrollBody, account: Option<NewAccount>) -> Result<Co
     Ok(Command::Member { member_id: id, action: MemberAction::Enroll { name, email, account } })
 }
 
+#[utoipa::path(patch, path = "/api/members/{id}", tag = "commands", params(("id" = String, Path, description = "The member's id")), request_body = ProfileBody,
+    responses((status = 200, description = "Profile changed", body = MemberOutcome)))]
 pub async fn update_profile(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -270,6 +285,8 @@ pub fn reactivate_command(id: &str) -> Result<Command, ApiError> {
     Ok(Command::Member { member_id: member_id(id)?, action: MemberAction::Reactivate })
 }
 
+#[utoipa::path(post, path = "/api/members/{id}/points/earn", tag = "commands", params(("id" = String, Path, description = "The member's id")), request_body = EarnBody,
+    responses((status = 200, description = "Points earned", body = MemberOutcome)))]
 pub async fn earn(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -280,6 +297,8 @@ pub async fn earn(
     req.run(&state, command).await
 }
 
+#[utoipa::path(post, path = "/api/members/{id}/points/redeem", tag = "commands", params(("id" = String, Path, description = "The member's id")), request_body = RedeemBody,
+    responses((status = 200, description = "Points redeemed", body = MemberOutcome)))]
 pub async fn redeem(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -290,6 +309,8 @@ pub async fn redeem(
     req.run(&state, command).await
 }
 
+#[utoipa::path(post, path = "/api/members/{id}/suspend", tag = "commands", params(("id" = String, Path, description = "The member's id")), request_body = SuspendBody,
+    responses((status = 200, description = "Suspended", body = MemberOutcome)))]
 pub async fn suspend(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -300,6 +321,8 @@ pub async fn suspend(
     req.run(&state, command).await
 }
 
+#[utoipa::path(post, path = "/api/members/{id}/reactivate", tag = "commands", params(("id" = String, Path, description = "The member's id")), request_body(content = Option<ReactivateBody>),
+    responses((status = 200, description = "Reactivated", body = MemberOutcome)))]
 pub async fn reactivate(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -333,6 +356,8 @@ pub fn purchase_command(req: PurchaseBody, performed_at: String) -> Result<Comma
     }))
 }
 
+#[utoipa::path(post, path = "/api/transactions", tag = "commands", request_body = PurchaseBody,
+    responses((status = 202, description = "Recorded; the loyalty policy turns it into points", body = PurchaseOutcome)))]
 pub async fn record_purchase(State(state): State<AppState>, mut req: CommandRequest) -> Result<Response, ApiError> {
     req.may(Action::RecordPurchase)?;
     let command = purchase_command(req.body()?, crate::clock::now())?;

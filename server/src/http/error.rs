@@ -52,6 +52,10 @@ pub enum ApiError {
     RateLimitedBy(String),
     #[error("the server is shutting down, try again")]
     Unavailable,
+    #[error("{0}")]
+    WritesStopped(#[from] crate::health::WritesStopped),
+    #[error("the server's disk is full; nothing was recorded, try again later")]
+    DiskFull,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -77,7 +81,9 @@ impl ApiError {
             ApiError::AccountSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_suspended"),
             ApiError::AccountNotSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_not_suspended"),
             ApiError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unavailable | ApiError::WritesStopped(_) | ApiError::DiskFull => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -95,13 +101,27 @@ impl ApiError {
     }
 }
 
+/// Every error's body (API.md): `{"error": {"code", "message"}}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `invalid_request`, `member_not_found`, `version_conflict`…
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
         if let ApiError::Internal(err) = &self {
             tracing::error!(error = ?err, "internal error");
         }
-        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        let body = ErrorBody { error: ErrorDetail { code, message: self.to_string() } };
         let mut response = (status, Json(body)).into_response();
         match &self {
             ApiError::RateLimited(wait) => {
@@ -141,6 +161,8 @@ impl From<CommandError> for ApiError {
             }
             CommandError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             CommandError::Unavailable => ApiError::Unavailable,
+            CommandError::WritesStopped(stopped) => ApiError::WritesStopped(stopped),
+            CommandError::DiskFull => ApiError::DiskFull,
             e @ (CommandError::Corrupt(_) | CommandError::Database(_)) => ApiError::internal(e),
         }
     }
@@ -168,6 +190,9 @@ impl From<QueryError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        ApiError::internal(err)
+        match crate::health::WritesStopped::within(&err) {
+            Some(stopped) => ApiError::WritesStopped(crate::health::WritesStopped(stopped.0.clone())),
+            None => ApiError::internal(err),
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod guard;
 pub mod headers;
 pub mod live;
+pub mod openapi;
 pub mod ops;
 pub mod queries;
 
@@ -39,6 +40,7 @@ pub fn api_routes() -> Router<AppState> {
         .route("/api/users", post(auth::create_person).get(auth::people))
         .route("/api/users/{id}", axum::routing::patch(auth::update_person))
         .route("/api/users/{id}/access-link", post(auth::person_link))
+        .route("/api/openapi.json", get(openapi::document))
         .route("/api/{*rest}", any(ops::api_not_found))
         .route("/api", any(ops::api_not_found))
         .route("/healthz", get(ops::healthz))

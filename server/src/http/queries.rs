@@ -18,10 +18,13 @@ use std::time::Duration;
 pub const DEFAULT_WAIT_MS: u64 = 2_000;
 pub const MAX_WAIT_MS: u64 = 10_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ViewParams {
+    /// Read-your-writes: wait until the views are current to this position (a command's answer).
     min_position: Option<i64>,
+    /// How long to wait for `min_position`, in milliseconds (default 2,000, at most 10,000).
     wait_ms: Option<u64>,
 }
 
@@ -39,6 +42,10 @@ fn with_view_headers(mut response: Response, position: i64, stale: bool) -> Resp
 }
 
 /// `GET /api/members/{id}`: the stored view, as stored; with `min_position`, read-your-writes.
+#[utoipa::path(get, path = "/api/members/{id}", tag = "queries", params(("id" = String, Path, description = "The member's id"), ViewParams),
+    responses((status = 200, description = "The member's view, as stored", body = app::views::MembershipView,
+        headers(("x-view-position" = i64, description = "The position the views are current to"),
+                ("x-view-stale" = bool, description = "Present when `min_position` was not reached in time")))))]
 pub async fn get_member(
     State(state): State<AppState>,
     caller: Authed,
@@ -66,6 +73,8 @@ pub async fn get_member(
 }
 
 /// `GET /api/members?q=&tier=&status=&limit=&after=`
+#[utoipa::path(get, path = "/api/members", tag = "queries", params(MemberQuery),
+    responses((status = 200, description = "A page of members, by name", body = app::views::MemberPage)))]
 pub async fn list_members(
     State(state): State<AppState>,
     caller: Authed,
@@ -78,11 +87,22 @@ pub async fn list_members(
     Ok(with_view_headers(Json(page).into_response(), position, false))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventParams {
+    /// Events after this position (a page's `next`).
     after: Option<i64>,
+    /// Events per page, 1 to 1,000 (the default).
     limit: Option<usize>,
+}
+
+/// A page of a member's history.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    items: Vec<crate::store::StoredEvent>,
+    /// The `after` of the next page; null on the last.
+    next: Option<i64>,
 }
 
 /// Events per page of a member's history, at most and by default.
@@ -90,6 +110,8 @@ pub const MAX_EVENTS: usize = 1_000;
 
 /// `GET /api/members/{id}/events?after=&limit=`: the audit trail, oldest first, a page at a
 /// time; `next` is the `after` of the next page (null on the last).
+#[utoipa::path(get, path = "/api/members/{id}/events", tag = "queries", params(("id" = String, Path, description = "The member's id"), EventParams),
+    responses((status = 200, description = "The member's history, oldest first, a page at a time", body = EventPage)))]
 pub async fn member_events(
     State(state): State<AppState>,
     caller: Authed,
@@ -113,5 +135,5 @@ pub async fn member_events(
         items.truncate(limit);
         items.last().map(|e| e.position)
     });
-    Ok(Json(serde_json::json!({ "items": items, "next": next.flatten() })).into_response())
+    Ok(Json(EventPage { items, next: next.flatten() }).into_response())
 }

@@ -125,6 +125,7 @@ async fn earn(
             scope: NAME.to_string(),
             key: transaction_id.to_string(),
             request: format!("earn_for_purchase {member_id} {amount_cents}"),
+            unused: false,
         }),
         meta: meta.clone(),
     };
@@ -132,10 +133,10 @@ async fn earn(
     let mut executed = commands::execute_batch(streams, &[&envelope], now, None).await?;
     effects.appended.append(&mut executed.appended);
     match executed.answers.pop().unwrap_or(Err(CommandError::Unavailable)) {
-        Ok(answer) => {
-            let body: serde_json::Value = serde_json::from_str(&answer.body)?;
-            Ok(Ok(body["points"].as_u64().unwrap_or(0)))
-        }
+        Ok(answer) => match answer.outcome {
+            commands::Outcome::Member(member) => Ok(Ok(member.points.unwrap_or(0))),
+            commands::Outcome::Purchase(_) => Ok(Ok(0)),
+        },
         Err(CommandError::Member(refused)) => Ok(Err(refused)),
         Err(other) => Err(other.into()),
     }

@@ -217,46 +217,64 @@ impl Consumers {
         Arc::new(Consumers { store, head, feed, poll, write_behind, groups })
     }
 
-    /// Start one task per group; they stop when `stop` is cancelled.
-    pub fn run(&self, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-        self.groups
-            .iter()
-            .map(|group| {
-                // A group that appends events commits in the event store; the projections commit
-                // where their views are (see `Store::views`).
-                let pool = match group.iter().any(|(consumer, _)| consumer.appends()) {
-                    true => self.store.write.clone(),
-                    false => self.store.views.clone(),
+    /// Start one task per group; they stop when `stop` is cancelled. Each is supervised (see
+    /// `health::supervise`): one that panics starts again from its stored checkpoints.
+    pub fn run(self: &Arc<Self>, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.groups.len())
+            .map(|g| {
+                let consumers = self.clone();
+                let part = self.groups[g].first().map_or("consumers", |(consumer, _)| consumer.name());
+                let start = {
+                    let stop = stop.clone();
+                    move || {
+                        let runner = consumers.runner(g, stop.clone());
+                        async move {
+                            runner.run().await;
+                            Ok(())
+                        }
+                    }
                 };
-                // Only on SQLite: on PostgreSQL other nodes read the views from the table.
-                let behind = self.store.backend == Backend::Sqlite && !self.write_behind.is_zero();
-                let runner = Runner {
-                    store: self.store.clone(),
-                    pool,
-                    members: group
-                        .iter()
-                        .map(|(consumer, handle)| {
-                            let defers = behind && consumer.writes_behind();
-                            Member {
-                                consumer: consumer.clone(),
-                                handle: handle.clone(),
-                                position: 0,
-                                stored: 0,
-                                stored_at: Instant::now(),
-                                defers,
-                                store_every: if defers { self.write_behind } else { CHECKPOINT_EVERY },
-                            }
-                        })
-                        .collect(),
-                    head: self.head.clone(),
-                    feed: self.feed.clone(),
-                    poll: self.poll,
-                    shutdown: stop.clone(),
-                    isolate: false,
-                };
-                tokio::spawn(runner.run())
+                tokio::spawn(crate::health::supervise(self.store.health.clone(), part, stop.clone(), start))
             })
             .collect()
+    }
+
+    /// The runner of group `g`, from its stored checkpoints.
+    fn runner(&self, g: usize, stop: CancellationToken) -> Runner {
+        let group = &self.groups[g];
+        // A group that appends events commits in the event store; the projections commit where
+        // their views are (see `Store::views`).
+        let pool = match group.iter().any(|(consumer, _)| consumer.appends()) {
+            true => self.store.write.clone(),
+            false => self.store.views.clone(),
+        };
+        // Only on SQLite: on PostgreSQL other nodes read the views from the table.
+        let behind = self.store.backend == Backend::Sqlite && !self.write_behind.is_zero();
+        let members = group
+            .iter()
+            .map(|(consumer, handle)| {
+                let defers = behind && consumer.writes_behind();
+                Member {
+                    consumer: consumer.clone(),
+                    handle: handle.clone(),
+                    position: 0,
+                    stored: 0,
+                    stored_at: Instant::now(),
+                    defers,
+                    store_every: if defers { self.write_behind } else { CHECKPOINT_EVERY },
+                }
+            })
+            .collect();
+        Runner {
+            store: self.store.clone(),
+            pool,
+            members,
+            head: self.head.clone(),
+            feed: self.feed.clone(),
+            poll: self.poll,
+            shutdown: stop,
+            isolate: false,
+        }
     }
 
     /// Every consumer's handle, in group order.
@@ -556,6 +574,12 @@ impl Runner {
         if work.is_empty() {
             return Ok(false);
         }
+        for (i, w, _) in &work {
+            let name = self.members[*i].handle.name;
+            if matches!(w, Work::Apply(_)) && self.store.faults.take_consumer_panic(name) {
+                panic!("{name}: a panic the fault suite asked for");
+            }
+        }
         let needs_tx = work.iter().any(|(i, w, _)| {
             let m = &self.members[*i];
             match w {
@@ -692,6 +716,7 @@ impl Runner {
         m.position = to;
         m.handle.applied.send_replace(to);
         m.handle.set("running", None);
+        self.store.health.ok(name);
         if m.consumer.feeds_views() {
             self.feed.after_commit(effects.views, to);
         }
@@ -747,6 +772,7 @@ impl Runner {
         tracing::error!(consumer = name, position = self.members[i].position, error = %message, "consumer failed; will retry");
         metrics::counter!("tally_consumer_errors_total", "consumer" => name).increment(1);
         self.members[i].handle.set("failing", Some(message.to_string()));
+        self.store.health.failing(name, message);
         let _ = record_error(&self.pool, name, message).await;
     }
 }

@@ -6,7 +6,7 @@
 //! subscribers tens of milliseconds late (P4's p99 was 21–41 ms with it, 10–15 ms without). For
 //! the event store's file it is the command writer's, which commits one batch at a time, so every
 //! command queued behind the batch waited too (P3 gained 1.11 ×, though a rare stall got longer:
-//! docs/benchmark-history.md, session of 2026-11-30).
+//! docs/benchmark-history.md, 2026-11-30).
 //! So no connection checkpoints (`wal_autocheckpoint = 0`, see `Store::open`) and a thread per
 //! file does, every [`EVERY`], with `PASSIVE` checkpoints, which never wait for the writer. Once
 //! everything in the log is copied, the next commit starts the log over. Should it still grow

@@ -4,7 +4,7 @@
 //! that index, a random 4 KiB page (commands hit random members, so no two in a batch share a
 //! leaf), checksummed, written to the log and synced before the command is answered. That page,
 //! with the member's view in the views' file, was what held command throughput back
-//! (docs/benchmark-history.md, third session of 2026-11-30). Instead each event names its
+//! (docs/benchmark-history.md, 2026-11-30). Instead each event names its
 //! stream's previous event (`previous_position`), so a stream is read by following that chain
 //! back from its head, and a commit adds nothing but rows at the end of the log.
 //!

@@ -29,6 +29,7 @@ pub use native::{Native, NativeConn, NativeTx};
 use recent::RecentEvents;
 pub use writes::{WriteConn, Writes};
 
+use crate::health::Health;
 use anyhow::Context;
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -65,13 +66,17 @@ pub struct Store {
     pub native: Option<Native>,
     /// SQLite: where each stream ends (the log has no index by stream; see `heads`).
     pub(crate) heads: Option<Arc<Heads>>,
+    /// Whether writes are still acknowledged, and how the background parts fare (see `health`).
+    pub health: Arc<Health>,
+    /// Test hooks, all off unless the fault suite switches them on (see `faults`).
+    pub faults: crate::faults::Faults,
     /// SQLite: stops the files' checkpointer threads and the heads' writer, and lets go of the
     /// file's lock (see `lock`), once the last clone of the store is gone.
     _background: Arc<(tokio_util::sync::DropGuard, Option<lock::FileLock>)>,
 }
 
 /// A stored event exactly as API.md describes it (`GET /api/members/{id}/events`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     pub position: i64,
     pub stream_id: String,
@@ -220,11 +225,12 @@ impl Store {
             }
             Backend::Postgres => None,
         };
+        let health = Arc::new(Health::default());
         let native = match (&sqlite_path, &heads) {
             (Some(path), Some(heads)) => {
                 // As `begin_commands` sets it: with the log synced by the flusher, NORMAL.
                 let synchronous = if durable && !wal { "FULL" } else { "NORMAL" };
-                let native = Native::open(path, synchronous, heads.clone())
+                let native = Native::open(path, synchronous, heads.clone(), health.clone())
                     .with_context(|| format!("cannot open {} for the command writer", path.display()))?;
                 Some(native)
             }
@@ -234,7 +240,7 @@ impl Store {
         // Without a views file the views are written through the very same `Writes`, so there is
         // still one lender for the one connection.
         let lent = backend == Backend::Sqlite;
-        let write = Writes::new(write, lent);
+        let write = Writes::new(write, lent).guarded(health.clone());
         let views = match views {
             Some(pool) => Writes::new(pool, lent),
             None => write.clone(),
@@ -261,6 +267,8 @@ impl Store {
             recent,
             native,
             heads,
+            health,
+            faults: Default::default(),
             _background: background,
         })
     }
@@ -356,19 +364,32 @@ impl Store {
     /// written in the transaction that also closes its purchase, and a closed purchase is never
     /// handled again, so once the window has passed nothing can ask for it.
     pub async fn prune_idempotency_keys(&self, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+        self.prune_keys(None, keep, batch).await
+    }
+
+    /// The same for the keys the server made for requests that came without one (see
+    /// `commands::SERVER_SCOPE`): only a batch re-run after a failure reads them, so they are
+    /// kept an hour, not days.
+    pub async fn prune_server_made_keys(&self, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+        self.prune_keys(Some(crate::commands::SERVER_SCOPE), keep, batch).await
+    }
+
+    async fn prune_keys(&self, scope: Option<&str>, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
         let cutoff = crate::clock::rfc3339(chrono::Utc::now() - keep);
+        let in_scope = if scope.is_some() { "AND scope = $3" } else { "" };
+        let sql = format!(
+            "DELETE FROM idempotency_keys WHERE (scope, key) IN \
+             (SELECT scope, key FROM idempotency_keys WHERE created_at < $1 {in_scope} LIMIT $2)"
+        );
         let mut removed = 0;
         loop {
             let started = std::time::Instant::now();
             let mut conn = self.write.acquire().await?;
-            let done = sqlx::query(
-                "DELETE FROM idempotency_keys WHERE (scope, key) IN \
-                 (SELECT scope, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2)",
-            )
-            .bind(&cutoff)
-            .bind(batch)
-            .execute(&mut *conn)
-            .await?;
+            let mut query = sqlx::query(&sql).bind(&cutoff).bind(batch);
+            if let Some(scope) = scope {
+                query = query.bind(scope);
+            }
+            let done = query.execute(&mut *conn).await?;
             drop(conn);
             metrics::histogram!("tally_idempotency_prune_batch_seconds").record(started.elapsed().as_secs_f64());
             removed += done.rows_affected();
@@ -513,6 +534,29 @@ pub fn raise(watch: &tokio::sync::watch::Sender<i64>, position: i64) {
 
 /// True when a database error is a unique-constraint violation (a lost race on a stream version or
 /// a reservation).
+/// SQLite: a failed `COMMIT` known to have been rolled back (no space, or the lock was busy);
+/// any other failure there leaves its outcome unknown.
+pub fn is_rollback(err: &sqlx::Error) -> bool {
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    [BUSY, LOCKED, SQLITE_FULL].contains(&sqlite_code(err).unwrap_or(0))
+}
+
+/// SQLite: the disk (or the file system's quota) is full; nothing of the statement was written.
+pub fn is_disk_full(err: &sqlx::Error) -> bool {
+    sqlite_code(err) == Some(SQLITE_FULL)
+}
+
+const SQLITE_FULL: i64 = 13;
+
+/// An SQLite error's primary result code (its extended code's low byte).
+fn sqlite_code(err: &sqlx::Error) -> Option<i64> {
+    match err {
+        sqlx::Error::Database(db) => db.code().and_then(|code| code.parse::<i64>().ok()).map(|code| code & 0xff),
+        _ => None,
+    }
+}
+
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => db.is_unique_violation() || db.message().contains("UNIQUE constraint failed"),

@@ -16,6 +16,7 @@
 
 use super::heads::{self, Chain, Head, Heads};
 use super::{NewEvent, StoredEvent};
+use crate::health::Health;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::borrow::Cow;
 use std::path::Path;
@@ -35,12 +36,14 @@ pub struct Native {
 pub struct NativeConn {
     conn: Connection,
     heads: Arc<Heads>,
+    /// Told when a commit fails with its outcome unknown (see [`NativeConn::transact`]).
+    health: Arc<Health>,
 }
 
 impl Native {
     /// Open the event store's file (already created and migrated by sqlx). `synchronous`: as the
     /// command batches' transactions need it (see `Store::begin_commands`).
-    pub fn open(path: &Path, synchronous: &str, heads: Arc<Heads>) -> anyhow::Result<Native> {
+    pub fn open(path: &Path, synchronous: &str, heads: Arc<Heads>, health: Arc<Health>) -> anyhow::Result<Native> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)?;
         // The same settings as sqlx's connections (see `Store::open`).
@@ -51,7 +54,7 @@ impl Native {
         conn.set_prepared_statement_cache_capacity(64);
         let (work, queue) = mpsc::channel::<Work>();
         std::thread::Builder::new().name("command-writer".into()).spawn(move || {
-            let mut conn = NativeConn { conn, heads };
+            let mut conn = NativeConn { conn, heads, health };
             for work in queue {
                 work(&mut conn);
             }
@@ -72,6 +75,10 @@ impl Native {
 
 impl NativeConn {
     /// Run `work` in one transaction (`BEGIN IMMEDIATE` … `COMMIT`; rolled back on `Err`).
+    ///
+    /// A `COMMIT` that fails for want of space or of the lock is rolled back, and says so. Any
+    /// other failure there (an I/O error writing the log) leaves unknown what reached the disk
+    /// and what the kernel still holds: writes are stopped (see `health`).
     pub fn transact<T>(
         &mut self,
         work: impl FnOnce(&mut NativeTx) -> Result<T, sqlx::Error>,
@@ -82,7 +89,12 @@ impl NativeConn {
             native.sync()?;
             work(&mut native)?
         };
-        tx.commit().map_err(error)?;
+        if let Err(err) = tx.commit() {
+            if !rolled_back(&err) {
+                self.health.stop_writes(format!("committing to the event log failed: {err}"));
+            }
+            return Err(error(err));
+        }
         Ok(out)
     }
 }
@@ -289,4 +301,13 @@ impl sqlx::error::DatabaseError for NativeError {
             _ => sqlx::error::ErrorKind::Other,
         }
     }
+}
+
+/// Whether a failed `COMMIT` is known not to have happened: SQLite rolls back a transaction it
+/// could not commit for want of space or of the lock, before any of it is visible.
+fn rolled_back(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }

@@ -6,12 +6,12 @@
 //! from sqlx's pool costs two round trips to the driver's thread per use: the pool pings a
 //! connection when it is taken (`test_before_acquire`) and again, in a task of its own, when it
 //! is given back, and the next taker waits for that task. For the command writer that was 40 %
-//! of every batch's time (docs/benchmark-history.md, seventh session of 2026-11-29). So on
+//! of every batch's time (docs/benchmark-history.md, 2026-11-29). So on
 //! SQLite the one connection is taken out of the pool once, kept, and lent through a fair (first
 //! come, first served) lock: whoever holds the lock holds the file's write lock too. After an
-//! error that may have left it unusable, [`Writes::reset`] gives it back to the pool, which tests
-//! it and opens a new one if it must.
+//! error that may have left it unusable, [`Writes::reset`] closes it and the pool opens a new one.
 
+use crate::health::Health;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool};
 use std::ops::{Deref, DerefMut};
@@ -23,6 +23,9 @@ pub struct Writes {
     pool: AnyPool,
     /// SQLite: the write connection, once taken out of `pool`.
     kept: Option<Arc<Mutex<Option<PoolConnection<Any>>>>>,
+    /// The event store's writes: refused once the node has stopped acknowledging writes (see
+    /// `health`).
+    guard: Option<Arc<Health>>,
 }
 
 /// A write connection, for one transaction; the next taker waits until it is dropped.
@@ -34,11 +37,19 @@ pub enum WriteConn {
 impl Writes {
     /// Lend the pool's one connection (`kept`: SQLite), or take from the pool each time.
     pub fn new(pool: AnyPool, kept: bool) -> Writes {
-        Writes { pool, kept: kept.then(|| Arc::new(Mutex::new(None))) }
+        Writes { pool, kept: kept.then(|| Arc::new(Mutex::new(None))), guard: None }
+    }
+
+    /// The same, refusing every write once `health` says writes are stopped.
+    pub fn guarded(self, health: Arc<Health>) -> Writes {
+        Writes { guard: Some(health), ..self }
     }
 
     /// Wait for the write connection (in order of asking, on SQLite).
     pub async fn acquire(&self) -> Result<WriteConn, sqlx::Error> {
+        if let Some(stopped) = self.guard.as_ref().and_then(|health| health.writes_stopped()) {
+            return Err(stopped.into_sqlx());
+        }
         let Some(kept) = &self.kept else {
             return Ok(WriteConn::Pooled(self.pool.acquire().await?));
         };
@@ -51,15 +62,20 @@ impl Writes {
             .map_err(|_| sqlx::Error::PoolClosed)
     }
 
-    /// After an error: give the kept connection back to the pool (which tests it on the way), so
-    /// the next [`acquire`](Self::acquire) takes a sound one.
+    /// After an error: close the kept connection, so the next [`acquire`](Self::acquire) takes a
+    /// new one from the pool. Not given back: after some errors its state is not what it seems
+    /// (on a full disk SQLite cannot even roll back, and the connection stays inside the failed
+    /// transaction, refusing every later `BEGIN`).
     pub async fn reset(&self) {
         if let Some(kept) = &self.kept {
-            kept.lock().await.take();
+            let conn = kept.lock().await.take();
+            if let Some(conn) = conn {
+                let _ = conn.close().await;
+            }
         }
     }
 
-    /// Close the pool (after giving back the kept connection).
+    /// Close the kept connection and the pool.
     pub async fn close(&self) {
         self.reset().await;
         self.pool.close().await;
@@ -115,11 +131,11 @@ mod tests {
         assert_eq!(row.try_get::<i64, _>("n").expect("n"), 0);
         drop(conn);
 
-        // Kept out of the pool between uses; reset gives it back.
+        // Kept out of the pool between uses; after a reset the pool opens another.
         let short = std::time::Duration::from_millis(50);
         assert!(tokio::time::timeout(short, writes.pool.acquire()).await.is_err(), "the pool had the kept connection");
         writes.reset().await;
         let direct = tokio::time::timeout(std::time::Duration::from_secs(5), writes.pool.acquire()).await;
-        assert!(matches!(direct, Ok(Ok(_))), "after a reset the pool has its connection back");
+        assert!(matches!(direct, Ok(Ok(_))), "after a reset the pool has a connection again");
     }
 }

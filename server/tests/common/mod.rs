@@ -1,6 +1,8 @@
 //! Boot the real app on 127.0.0.1:0 with its own database file and talk HTTP/WebSocket to it.
 #![allow(dead_code)]
 
+pub mod audit;
+
 use serde_json::{json, Value};
 use server::config::{AccessArgs, DatabaseArgs, ServeArgs};
 use std::net::SocketAddr;
@@ -95,7 +97,9 @@ pub fn args(database_url: &str) -> ServeArgs {
         write_behind_ms: 1000,
         leader_retry_ms: 100,
         request_timeout_secs: 30,
+        unhealthy_after_secs: 30,
         access: AccessArgs::default(),
+        faults: Default::default(),
     }
 }
 
@@ -470,4 +474,59 @@ pub async fn closed_with(socket: &mut WebSocket, within: Duration) -> u16 {
             other => panic!("expected a close frame, got {other:?}"),
         }
     }
+}
+
+/// Whether every consumer of the server at `base` has reached the head (`GET /api/projections`).
+pub async fn projections_caught_up(client: &reqwest::Client, base: &str) -> bool {
+    let Ok(response) = client.get(format!("{base}/api/projections")).send().await else { return false };
+    let Ok(status) = response.json::<Value>().await else { return false };
+    let items = status["items"].as_array().cloned().unwrap_or_default();
+    !items.is_empty() && items.iter().all(|i| i["lag"] == 0)
+}
+
+/// Stop a `tally serve` process as an orchestrator does (SIGTERM), and wait for it to exit.
+pub fn terminate(mut server: Binary) {
+    let pid = server.0.id().to_string();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = server.0.wait();
+}
+
+/// A fresh PostgreSQL database, or None (the test is skipped) when no server answers and `CI`
+/// is unset.
+pub async fn postgres_database() -> Option<String> {
+    use sqlx::Connection;
+    let admin = std::env::var("TALLY_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+    let mut conn = match sqlx::PgConnection::connect(&admin).await {
+        Ok(conn) => conn,
+        Err(err) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: no PostgreSQL at {admin} ({err}); set TALLY_TEST_POSTGRES to run this test");
+            return None;
+        }
+        Err(err) => panic!("CI needs PostgreSQL at {admin}: {err}"),
+    };
+    let name = format!("tally_t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+    Some(format!("{base}/{name}"))
+}
+
+/// PostgreSQL: end every session connected to the database at `db` (as a server restart would),
+/// from a connection to another database. `only_listeners`: just the LISTEN connections.
+pub async fn terminate_backends_where(db: &str, only_listeners: bool) -> u64 {
+    use sqlx::Connection;
+    let (base, name) = db.rsplit_once('/').expect("a database URL");
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("admin connection");
+    let listeners = if only_listeners { "AND query ILIKE 'LISTEN%'" } else { "" };
+    let sql = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() {listeners}"
+    );
+    let ended = sqlx::query(&sql).bind(name).fetch_all(&mut admin).await.expect("terminate backends");
+    ended.len() as u64
+}
+
+pub async fn terminate_backends(db: &str) -> u64 {
+    terminate_backends_where(db, false).await
 }

@@ -4,7 +4,7 @@
 //! request costs the load generator one task and no pool, URL parsing or hand-off between tasks.
 //! The load generator shares the server's two cores: whatever it spends is taken from the server
 //! under test (reqwest's pooled client cost about as much CPU per request as the server's view
-//! route did; see docs/benchmark-history.md, seventh session of 2026-11-29).
+//! route did; see docs/benchmark-history.md, 2026-11-29).
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;

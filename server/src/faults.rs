@@ -1,0 +1,48 @@
+//! Faults the fault suite (`server/tests/faults.rs`) switches on in a running server, where no
+//! real fault can be made on demand: a disk whose sync fails, a consumer that panics.
+//!
+//! They are reached only through [`ServeArgs::faults`](crate::config::ServeArgs), which no flag,
+//! environment variable or request can set: only Rust code that builds the server itself (the
+//! tests) holds the switches, so a deployed server never has one on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+#[derive(Clone, Default)]
+pub struct Faults {
+    fail_log_sync: Arc<AtomicBool>,
+    panic_consumer: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults").finish_non_exhaustive()
+    }
+}
+
+impl Faults {
+    /// From now on every sync of the event log fails, as on a disk that lost the writes.
+    pub fn fail_log_sync(&self) {
+        self.fail_log_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// The SQLite flusher asks before each sync.
+    pub fn log_sync_fails(&self) -> bool {
+        self.fail_log_sync.load(Ordering::SeqCst)
+    }
+
+    /// The next batch the consumer `name` applies panics (once).
+    pub fn panic_consumer_once(&self, name: &str) {
+        *self.panic_consumer.lock().unwrap_or_else(PoisonError::into_inner) = Some(name.to_string());
+    }
+
+    /// The consumer runner asks before each batch; true once after [`panic_consumer_once`].
+    pub fn take_consumer_panic(&self, name: &str) -> bool {
+        let mut armed = self.panic_consumer.lock().unwrap_or_else(PoisonError::into_inner);
+        if armed.as_deref() == Some(name) {
+            *armed = None;
+            return true;
+        }
+        false
+    }
+}
