@@ -10,8 +10,8 @@
 //!   connection reconnects, and re-reads the projector's checkpoint so waiters never hang.
 
 use crate::live::Hub;
-use crate::projector::membership_view::ViewRow;
 use crate::store::{Backend, Store};
+use crate::view_cache::ViewRow;
 use crate::view_cache::{ViewCache, ViewText};
 use app::views::member_topic;
 use sqlx::{AnyConnection, Row};
@@ -20,9 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub const CHANNEL: &str = "tally_views";
-/// Writers announce their commits here, so the leader's consumers wake for appends made on any
-/// node, not only its own.
-pub const APPENDS_CHANNEL: &str = "tally_appends";
+pub use crate::store::APPENDS_CHANNEL;
 /// NOTIFY payloads must stay under 8000 bytes: send ids in chunks.
 const IDS_PER_NOTICE: usize = 100;
 /// Views kept in memory (about 2 KiB each).
@@ -49,18 +47,6 @@ impl ViewFeed {
             cache.set_written(start);
         }
         ViewFeed { hub, cache, backend, position: watch::Sender::new(start), head }
-    }
-
-    /// Inside a writer's transaction (PostgreSQL): tell every node the head moved.
-    pub async fn announce_append(backend: Backend, conn: &mut AnyConnection, position: i64) -> Result<(), sqlx::Error> {
-        if backend == Backend::Postgres && position > 0 {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(APPENDS_CHANNEL)
-                .bind(position.to_string())
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(())
     }
 
     pub fn position(&self) -> i64 {
@@ -144,10 +130,10 @@ impl ViewFeed {
     /// is safe again. What changed while no one listened (a gap: the notices are gone for good)
     /// is read from the table and pushed like any change, so this node's sockets and waiters
     /// are current again; the gap is logged and counted.
-    pub async fn listening(&self, store: &Store) -> anyhow::Result<()> {
+    /// `current`: the membership view's checkpoint, read once the listener was connected.
+    pub async fn listening(&self, store: &Store, current: i64) -> anyhow::Result<()> {
         self.cache.set_enabled(true);
         let heard = self.position();
-        let current = crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?;
         if current > heard {
             let changed = self.resync(store, heard, current).await?;
             tracing::warn!(

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod consumers;
 pub mod fanout;
 pub mod faults;
 pub mod health;
@@ -114,6 +115,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
     ));
     let consumers = projector::Consumers::new(
         store.clone(),
+        consumers::groups(&store),
         head.clone(),
         feed.clone(),
         Duration::from_millis(args.poll_ms.max(10)),
@@ -304,7 +306,11 @@ impl Tally {
 async fn prune_keys(store: store::Store, shutdown: CancellationToken) {
     loop {
         let pruned = match store.prune_idempotency_keys(chrono::Duration::days(7), 1_000).await {
-            Ok(clients) => store.prune_server_made_keys(chrono::Duration::hours(1), 1_000).await.map(|s| s + clients),
+            Ok(clients) => {
+                // Only a batch run again after a failure reads them (see `commands::SERVER_SCOPE`).
+                let server_made = Some(commands::SERVER_SCOPE);
+                store.prune_keys_in(server_made, chrono::Duration::hours(1), 1_000).await.map(|s| s + clients)
+            }
             Err(err) => Err(err),
         };
         match pruned {

@@ -65,7 +65,8 @@ async fn listen_once(
     }
     listener.listen_all(channels).await?;
     // Listening from here on: every later notice will arrive.
-    feed.listening(store).await?;
+    let views_at = crate::projector::load_checkpoint(store, crate::projector::membership_view::NAME).await?;
+    feed.listening(store, views_at).await?;
     if let Some(auth) = auth {
         auth.listening().await;
     }

@@ -51,6 +51,7 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
         Arc::new(crate::fanout::ViewFeed::new(Arc::new(crate::live::Hub::default()), store.backend, 0, head.clone()));
     let consumers = projector::Consumers::new(
         store.clone(),
+        crate::consumers::groups(&store),
         head,
         feed.clone(),
         Duration::from_millis(200),

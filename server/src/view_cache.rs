@@ -125,6 +125,27 @@ impl ViewCache {
     }
 }
 
+/// A changed view: serialized at most once, when first needed, for the table, the view cache and
+/// the sockets alike (they share its [`ViewText`]).
+#[derive(Clone)]
+pub struct ViewRow {
+    pub member_id: String,
+    pub version: i64,
+    pub position: i64,
+    pub text: Arc<ViewText>,
+}
+
+impl ViewRow {
+    pub fn new(view: MembershipView) -> ViewRow {
+        ViewRow {
+            member_id: view.member_id.clone(),
+            version: view.version as i64,
+            position: view.position as i64,
+            text: Arc::new(ViewText::pending(view)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

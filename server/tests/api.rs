@@ -542,7 +542,7 @@ async fn a_command_sent_without_a_key_gets_one_from_the_server_kept_an_hour() {
     assert_eq!(count(server_keys).await, 2, "the enrolment's and the earn's");
 
     // Kept an hour: younger ones stay, older ones go; clients' keys are not touched.
-    assert_eq!(store.prune_server_made_keys(chrono::Duration::hours(1), 100).await.expect("pruned"), 0);
+    assert_eq!(store.prune_keys_in(Some("server"), chrono::Duration::hours(1), 100).await.expect("pruned"), 0);
     let mut conn = store.write.acquire().await.expect("write connection");
     let two_hours_ago = server::clock::rfc3339(chrono::Utc::now() - chrono::Duration::hours(2));
     sqlx::query("UPDATE idempotency_keys SET created_at = $1")
@@ -562,7 +562,7 @@ async fn a_command_sent_without_a_key_gets_one_from_the_server_kept_an_hour() {
         .await
         .expect("backdate");
     drop(conn);
-    assert_eq!(store.prune_server_made_keys(chrono::Duration::hours(1), 100).await.expect("pruned"), 2);
+    assert_eq!(store.prune_keys_in(Some("server"), chrono::Duration::hours(1), 100).await.expect("pruned"), 2);
     assert_eq!(count(server_keys).await, 0);
     assert_eq!(count("SELECT COUNT(*) FROM idempotency_keys WHERE key = 'mine'").await, 1, "a client's key stays");
 }

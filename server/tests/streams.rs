@@ -1,5 +1,5 @@
 //! SQLite's log has no index by stream: each event names its stream's previous one, and the
-//! stream heads, written behind the log, say where each stream ends (`store::heads`). These check
+//! stream heads, written behind the log, say where each stream ends (`store::sqlite::heads`). These check
 //! that a stream read along its chain is exactly the stream, before and after the heads are
 //! written, after a crash that lost the newest of them, on a file made before the chains, and that
 //! a stream version is never taken twice, even by an append the heads did not see.

@@ -168,7 +168,7 @@ enum At {
 }
 
 /// What a batch did: one answer per envelope, and the events it appended (for the in-memory
-/// tail, see `store::recent`, once the caller has committed).
+/// tail, see `store::sqlite::recent`, once the caller has committed).
 pub struct Executed {
     pub answers: Vec<Result<Answer, CommandError>>,
     pub appended: Vec<StoredEvent>,

@@ -1,5 +1,5 @@
 //! Where a command batch reads and writes: through sqlx (PostgreSQL, SQLite without a file of
-//! its own, and the loyalty policy's batches), or on the event store's native SQLite connection (see `store::native`), which
+//! its own, and the loyalty policy's batches), or on the event store's native SQLite connection (see `store::sqlite`), which
 //! runs a whole batch without handing each statement to another thread.
 //!
 //! The batch (`batch.rs`) decides; these only load and store. Each method is one of the batch's

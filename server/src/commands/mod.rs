@@ -240,7 +240,7 @@ pub struct CommandBus {
 
 impl CommandBus {
     /// Start the writer. `head` is bumped after every commit so consumers wake up. On SQLite
-    /// with a file the writer runs on the native connection's thread (see `store::native`);
+    /// with a file the writer runs on the native connection's thread (see `store::sqlite`);
     /// otherwise it is a task. The handle resolves when it has stopped.
     pub fn start(store: Store, head: std::sync::Arc<watch::Sender<i64>>) -> (CommandBus, tokio::task::JoinHandle<()>) {
         let (jobs, mut rx) = mpsc::channel::<Job>(16_384);
@@ -472,7 +472,7 @@ fn newest(results: &[Result<Answer, CommandError>]) -> i64 {
 
 /// One transaction: the batch, the announcement to other nodes, the commit. With `native` (SQLite
 /// with a file, on that connection's thread) the whole batch runs there, in one go, while the
-/// lock on the write connection is held (see `store::native`).
+/// lock on the write connection is held (see `store::sqlite`).
 async fn try_commit(
     store: &Store,
     envelopes: &[&Envelope],
@@ -494,7 +494,7 @@ async fn try_commit(
     let mut tx = store.begin_commands(&mut conn).await?;
     let mut streams = store::Streams::begin(&mut tx, store.heads()).await?;
     let executed = execute_batch(&mut streams, envelopes, now, Some(cache)).await?;
-    crate::fanout::ViewFeed::announce_append(store.backend, &mut tx, newest(&executed.answers)).await?;
+    store::announce_append(store.backend, &mut tx, newest(&executed.answers)).await?;
     if let Err(err) = tx.commit().await {
         // PostgreSQL: the server may have committed before the connection broke; running the
         // batch again finds what landed by the commands' idempotency keys (see `commit_batch`).

@@ -6,7 +6,7 @@
 use crate::clock;
 use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta};
 use crate::projector::{Consumer, Effects};
-use crate::store::heads::Heads;
+use crate::store::sqlite::heads::Heads;
 use crate::store::{StoredEvent, Streams};
 use anyhow::Context;
 use app::domain::loyalty_policy::{self, PolicyStep};

@@ -4,7 +4,7 @@
 use super::row_cache::RowCache;
 use super::{Consumer, Effects, WriteScope};
 use crate::store::{self, StoredEvent};
-use crate::view_cache::ViewText;
+pub use crate::view_cache::ViewRow;
 use anyhow::Context;
 use app::domain::member::{MemberAggregate, MemberEvent, Status};
 use app::domain::tier::Tier;
@@ -171,27 +171,6 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
     Ok(out)
 }
 
-/// A changed view: serialized at most once, when first needed, for the table, the view cache and
-/// the sockets alike (they share its [`ViewText`]).
-#[derive(Clone)]
-pub struct ViewRow {
-    pub member_id: String,
-    pub version: i64,
-    pub position: i64,
-    pub text: Arc<ViewText>,
-}
-
-impl ViewRow {
-    pub fn new(view: MembershipView) -> ViewRow {
-        ViewRow {
-            member_id: view.member_id.clone(),
-            version: view.version as i64,
-            position: view.position as i64,
-            text: Arc::new(ViewText::pending(view)),
-        }
-    }
-}
-
 /// Insert or update the views (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, views: &[ViewRow]) -> anyhow::Result<()> {
     for chunk in views.chunks(store::MAX_PARAMS / 4) {
@@ -296,6 +275,7 @@ pub fn evolve(view: Option<MembershipView>, stored: &StoredEvent, event: &Member
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view_cache::ViewText;
     use std::time::Duration;
 
     fn row(member_id: &str, position: i64) -> ViewRow {

@@ -109,21 +109,6 @@ pub fn member_ids<'e>(events: impl IntoIterator<Item = &'e Arc<StoredEvent>>) ->
     ids
 }
 
-/// The consumers this server runs, grouped by the task that runs them. A group applies each batch
-/// in one transaction, each member with its own checkpoint row. The two projections share one:
-/// they read the same events and write only their own tables, and on SQLite's single write
-/// connection one commit per batch instead of two is most of the saving. The loyalty policy runs
-/// alone: it appends events and takes the append lock, which projections need not wait for.
-pub fn groups(store: &Store) -> Vec<Vec<Arc<dyn Consumer>>> {
-    vec![
-        vec![
-            Arc::new(membership_view::MembershipViewProjection::default()),
-            Arc::new(member_search::MemberSearchProjection::default()),
-        ],
-        vec![Arc::new(crate::processors::loyalty::LoyaltyPolicy { heads: store.heads.clone() })],
-    ]
-}
-
 /// A running consumer as the rest of the server sees it.
 pub struct ConsumerHandle {
     pub name: &'static str,
@@ -203,14 +188,16 @@ pub struct Consumers {
 }
 
 impl Consumers {
+    /// `groups`: the consumers, each group run by a task of its own (see `consumers::groups`).
     pub fn new(
         store: Store,
+        groups: Vec<Vec<Arc<dyn Consumer>>>,
         head: Arc<watch::Sender<i64>>,
         feed: Arc<ViewFeed>,
         poll: Duration,
         write_behind: Duration,
     ) -> Arc<Consumers> {
-        let groups: Vec<Group> = groups(&store)
+        let groups: Vec<Group> = groups
             .into_iter()
             .map(|group| group.into_iter().map(|c| (c.clone(), Arc::new(ConsumerHandle::new(c.name())))).collect())
             .collect();

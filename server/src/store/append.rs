@@ -6,7 +6,7 @@
 //! stream's head (see `heads`): there a statement costs a hand-off to sqlx's thread, not a round
 //! trip, and the command writer does not come this way at all (see `native`).
 
-use super::heads::{self, Chain, Head, Heads};
+use super::sqlite::heads::{self, Chain, Head, Heads};
 use super::{StoredEvent, EVENT_COLUMNS};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};

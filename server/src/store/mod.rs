@@ -16,17 +16,14 @@
 //! still has one writer at a time.
 
 mod append;
-pub mod checkpointer;
-pub mod heads;
-pub mod lock;
-mod native;
-mod recent;
+pub mod sqlite;
 mod writes;
 
 pub use append::{params, select_in, LoadedStream, NewEvent, Streams, MAX_PARAMS};
-use heads::Heads;
-pub use native::{Native, NativeConn, NativeTx};
-use recent::RecentEvents;
+use sqlite::heads::{self, Heads};
+use sqlite::recent::RecentEvents;
+use sqlite::{checkpointer, lock};
+pub use sqlite::{Native, NativeConn, NativeTx};
 pub use writes::{WriteConn, Writes};
 
 use crate::health::Health;
@@ -364,17 +361,16 @@ impl Store {
     /// written in the transaction that also closes its purchase, and a closed purchase is never
     /// handled again, so once the window has passed nothing can ask for it.
     pub async fn prune_idempotency_keys(&self, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
-        self.prune_keys(None, keep, batch).await
+        self.prune_keys_in(None, keep, batch).await
     }
 
-    /// The same for the keys the server made for requests that came without one (see
-    /// `commands::SERVER_SCOPE`): only a batch re-run after a failure reads them, so they are
-    /// kept an hour, not days.
-    pub async fn prune_server_made_keys(&self, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
-        self.prune_keys(Some(crate::commands::SERVER_SCOPE), keep, batch).await
-    }
-
-    async fn prune_keys(&self, scope: Option<&str>, keep: chrono::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    /// The same, for the keys of one scope only.
+    pub async fn prune_keys_in(
+        &self,
+        scope: Option<&str>,
+        keep: chrono::Duration,
+        batch: i64,
+    ) -> Result<u64, sqlx::Error> {
         let cutoff = crate::clock::rfc3339(chrono::Utc::now() - keep);
         let in_scope = if scope.is_some() { "AND scope = $3" } else { "" };
         let sql = format!(
@@ -534,6 +530,18 @@ pub fn raise(watch: &tokio::sync::watch::Sender<i64>, position: i64) {
 
 /// True when a database error is a unique-constraint violation (a lost race on a stream version or
 /// a reservation).
+/// PostgreSQL: writers announce their commits on this channel, so the leader's consumers wake for
+/// appends made on any node, not only its own (see `notices`).
+pub const APPENDS_CHANNEL: &str = "tally_appends";
+
+/// Inside a writer's transaction (PostgreSQL): tell every node the head moved to `position`.
+pub async fn announce_append(backend: Backend, conn: &mut AnyConnection, position: i64) -> Result<(), sqlx::Error> {
+    if backend == Backend::Postgres && position > 0 {
+        sqlx::query("SELECT pg_notify($1, $2)").bind(APPENDS_CHANNEL).bind(position.to_string()).execute(conn).await?;
+    }
+    Ok(())
+}
+
 /// SQLite: a failed `COMMIT` known to have been rolled back (no space, or the lock was busy);
 /// any other failure there leaves its outcome unknown.
 pub fn is_rollback(err: &sqlx::Error) -> bool {

@@ -15,7 +15,7 @@
 //! being pushed; an append that was not pushed (or a gap in positions) shows up as a tail that
 //! ends before the head, or starts after what is asked, and the database answers instead.
 
-use super::StoredEvent;
+use crate::store::StoredEvent;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 

@@ -24,7 +24,7 @@
 //! before it lets go of the write connection (`Store::committed`), so the next transaction usually
 //! finds nothing to read back. PostgreSQL keeps its unique constraint and needs none of this.
 
-use super::{StoredEvent, Writes};
+use crate::store::{StoredEvent, Writes};
 use sqlx::{AnyConnection, Connection, Row};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -186,7 +186,7 @@ impl<'h> Chain<'h> {
     pub fn next(&self, stream: &str, version: i64, head: Option<Head>) -> Result<Option<i64>, sqlx::Error> {
         let at = head.map_or(0, |h| h.version);
         if version != at + 1 {
-            return Err(super::native::version_taken(format!(
+            return Err(super::error::version_taken(format!(
                 "stream {stream} is at version {at}: version {version} cannot be appended"
             )));
         }
@@ -281,7 +281,7 @@ pub async fn read_head(conn: &mut AnyConnection, heads: &Heads, stream: &str) ->
 
 /// Every event of `stream`, oldest first, back along the chain from `head`.
 pub async fn read_chain(conn: &mut AnyConnection, stream: &str, head: Head) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let rows = sqlx::query(&sql::chain(super::EVENT_COLUMNS)).bind(head.position).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(&sql::chain(crate::store::EVENT_COLUMNS)).bind(head.position).fetch_all(&mut *conn).await?;
     let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
     check_chain(stream, head, &events)?;
     Ok(events)
@@ -326,7 +326,8 @@ pub async fn flush(writes: &Writes, heads: &Heads) -> Result<usize, sqlx::Error>
     for chunk in dirty.chunks(FLUSH_CHUNK) {
         let mut conn = writes.acquire().await?;
         let mut tx = conn.begin_with("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE").await?;
-        let values = (0..chunk.len()).map(|i| format!("({})", super::params(&tx, i * 3 + 1, 3))).collect::<Vec<_>>();
+        let values =
+            (0..chunk.len()).map(|i| format!("({})", crate::store::params(&tx, i * 3 + 1, 3))).collect::<Vec<_>>();
         let sql = format!(
             "INSERT INTO stream_heads (stream_id, version, position) VALUES {} ON CONFLICT (stream_id) DO UPDATE \
              SET version = excluded.version, position = excluded.position WHERE stream_heads.position < excluded.position",

@@ -10,15 +10,15 @@
 //! on the connection with prepared statements kept between batches, and hands the answers on,
 //! with no hand-off per batch at all.
 //!
-//! The connection is used only while holding the event store's [`Writes`](super::Writes) lock,
+//! The connection is used only while holding the event store's [`Writes`](crate::store::Writes) lock,
 //! so it never writes beside sqlx's write connection (which the loyalty policy and the
 //! maintenance tasks use) and positions still commit in order.
 
+use super::error::error;
 use super::heads::{self, Chain, Head, Heads};
-use super::{NewEvent, StoredEvent};
 use crate::health::Health;
+use crate::store::{NewEvent, StoredEvent};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use std::borrow::Cow;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 
@@ -143,7 +143,10 @@ impl NativeTx<'_> {
 
     /// Events after `after`, oldest first, at most `limit`.
     pub fn read_after(&self, after: i64, limit: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        let sql = format!("SELECT {} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2", super::EVENT_COLUMNS);
+        let sql = format!(
+            "SELECT {} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
+            crate::store::EVENT_COLUMNS
+        );
         let mut statement = self.tx.prepare_cached(&sql).map_err(error)?;
         let rows = statement.query_map([after, limit], raw_event).map_err(error)?;
         rows.map(event).collect()
@@ -151,7 +154,7 @@ impl NativeTx<'_> {
 
     /// Every event of each of these streams, oldest first, back along each one's chain.
     pub fn read_streams(&self, stream_ids: &[&str]) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        let mut statement = self.tx.prepare_cached(&heads::sql::chain(super::EVENT_COLUMNS)).map_err(error)?;
+        let mut statement = self.tx.prepare_cached(&heads::sql::chain(crate::store::EVENT_COLUMNS)).map_err(error)?;
         let mut out = Vec::new();
         for stream_id in stream_ids {
             let Some(head) = self.head(stream_id)? else { continue };
@@ -235,72 +238,6 @@ fn event(raw: rusqlite::Result<RawEvent>) -> Result<StoredEvent, sqlx::Error> {
         metadata: json(&metadata)?,
         recorded_at,
     })
-}
-
-/// A rusqlite error as sqlx's, keeping what callers look at: a constraint that failed (see
-/// `is_unique_violation`) and the message.
-pub fn error(err: rusqlite::Error) -> sqlx::Error {
-    sqlx::Error::Database(Box::new(NativeError::Sqlite(err)))
-}
-
-/// A stream version that is not the stream's next: reported as a unique violation, as
-/// PostgreSQL's constraint reports it, so callers treat both alike (`store::is_unique_violation`).
-pub fn version_taken(message: String) -> sqlx::Error {
-    sqlx::Error::Database(Box::new(NativeError::VersionTaken(message)))
-}
-
-#[derive(Debug, thiserror::Error)]
-enum NativeError {
-    #[error("{0}")]
-    Sqlite(rusqlite::Error),
-    #[error("{0}")]
-    VersionTaken(String),
-}
-
-impl sqlx::error::DatabaseError for NativeError {
-    fn message(&self) -> &str {
-        match self {
-            NativeError::Sqlite(rusqlite::Error::SqliteFailure(_, Some(message))) => message,
-            NativeError::Sqlite(_) => "SQLite error",
-            NativeError::VersionTaken(message) => message,
-        }
-    }
-
-    fn code(&self) -> Option<Cow<'_, str>> {
-        match self {
-            NativeError::Sqlite(err) => err.sqlite_error().map(|e| Cow::Owned(e.extended_code.to_string())),
-            NativeError::VersionTaken(_) => None,
-        }
-    }
-
-    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        self
-    }
-
-    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
-        self
-    }
-
-    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
-        self
-    }
-
-    fn kind(&self) -> sqlx::error::ErrorKind {
-        use rusqlite::ffi;
-        let err = match self {
-            NativeError::Sqlite(err) => err,
-            NativeError::VersionTaken(_) => return sqlx::error::ErrorKind::UniqueViolation,
-        };
-        match err.sqlite_error().map(|e| e.extended_code) {
-            Some(ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY) => {
-                sqlx::error::ErrorKind::UniqueViolation
-            }
-            Some(ffi::SQLITE_CONSTRAINT_FOREIGNKEY) => sqlx::error::ErrorKind::ForeignKeyViolation,
-            Some(ffi::SQLITE_CONSTRAINT_NOTNULL) => sqlx::error::ErrorKind::NotNullViolation,
-            Some(ffi::SQLITE_CONSTRAINT_CHECK) => sqlx::error::ErrorKind::CheckViolation,
-            _ => sqlx::error::ErrorKind::Other,
-        }
-    }
 }
 
 /// Whether a failed `COMMIT` is known not to have happened: SQLite rolls back a transaction it
