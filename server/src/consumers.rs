@@ -1,7 +1,7 @@
 //! Every consumer this server runs, grouped by the task that runs them (see `projector`).
 
 use crate::processors::loyalty::LoyaltyPolicy;
-use crate::projector::{member_search, membership_view, Consumer};
+use crate::projector::{member_search, membership_view, Consumer, Role};
 use crate::store::Store;
 use std::sync::Arc;
 
@@ -10,12 +10,12 @@ use std::sync::Arc;
 /// SQLite's single write connection one commit per batch instead of two is most of the saving.
 /// The loyalty policy runs alone: it appends events and takes the append lock, which projections
 /// need not wait for.
-pub fn groups(store: &Store) -> Vec<Vec<Arc<dyn Consumer>>> {
+pub fn groups(store: &Store) -> Vec<Vec<(Arc<dyn Consumer>, Role)>> {
     vec![
         vec![
-            Arc::new(membership_view::MembershipViewProjection::default()),
-            Arc::new(member_search::MemberSearchProjection::default()),
+            (Arc::new(membership_view::MembershipViewProjection::default()), Role::LiveViews),
+            (Arc::new(member_search::MemberSearchProjection::default()), Role::Projection),
         ],
-        vec![Arc::new(LoyaltyPolicy { heads: store.heads.clone() })],
+        vec![(Arc::new(LoyaltyPolicy { heads: store.heads.clone() }), Role::Processor)],
     ]
 }

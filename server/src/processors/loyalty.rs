@@ -36,10 +36,6 @@ impl Consumer for LoyaltyPolicy {
         NAME
     }
 
-    fn appends(&self) -> bool {
-        true
-    }
-
     fn handles(&self, event_type: &str) -> bool {
         event_type == TRANSACTION_PERFORMED
     }

@@ -2,7 +2,7 @@
 //! stored by `GET /api/members/{id}`, the portal page and the `member:<id>` live topic.
 
 use super::row_cache::RowCache;
-use super::{Consumer, Effects, WriteScope};
+use super::{Consumer, Effects, WriteBehind, WriteScope};
 use crate::store::{self, StoredEvent};
 pub use crate::view_cache::ViewRow;
 use anyhow::Context;
@@ -83,25 +83,7 @@ impl MembershipViewProjection {
 }
 
 #[async_trait]
-impl Consumer for MembershipViewProjection {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn feeds_views(&self) -> bool {
-        true
-    }
-
-    fn forget(&self) {
-        self.kept.forget();
-        // The runner goes back to the stored checkpoint and applies these again.
-        *self.unwritten() = Unwritten::default();
-    }
-
-    fn writes_behind(&self) -> bool {
-        true
-    }
-
+impl WriteBehind for MembershipViewProjection {
     fn unwritten_rows(&self) -> usize {
         self.unwritten().rows.len()
     }
@@ -116,6 +98,23 @@ impl Consumer for MembershipViewProjection {
         let (rows, rest) = self.unwritten().take(scope);
         save_many(conn, &rows).await?;
         Ok(rest)
+    }
+}
+
+#[async_trait]
+impl Consumer for MembershipViewProjection {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn forget(&self) {
+        self.kept.forget();
+        // The runner goes back to the stored checkpoint and applies these again.
+        *self.unwritten() = Unwritten::default();
+    }
+
+    fn write_behind(&self) -> Option<&dyn WriteBehind> {
+        Some(self)
     }
 
     /// Per batch: read the views of the members it touches and does not keep (one query), fold
