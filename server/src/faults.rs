@@ -1,5 +1,6 @@
 //! Faults the fault suite (`server/tests/faults.rs`) switches on in a running server, where no
-//! real fault can be made on demand: a disk whose sync fails, a consumer that panics.
+//! real fault can be made on demand: a disk whose sync fails, a consumer that panics, a writer
+//! that stalls.
 //!
 //! They are reached only through [`ServeArgs::faults`](crate::config::ServeArgs), which no flag,
 //! environment variable or request can set: only Rust code that builds the server itself (the
@@ -12,6 +13,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub struct Faults {
     fail_log_sync: Arc<AtomicBool>,
     panic_consumer: Arc<Mutex<Option<String>>>,
+    hold_writer: Arc<WriterHold>,
+}
+
+/// A stall of the command writer: while `held`, it waits before committing its next batch.
+#[derive(Default)]
+struct WriterHold {
+    held: AtomicBool,
+    /// Told when the writer has stopped at the hold, and when the hold is let go.
+    reached: tokio::sync::Notify,
+    released: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Faults {
@@ -44,5 +55,37 @@ impl Faults {
             return true;
         }
         false
+    }
+
+    /// From now on the command writer stops before committing its next batch (with the batch's
+    /// commands already taken from the queue) until [`release_writer`](Self::release_writer).
+    pub fn hold_writer(&self) {
+        self.hold_writer.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves once the writer is waiting at the hold.
+    pub async fn writer_held(&self) {
+        self.hold_writer.reached.notified().await;
+    }
+
+    pub fn release_writer(&self) {
+        self.hold_writer.held.store(false, Ordering::SeqCst);
+        self.hold_writer.released.notify_waiters();
+    }
+
+    /// The command writer calls this before each batch: returns at once unless held.
+    pub async fn writer_gate(&self) {
+        let hold = &self.hold_writer;
+        while hold.held.load(Ordering::SeqCst) {
+            let released = hold.released.notified();
+            tokio::pin!(released);
+            // Registered before checking again, so a release in between is not missed.
+            released.as_mut().enable();
+            if !hold.held.load(Ordering::SeqCst) {
+                break;
+            }
+            hold.reached.notify_one();
+            released.await;
+        }
     }
 }

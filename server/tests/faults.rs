@@ -163,6 +163,53 @@ async fn a_consumer_that_panics_is_restarted_and_catches_up() {
     drop(files);
 }
 
+/// A request that times out (408) while its command waits in the writer's queue takes the
+/// command with it: it never runs later behind the caller's back. One the writer had already
+/// taken runs once, and retrying either with its idempotency key ends with each applied once.
+#[tokio::test]
+async fn a_command_whose_request_timed_out_runs_once_or_not_at_all() {
+    let (db, dir) = common::sqlite_database();
+    let mut args = common::args(&db);
+    args.request_timeout_secs = 1;
+    let faults = args.faults.clone();
+    let app = common::spawn_with(&args, dir).await;
+    app.enroll("q1", "Quinn", "quinn@example.com").await;
+    // (status, whether the answer was replayed)
+    let earn = |key: &'static str, points: i64| {
+        let (client, url) = (app.client.clone(), format!("{}/api/members/q1/points/earn", app.base));
+        async move {
+            let body = serde_json::json!({"points": points, "reason": key});
+            let r = client.post(url).header("Idempotency-Key", key).json(&body).send().await.expect("sent");
+            (r.status().as_u16(), r.headers().get("idempotent-replayed").is_some_and(|v| v == "true"))
+        }
+    };
+
+    faults.hold_writer();
+    let taken = tokio::spawn(earn("taken", 5));
+    faults.writer_held().await;
+    // The writer holds a batch with "taken" in it; this one waits in the queue behind it.
+    assert_eq!(earn("queued", 7).await, (408, false));
+    assert_eq!(taken.await.expect("taken"), (408, false));
+    faults.release_writer();
+
+    // The writer takes commands in order: once this one is answered it is past both.
+    let after = app.post("/api/members/q1/points/earn", serde_json::json!({"points": 1, "reason": "after"})).await;
+    assert_eq!(after.status, 200, "{:?}", after.body);
+    let view = app.view("q1").await;
+    assert_eq!(view["points_balance"], 6, "the taken earn ran once, the queued one never: {view}");
+
+    // Retried with their keys: the taken one answers as it ran, the queued one runs now.
+    assert_eq!(earn("taken", 5).await, (200, true));
+    assert_eq!(earn("queued", 7).await, (200, false));
+    assert_eq!(app.view("q1").await["points_balance"], 13);
+
+    let sent: Vec<Sent> = ["taken", "queued", "after"].iter().map(|r| (r.to_string(), 200)).collect();
+    let (url, files) = (app.database_url.clone(), app.keep_files());
+    app.stop().await;
+    audit::audit(&url, &sent).await;
+    drop(files);
+}
+
 #[tokio::test]
 async fn a_second_server_on_the_same_file_is_refused_and_the_first_goes_on() {
     let (db, dir) = common::sqlite_database();

@@ -30,6 +30,7 @@ pub type SyncFn = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
 #[derive(Clone)]
 pub struct Flusher {
     batches: mpsc::UnboundedSender<Vec<(Reply, Result<Answer, CommandError>)>>,
+    health: Arc<Health>,
 }
 
 impl Flusher {
@@ -53,14 +54,18 @@ impl Flusher {
 
     pub fn start(sync: SyncFn, health: Arc<Health>) -> Flusher {
         let (batches, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(sync, rx, health));
-        Flusher { batches }
+        tokio::spawn(run(sync, rx, health.clone()));
+        Flusher { batches, health }
     }
 
     /// Answer a committed batch after the next sync.
     pub fn answer_after_sync(&self, replies: Vec<(Reply, Result<Answer, CommandError>)>) {
         if let Err(mpsc::error::SendError(replies)) = self.batches.send(replies) {
-            // The flusher is gone (shutting down): the durability of these is unknown.
+            // The flusher is gone (shutting down, or its task died): these batches are committed
+            // but their durability is unknown, so they are not acknowledged, and nothing after
+            // them may be either. Restarting the flusher would not do: a sync now proves nothing
+            // about pages the kernel may already have dropped.
+            self.health.stop_writes("the event log's flusher stopped; durability of recent commands is unknown".into());
             for (reply, _) in replies {
                 let _ = reply.send(Err(CommandError::Unavailable));
             }

@@ -236,6 +236,9 @@ struct Job {
 pub struct CommandBus {
     jobs: mpsc::Sender<Job>,
     health: Arc<Health>,
+    /// PostgreSQL: a batch may be run again after a `COMMIT` whose outcome is unknown, so every
+    /// command needs a key (see `send`).
+    keys_for_all: bool,
 }
 
 impl CommandBus {
@@ -245,6 +248,7 @@ impl CommandBus {
     pub fn start(store: Store, head: std::sync::Arc<watch::Sender<i64>>) -> (CommandBus, tokio::task::JoinHandle<()>) {
         let (jobs, mut rx) = mpsc::channel::<Job>(16_384);
         let health = store.health.clone();
+        let keys_for_all = store.backend == store::Backend::Postgres;
         let mut writer = Writer::new(store, head);
         let task = match writer.store.native.clone() {
             Some(native) => {
@@ -278,7 +282,7 @@ impl CommandBus {
                 tracing::info!("command writer stopped");
             }),
         };
-        (CommandBus { jobs, health }, task)
+        (CommandBus { jobs, health, keys_for_all }, task)
     }
 
     /// Whether the writer still takes commands.
@@ -288,16 +292,20 @@ impl CommandBus {
 
     /// Run one command; resolves once its events are committed (or it was refused).
     ///
-    /// A command that comes without an idempotency key gets one made here, so that a batch whose
-    /// commit may or may not have landed (PostgreSQL's connection lost during `COMMIT`) can be
+    /// On PostgreSQL a command that comes without an idempotency key gets one made here, so that a
+    /// batch whose commit may or may not have landed (the connection lost during `COMMIT`) can be
     /// run again safely: what did land is found by its key and answered as it was, and nothing is
-    /// applied twice. If the caller stops waiting (a timed-out request, a client gone) before the
-    /// writer reaches the command, it is dropped unrun; once reached, it completes once.
+    /// applied twice. On SQLite no batch is ever run again after an unknown outcome (writes stop
+    /// instead, see `health`), so such a key would never be read; storing one per command cost
+    /// the command path a third of its throughput (BENCHMARKS.md), so none is made.
+    ///
+    /// If the caller stops waiting (a timed-out request, a client gone) before the writer reaches
+    /// the command, it is dropped unrun; once reached, it completes once.
     pub async fn send(&self, mut envelope: Envelope) -> Result<Answer, CommandError> {
         if let Some(stopped) = self.health.writes_stopped() {
             return Err(stopped.into());
         }
-        if envelope.idempotency.is_none() {
+        if envelope.idempotency.is_none() && self.keys_for_all {
             envelope.idempotency = Some(Idempotency {
                 scope: SERVER_SCOPE.to_string(),
                 key: uuid::Uuid::new_v4().to_string(),
@@ -349,6 +357,7 @@ impl Writer {
             }
             waiting
         });
+        self.store.faults.writer_gate().await;
         if let Some(stopped) = self.store.health.writes_stopped() {
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(WritesStopped(stopped.0.clone()).into()));

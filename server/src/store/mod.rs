@@ -246,11 +246,14 @@ impl Store {
         // the stream heads are written behind the log by a task of their own.
         let stop = tokio_util::sync::CancellationToken::new();
         if let (Some(events), Some(views)) = (&sqlite_path, &views_path) {
-            checkpointer::start(events.clone(), "events", stop.clone());
-            checkpointer::start(views.clone(), "views", stop.clone());
+            checkpointer::start(events.clone(), "events", stop.clone(), health.clone());
+            checkpointer::start(views.clone(), "views", stop.clone(), health.clone());
         }
         if let Some(heads) = &heads {
-            tokio::spawn(heads::flush_behind(write.clone(), heads.clone(), stop.clone()));
+            let (write, heads, stop) = (write.clone(), heads.clone(), stop.clone());
+            crate::health::spawn_supervised(health.clone(), "stream heads writer", stop.clone(), move || {
+                heads::flush_behind(write.clone(), heads.clone(), stop.clone())
+            });
         }
         let background = Arc::new((stop.drop_guard(), file_lock));
         Ok(Store {

@@ -15,7 +15,9 @@
 //! kept up, but the log seldom found a moment to start over, so it grew to `RESTART_AT` pages
 //! (about 75 MB on disk) between restarts, and stayed there.
 
-use std::path::PathBuf;
+use crate::health::Health;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -25,43 +27,53 @@ pub const EVERY: Duration = Duration::from_millis(100);
 pub const RESTART_AT: i64 = 16_000;
 
 /// Start the thread for `file` (`which` names it in logs and metrics); it stops soon after `stop`
-/// is cancelled.
-pub fn start(file: PathBuf, which: &'static str, stop: CancellationToken) {
+/// is cancelled. Should checkpointing panic, it starts over after a second (counted on `health`):
+/// without it the log would grow without end.
+pub fn start(file: PathBuf, which: &'static str, stop: CancellationToken, health: Arc<Health>) {
+    let part = if which == "events" { "events checkpointer" } else { "views checkpointer" };
     let spawned = std::thread::Builder::new().name(format!("{which}-checkpoint")).spawn(move || {
-        let conn = match rusqlite::Connection::open(&file) {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::error!(file = which, error = %err, "the checkpointer cannot open its file");
-                return;
-            }
-        };
-        // NORMAL: a checkpoint syncs the log before copying it and the file before the log
-        // starts over, so a power cut cannot corrupt the file.
-        if let Err(err) = conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;") {
-            tracing::error!(file = which, error = %err, "the checkpointer cannot set up its connection");
-            return;
-        }
-        let mut mode = "PASSIVE";
         while !stop.is_cancelled() {
-            std::thread::sleep(EVERY);
-            let started = Instant::now();
-            // (busy, pages in the log, pages copied)
-            let result = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| row.get::<_, i64>(1));
-            match result {
-                Ok(log) => {
-                    metrics::histogram!("tally_wal_checkpoint_seconds", "file" => which)
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::gauge!("tally_wal_pages", "file" => which).set(log as f64);
-                    mode = if log > RESTART_AT { "RESTART" } else { "PASSIVE" };
-                }
-                Err(err) => {
-                    metrics::counter!("tally_wal_checkpoint_errors_total", "file" => which).increment(1);
-                    tracing::warn!(file = which, error = %err, "checkpoint failed; retrying");
-                }
-            }
+            let run = std::panic::AssertUnwindSafe(|| checkpoint_until_stopped(&file, which, &stop));
+            let reason = match std::panic::catch_unwind(run) {
+                Ok(Ok(())) => continue,
+                Ok(Err(err)) => err,
+                Err(panic) => format!("panicked: {}", crate::health::panic_message(panic.as_ref())),
+            };
+            tracing::error!(file = which, %reason, "the checkpointer stopped; restarting");
+            health.restarted(part, &reason);
+            std::thread::sleep(Duration::from_secs(1));
         }
     });
     if let Err(err) = spawned {
         tracing::error!(file = which, error = %err, "cannot start a checkpointer");
     }
+}
+
+/// Checkpoint `file` every [`EVERY`] until `stop`; `Err` when its connection cannot be set up.
+fn checkpoint_until_stopped(file: &Path, which: &'static str, stop: &CancellationToken) -> Result<(), String> {
+    let conn = rusqlite::Connection::open(file).map_err(|err| format!("cannot open its file: {err}"))?;
+    // NORMAL: a checkpoint syncs the log before copying it and the file before the log
+    // starts over, so a power cut cannot corrupt the file.
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
+        .map_err(|err| format!("cannot set up its connection: {err}"))?;
+    let mut mode = "PASSIVE";
+    while !stop.is_cancelled() {
+        std::thread::sleep(EVERY);
+        let started = Instant::now();
+        // (busy, pages in the log, pages copied)
+        let result = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| row.get::<_, i64>(1));
+        match result {
+            Ok(log) => {
+                metrics::histogram!("tally_wal_checkpoint_seconds", "file" => which)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::gauge!("tally_wal_pages", "file" => which).set(log as f64);
+                mode = if log > RESTART_AT { "RESTART" } else { "PASSIVE" };
+            }
+            Err(err) => {
+                metrics::counter!("tally_wal_checkpoint_errors_total", "file" => which).increment(1);
+                tracing::warn!(file = which, error = %err, "checkpoint failed; retrying");
+            }
+        }
+    }
+    Ok(())
 }
