@@ -269,7 +269,7 @@ fn account_error(err: AccountError) -> ApiError {
         AccountError::Invalid(message) => ApiError::InvalidRequest(message),
         AccountError::EmailTaken => ApiError::EmailTaken,
         AccountError::NotFound => ApiError::NotFound("no such account".into()),
-        AccountError::Database(err) => ApiError::internal(err),
+        AccountError::Database(err) => ApiError::from(err),
     }
 }
 
@@ -325,7 +325,7 @@ pub async fn person_link(state: &AppState, caller: &Caller, account_id: &str) ->
 fn key_error(err: KeyError) -> ApiError {
     match err {
         KeyError::Invalid(message) => ApiError::InvalidRequest(message),
-        KeyError::Database(err) => ApiError::internal(err),
+        KeyError::Database(err) => ApiError::from(err),
     }
 }
 

@@ -190,7 +190,12 @@ impl Identity for ServerPortal {
         let answer =
             identity::sign_up(&self.state, &session(request)?, name, email, password).await.map_err(app_err)?;
         let member_id = match answer.outcome {
-            Outcome::Member(member) => Some(member.member_id),
+            Outcome::Member(member) => {
+                // The browser is sent on to the member's own page next: wait (bounded) until the
+                // projector has their view, so that page shows them rather than "not found".
+                self.wait_for_position(member.position.max(0) as u64).await;
+                Some(member.member_id)
+            }
             Outcome::Purchase(_) => None,
         };
         Ok(SignedIn { kind: "member".into(), member_id, name: name.trim().to_string() })

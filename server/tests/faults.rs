@@ -298,6 +298,8 @@ async fn postgres_connections_cut_under_load_lose_and_double_nothing() {
     }
     let sent = load.await.expect("load");
     assert!(answered(&sent, 200) >= 450, "most earns are acknowledged");
+    let refused = sent.iter().filter(|(_, status)| *status != 200).map(|(_, status)| *status).collect::<Vec<_>>();
+    assert!(refused.iter().all(|s| *s == 503), "a lost connection answers 503, never 500: {refused:?}");
     // Back to normal: the pools reconnect.
     let deadline = Instant::now() + Duration::from_secs(30);
     while app.earn("g0", 1).await.status != 200 {

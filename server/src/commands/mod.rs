@@ -210,6 +210,8 @@ pub enum CommandError {
     DiskFull,
     #[error("stored event cannot be read: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("the database cannot be reached: {0}")]
+    StoreUnreachable(sqlx::Error),
     #[error("database error: {0}")]
     Database(sqlx::Error),
 }
@@ -221,6 +223,9 @@ impl From<sqlx::Error> for CommandError {
         }
         if store::is_disk_full(&err) {
             return CommandError::DiskFull;
+        }
+        if store::is_connection_lost(&err) {
+            return CommandError::StoreUnreachable(err);
         }
         CommandError::Database(err)
     }

@@ -56,6 +56,11 @@ pub enum ApiError {
     WritesStopped(#[from] crate::health::WritesStopped),
     #[error("the server's disk is full; nothing was recorded, try again later")]
     DiskFull,
+    /// The database connection was lost (or none could be had in time).
+    #[error(
+        "the database cannot be reached just now; try again (a command sent with an Idempotency-Key is then answered as it ended)"
+    )]
+    StoreUnreachable,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -81,7 +86,7 @@ impl ApiError {
             ApiError::AccountSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_suspended"),
             ApiError::AccountNotSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_not_suspended"),
             ApiError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
-            ApiError::Unavailable | ApiError::WritesStopped(_) | ApiError::DiskFull => {
+            ApiError::Unavailable | ApiError::WritesStopped(_) | ApiError::DiskFull | ApiError::StoreUnreachable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -90,6 +95,13 @@ impl ApiError {
 
     pub fn internal(err: impl Into<anyhow::Error>) -> Self {
         ApiError::Internal(err.into())
+    }
+
+    /// The database was out of reach: logged here, since the answer does not say why.
+    pub fn unreachable(err: &sqlx::Error) -> Self {
+        tracing::warn!(error = %err, "the database cannot be reached; answered 503");
+        metrics::counter!("tally_store_unreachable_total").increment(1);
+        ApiError::StoreUnreachable
     }
 
     /// For server functions: the same code and message the REST API gives.
@@ -163,6 +175,7 @@ impl From<CommandError> for ApiError {
             CommandError::Unavailable => ApiError::Unavailable,
             CommandError::WritesStopped(stopped) => ApiError::WritesStopped(stopped),
             CommandError::DiskFull => ApiError::DiskFull,
+            CommandError::StoreUnreachable(err) => ApiError::unreachable(&err),
             e @ (CommandError::Corrupt(_) | CommandError::Database(_)) => ApiError::internal(e),
         }
     }
@@ -183,6 +196,7 @@ impl From<QueryError> for ApiError {
     fn from(err: QueryError) -> Self {
         match err {
             QueryError::Invalid(message) => ApiError::InvalidRequest(message),
+            QueryError::Database(e) if crate::store::is_connection_lost(&e) => ApiError::unreachable(&e),
             QueryError::Database(e) => ApiError::internal(e),
         }
     }
@@ -192,6 +206,7 @@ impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         match crate::health::WritesStopped::within(&err) {
             Some(stopped) => ApiError::WritesStopped(crate::health::WritesStopped(stopped.0.clone())),
+            None if crate::store::is_connection_lost(&err) => ApiError::unreachable(&err),
             None => ApiError::internal(err),
         }
     }

@@ -568,6 +568,19 @@ fn sqlite_code(err: &sqlx::Error) -> Option<i64> {
     }
 }
 
+/// Whether `err` says the database could not be reached or dropped the connection (a restart, a
+/// terminated backend, a pool that found no connection in time), rather than refusing what was
+/// asked: worth trying again, so answered 503, not 500.
+pub fn is_connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        // PostgreSQL's SQLSTATE classes 08 (connection exception) and 57P (operator
+        // intervention: admin_shutdown, crash_shutdown, cannot_connect_now).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}
+
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => db.is_unique_violation() || db.message().contains("UNIQUE constraint failed"),
