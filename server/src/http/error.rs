@@ -196,8 +196,7 @@ impl From<QueryError> for ApiError {
     fn from(err: QueryError) -> Self {
         match err {
             QueryError::Invalid(message) => ApiError::InvalidRequest(message),
-            QueryError::Database(e) if crate::store::is_connection_lost(&e) => ApiError::unreachable(&e),
-            QueryError::Database(e) => ApiError::internal(e),
+            QueryError::Database(e) => ApiError::from(e),
         }
     }
 }
