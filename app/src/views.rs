@@ -91,11 +91,14 @@ pub struct ConsumerStatus {
     pub position: u64,
     pub head: u64,
     pub lag: u64,
-    /// running (caught up) | catching_up | failing | stopped
+    /// running (caught up) | catching_up | degraded (has parked streams) | failing | stopped
     pub state: String,
     pub last_error: Option<String>,
     /// Events applied per second over the last few seconds, on this node.
     pub events_per_second: f64,
+    /// Streams parked after an event failed (`GET /api/projections/{name}/parked`).
+    #[serde(default)]
+    pub parked: u64,
 }
 
 /// WebSocket, client to server.

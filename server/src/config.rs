@@ -7,6 +7,11 @@ use std::net::SocketAddr;
 /// `TALLY_WRITE_BEHIND_MS` when not set (see `ServeArgs::write_behind_ms`).
 pub const WRITE_BEHIND_MS: u64 = 5000;
 
+/// Attempts at an event that fails before its stream is parked (see `projector::parking`),
+/// about 1.5 s with backoff. Only an event's own failure counts: a database that does not
+/// answer is retried without end and parks nothing.
+pub const PARK_AFTER: u32 = 5;
+
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about = "Tally: a live, event-sourced loyalty membership portal")]
 pub struct Cli {
@@ -115,6 +120,11 @@ pub struct ServeArgs {
     /// writes them in every batch's transaction.
     #[arg(long, env = "TALLY_WRITE_BEHIND_MS", default_value_t = WRITE_BEHIND_MS)]
     pub write_behind_ms: u64,
+    /// How many times a consumer tries an event that fails (with backoff: 0.1 s, 0.2 s, 0.4 s…)
+    /// before it parks it with the rest of its stream and goes on with the other streams
+    /// (`GET /api/projections/{name}/parked`; docs/operations.md).
+    #[arg(long, env = "TALLY_PARK_AFTER", default_value_t = PARK_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
+    pub park_after: u32,
     /// PostgreSQL: how often a standby node tries to take over the consumers (ms). A dead
     /// leader's lock is free as soon as PostgreSQL notices its session is gone.
     #[arg(long, env = "TALLY_LEADER_RETRY_MS", default_value_t = 500)]

@@ -1,6 +1,6 @@
 //! Faults the fault suite (`server/tests/faults.rs`) switches on in a running server, where no
 //! real fault can be made on demand: a disk whose sync fails, a consumer that panics, a writer
-//! that stalls.
+//! that stalls, an event no consumer can apply.
 //!
 //! They are reached only through [`ServeArgs::faults`](crate::config::ServeArgs), which no flag,
 //! environment variable or request can set: only Rust code that builds the server itself (the
@@ -14,6 +14,8 @@ pub struct Faults {
     fail_log_sync: Arc<AtomicBool>,
     panic_consumer: Arc<Mutex<Option<String>>>,
     hold_writer: Arc<WriterHold>,
+    /// Streams whose events after a position no consumer can apply, until cured.
+    poison: Arc<Mutex<Vec<(String, i64)>>>,
 }
 
 /// A stall of the command writer: while `held`, it waits before committing its next batch.
@@ -55,6 +57,30 @@ impl Faults {
             return true;
         }
         false
+    }
+
+    /// From now on every event of `stream_id` after `position` fails in every consumer, as an
+    /// event a bug in the consumers cannot apply, until [`cure`](Self::cure).
+    pub fn poison_stream(&self, stream_id: &str, position: i64) {
+        self.poison.lock().unwrap_or_else(PoisonError::into_inner).push((stream_id.to_string(), position));
+    }
+
+    /// The bug is fixed: every event applies again.
+    pub fn cure(&self) {
+        self.poison.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// The consumer runner asks before applying a batch: the first poisoned event of those the
+    /// consumer handles, if any.
+    pub fn poisoned<'e>(
+        &self,
+        events: impl IntoIterator<Item = &'e crate::store::StoredEvent>,
+    ) -> Option<&'e crate::store::StoredEvent> {
+        let poison = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
+        if poison.is_empty() {
+            return None;
+        }
+        events.into_iter().find(|e| poison.iter().any(|(s, after)| *s == e.stream_id && e.position > *after))
     }
 
     /// From now on the command writer stops before committing its next batch (with the batch's

@@ -33,19 +33,28 @@ struct Part {
     failing_since: Option<Instant>,
     reason: Option<String>,
     restarts: u64,
+    /// A consumer's parked streams (see `projector::parking`).
+    parked: u64,
 }
 
 /// One part as `/healthz?verbose` shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PartReport {
     pub name: &'static str,
-    /// `ok`, or `failing` (since `failing_for_secs`).
+    /// `ok`, `degraded` (a consumer with parked streams: it serves, every other stream goes
+    /// on), or `failing` (since `failing_for_secs`).
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failing_for_secs: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub restarts: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub parked: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The node's health as a whole.
@@ -127,6 +136,12 @@ impl Health {
         entry.reason = None;
     }
 
+    /// The consumer `part` holds back this many parked streams.
+    pub fn parked(&self, part: &'static str, streams: usize) {
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        parts.entry(part).or_default().parked = streams as u64;
+    }
+
     /// `part` crashed or ended and is started again.
     pub fn restarted(&self, part: &'static str, reason: &str) {
         self.failing(part, reason);
@@ -143,10 +158,15 @@ impl Health {
                 .iter()
                 .map(|(name, part)| PartReport {
                     name,
-                    state: if part.failing_since.is_some() { "failing" } else { "ok" },
+                    state: match (part.failing_since, part.parked) {
+                        (Some(_), _) => "failing",
+                        (None, 0) => "ok",
+                        (None, _) => "degraded",
+                    },
                     failing_for_secs: part.failing_since.map(|since| since.elapsed().as_secs_f64()),
                     reason: part.reason.clone(),
                     restarts: part.restarts,
+                    parked: part.parked,
                 })
                 .collect()
         };

@@ -118,8 +118,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         consumers::groups(&store),
         head.clone(),
         feed.clone(),
-        Duration::from_millis(args.poll_ms.max(10)),
-        Duration::from_millis(args.write_behind_ms),
+        projector::Tuning {
+            poll: Duration::from_millis(args.poll_ms.max(10)),
+            write_behind: Duration::from_millis(args.write_behind_ms),
+            park_after: args.park_after,
+        },
     );
     let access = &args.access;
     let auth_config = auth::AuthConfig::new(

@@ -54,8 +54,11 @@ pub async fn run(args: &SeedArgs) -> anyhow::Result<()> {
         crate::consumers::groups(&store),
         head,
         feed.clone(),
-        Duration::from_millis(200),
-        Duration::from_millis(crate::config::WRITE_BEHIND_MS),
+        projector::Tuning {
+            poll: Duration::from_millis(200),
+            write_behind: Duration::from_millis(crate::config::WRITE_BEHIND_MS),
+            park_after: crate::config::PARK_AFTER,
+        },
     );
     let mut tasks = consumers.run(shutdown.clone());
     if store.backend == store::Backend::Postgres {

@@ -140,8 +140,10 @@ pub enum Action<'a> {
     ManageMembers,
     /// `POST /api/transactions`.
     RecordPurchase,
-    /// `GET /api/projections`.
+    /// `GET /api/projections`, what a consumer holds back (`…/parked`).
     Operations,
+    /// Retry or skip parked events (`POST /api/projections/{name}/parked/…`).
+    OperateViews,
     /// `GET /metrics`.
     ReadMetrics,
     /// Keys and people accounts.
@@ -176,7 +178,7 @@ pub fn authorize(caller: &Caller, action: Action) -> Result<(), Denied> {
         Action::RecordPurchase => role.is_staff() || role == Role::Channel,
         Action::Operations => role.is_staff(),
         Action::ReadMetrics => role.is_staff() || role == Role::Metrics,
-        Action::Administer => role == Role::Admin,
+        Action::Administer | Action::OperateViews => role == Role::Admin,
     };
     if allowed {
         Ok(())

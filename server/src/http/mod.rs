@@ -8,6 +8,7 @@ pub mod headers;
 pub mod live;
 pub mod openapi;
 pub mod ops;
+pub mod parked;
 pub mod queries;
 
 use crate::AppState;
@@ -29,6 +30,9 @@ pub fn api_routes() -> Router<AppState> {
         .route("/api/members/{id}/events", get(queries::member_events))
         .route("/api/transactions", post(commands::record_purchase))
         .route("/api/projections", get(ops::projections))
+        .route("/api/projections/{name}/parked", get(parked::list))
+        .route("/api/projections/{name}/parked/{stream}/retry", post(parked::retry))
+        .route("/api/projections/{name}/parked/{stream}/skip", post(parked::skip))
         .route("/api/signup", post(auth::sign_up))
         .route("/api/session", post(auth::sign_in).delete(auth::sign_out))
         .route("/api/me", get(auth::me))

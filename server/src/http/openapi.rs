@@ -4,7 +4,7 @@
 //! (request bodies, outcomes, views, errors), so it changes when they do. `scripts/test` runs
 //! schemathesis against it on a live server.
 
-use super::{auth, commands, error, ops, queries};
+use super::{auth, commands, error, ops, parked, queries};
 use axum::response::IntoResponse;
 use utoipa::openapi::security::{
     ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
@@ -46,6 +46,9 @@ use utoipa::{Modify, OpenApi};
         auth::update_person,
         auth::person_link,
         ops::projections,
+        parked::list,
+        parked::retry,
+        parked::skip,
         ops::healthz,
         ops::livez,
         ops::metrics,
@@ -57,7 +60,7 @@ use utoipa::{Modify, OpenApi};
                                            (`If-Match`) and idempotency keys"),
         (name = "queries", description = "Read the views"),
         (name = "identity", description = "Accounts, sessions, keys, access links"),
-        (name = "operations", description = "Health, metrics, consumer status"),
+        (name = "operations", description = "Health, metrics, consumer status, parked events"),
     )
 )]
 pub struct ApiDoc;

@@ -5,6 +5,7 @@
 
 use crate::clock;
 use crate::commands::{self, Command, CommandError, Envelope, Idempotency, MemberAction, Meta};
+use crate::projector::parking::EventFailed;
 use crate::projector::{Consumer, Effects};
 use crate::store::sqlite::heads::Heads;
 use crate::store::{StoredEvent, Streams};
@@ -64,7 +65,8 @@ impl LoyaltyPolicy {
         event: &StoredEvent,
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
-        let TransactionEvent::TransactionPerformed(purchase) = event.decode::<TransactionEvent>()? else {
+        let decoded = event.decode::<TransactionEvent>().map_err(|err| EventFailed::error(event, err))?;
+        let TransactionEvent::TransactionPerformed(purchase) = decoded else {
             return Ok(());
         };
         let stream_id = format!("{}{}", TransactionAggregate::STREAM_PREFIX, purchase.transaction_id);

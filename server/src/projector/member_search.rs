@@ -6,6 +6,7 @@
 //! not kept in memory (one query), fold the events in memory with the pure [`evolve`], write the
 //! changed rows back (one multi-row upsert).
 
+use super::parking::EventFailed;
 use super::row_cache::RowCache;
 use super::{Consumer, Effects};
 use crate::store::{self, StoredEvent};
@@ -100,7 +101,7 @@ impl Consumer for MemberSearchProjection {
                 continue; // applied before: a replay changes nothing
             }
             let current = rows.remove(member_id);
-            let decoded: MemberEvent = event.decode().with_context(|| at(event))?;
+            let decoded: MemberEvent = event.decode().map_err(|err| EventFailed::error(event, err))?;
             if let Some(row) = evolve(current, member_id, event.position as u64, &decoded) {
                 changed.push(member_id.to_string());
                 rows.insert(member_id.to_string(), row);
@@ -113,10 +114,6 @@ impl Consumer for MemberSearchProjection {
         self.kept.keep(rows);
         Ok(())
     }
-}
-
-fn at(event: &StoredEvent) -> String {
-    format!("event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
 }
 
 /// The row after one more event; `None` when the event cannot start a row (before enrolment).
@@ -223,6 +220,7 @@ mod tests {
             transaction_id: None,
             balance_after: 10,
             lifetime_after: 10,
+            source: app::domain::member::EarnSource::Staff,
         };
         let redeemed = MemberEvent::PointsRedeemed { points: 5, reward: "x".into(), balance_after: 5 };
         let tier = MemberEvent::TierChanged { from: Tier::Bronze, to: Tier::Silver };

@@ -1,11 +1,11 @@
 //! `membership_view`: one row per member, the whole portal page as one JSON document, served as
 //! stored by `GET /api/members/{id}`, the portal page and the `member:<id>` live topic.
 
+use super::parking::EventFailed;
 use super::row_cache::RowCache;
 use super::{Consumer, Effects, WriteBehind, WriteScope};
 use crate::store::{self, StoredEvent};
 pub use crate::view_cache::ViewRow;
-use anyhow::Context;
 use app::domain::member::{MemberAggregate, MemberEvent, Status};
 use app::domain::tier::Tier;
 use app::domain::Aggregate;
@@ -139,9 +139,7 @@ impl Consumer for MembershipViewProjection {
             if views.get(member_id).is_some_and(|v| v.position >= event.position as u64) {
                 continue; // applied before: a replay changes nothing
             }
-            let decoded: MemberEvent = event.decode().with_context(|| {
-                format!("event {} ({}) at position {}", event.event_type, event.stream_id, event.position)
-            })?;
+            let decoded: MemberEvent = event.decode().map_err(|err| EventFailed::error(event, err))?;
             if let Some(view) = evolve(views.remove(member_id), event, &decoded) {
                 first.entry(member_id).or_insert(event.position);
                 changed.push(member_id.to_string());
@@ -227,7 +225,7 @@ pub fn evolve(view: Option<MembershipView>, stored: &StoredEvent, event: &Member
             };
             ("profile_updated", 0, format!("Updated {what}"))
         }
-        MemberEvent::PointsEarned { points, reason, transaction_id, balance_after, lifetime_after } => {
+        MemberEvent::PointsEarned { points, reason, transaction_id, balance_after, lifetime_after, .. } => {
             view.points_balance = *balance_after;
             view.lifetime_points = *lifetime_after;
             view.next_tier = if view.tier == Tier::Platinum { None } else { NextTier::for_lifetime(*lifetime_after) };

@@ -11,11 +11,13 @@
 //! command writer bumps it after each commit) and polls slowly as a safety net. A failing event is
 //! retried with backoff and never skipped: skipping would be data loss; the failure shows in
 //! `GET /api/projections`. After a failure the group's consumers run one transaction each, so the
-//! healthy ones go on.
+//! healthy ones go on. An event that keeps failing ([`parking::EventFailed`]) is parked with the
+//! rest of its stream, and every other stream goes on (see `parking`).
 
 mod checkpoints;
 pub mod member_search;
 pub mod membership_view;
+pub mod parking;
 mod row_cache;
 mod runner;
 mod status;
@@ -151,6 +153,21 @@ pub struct Consumers {
     write_behind: Duration,
     /// Per group (see `groups`), each consumer with its handle.
     groups: Vec<Group>,
+    /// Attempts at an event before its stream is parked (see `parking`).
+    park_after: u32,
+    /// Per group: wakes its runner when a retry or skip is asked for here.
+    wakes: Vec<Arc<tokio::sync::Notify>>,
+}
+
+/// How a server runs its consumers.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Safety-net poll interval (they also wake on every append).
+    pub poll: Duration,
+    /// SQLite: how long applied views may wait in memory before they are written (see `Runner`).
+    pub write_behind: Duration,
+    /// Attempts at an event before its stream is parked (see `parking`).
+    pub park_after: u32,
 }
 
 impl Consumers {
@@ -160,8 +177,7 @@ impl Consumers {
         groups: Vec<Vec<(Arc<dyn Consumer>, Role)>>,
         head: Arc<watch::Sender<i64>>,
         feed: Arc<ViewFeed>,
-        poll: Duration,
-        write_behind: Duration,
+        tuning: Tuning,
     ) -> Arc<Consumers> {
         let groups: Vec<Group> = groups
             .into_iter()
@@ -173,7 +189,47 @@ impl Consumers {
                 group.into_iter().map(registered).collect()
             })
             .collect();
-        Arc::new(Consumers { store, head, feed, poll, write_behind, groups })
+        let wakes = groups.iter().map(|_| Arc::new(tokio::sync::Notify::new())).collect();
+        let Tuning { poll, write_behind, park_after } = tuning;
+        Arc::new(Consumers { store, head, feed, poll, write_behind, groups, park_after, wakes })
+    }
+
+    /// Where group `g` commits: a group that appends events in the event store; the projections
+    /// where their views are (see `Store::views`).
+    fn pool_of(&self, g: usize) -> crate::store::Writes {
+        match self.groups[g].iter().any(|registered| registered.role.appends()) {
+            true => self.store.write.clone(),
+            false => self.store.views.clone(),
+        }
+    }
+
+    /// The group of the consumer called `name`.
+    fn group_of(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|group| group.iter().any(|r| r.handle.name == name))
+    }
+
+    /// What the consumer `name` holds back or skipped (`None`: no such consumer).
+    pub async fn parked(&self, name: &str) -> Result<Option<Vec<parking::ParkedStream>>, sqlx::Error> {
+        let Some(g) = self.group_of(name) else { return Ok(None) };
+        parking::list(&self.pool_of(g), name).await.map(Some)
+    }
+
+    /// Ask for a retry or a skip of a parked stream; the runner carries it out (here, or on the
+    /// node that runs the consumers). False when that stream is not parked.
+    pub async fn request(
+        &self,
+        name: &str,
+        stream_id: &str,
+        action: parking::Action,
+        reason: Option<&str>,
+        actor: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let Some(g) = self.group_of(name) else { return Ok(false) };
+        let asked = parking::request(&self.pool_of(g), name, stream_id, action, reason, actor).await?;
+        if asked {
+            self.wakes[g].notify_one();
+        }
+        Ok(asked)
     }
 
     /// Start one task per group; they stop when `stop` is cancelled. Each is supervised (see
@@ -228,8 +284,12 @@ impl Consumers {
                 // Wake on local progress, or re-check soon when the consumers run elsewhere.
                 let _ = tokio::time::timeout(Duration::from_millis(20), rx.wait_for(|p| *p >= head)).await;
             }
-            if self.store.head().await? == head && self.feed.wait_for(head, within).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.store.head().await? == head && self.feed.wait_for(head, left).await {
                 return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the live views did not reach position {head} in time");
             }
         }
     }

@@ -2,9 +2,12 @@
 //! batch per transaction with the checkpoints (see `Runner`).
 
 use super::checkpoints::{advance_checkpoint, init_checkpoint, load_checkpoint, record_error};
+use super::parking::{self, EventFailed, HeldBack};
 use super::{Consumer, ConsumerHandle, Consumers, Effects, Registered, Role, WriteScope, BATCH};
 use crate::fanout::ViewFeed;
 use crate::store::{Backend, Store, StoredEvent, Writes};
+use sqlx::AnyConnection;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -14,12 +17,7 @@ impl Consumers {
     /// The runner of group `g`, from its stored checkpoints.
     pub(super) fn runner(&self, g: usize, stop: CancellationToken) -> Runner {
         let group = &self.groups[g];
-        // A group that appends events commits in the event store; the projections commit where
-        // their views are (see `Store::views`).
-        let pool = match group.iter().any(|registered| registered.role.appends()) {
-            true => self.store.write.clone(),
-            false => self.store.views.clone(),
-        };
+        let pool = self.pool_of(g);
         // Only on SQLite: on PostgreSQL other nodes read the views from the table.
         let behind = self.store.backend == Backend::Sqlite && !self.write_behind.is_zero();
         let members = group
@@ -35,6 +33,8 @@ impl Consumers {
                     stored_at: Instant::now(),
                     defers,
                     store_every: if defers { self.write_behind } else { CHECKPOINT_EVERY },
+                    held: HeldBack::default(),
+                    failure: None,
                 }
             })
             .collect();
@@ -47,6 +47,9 @@ impl Consumers {
             poll: self.poll,
             shutdown: stop,
             isolate: false,
+            park_after: self.park_after.max(1),
+            wake: self.wakes[g].clone(),
+            operations_checked: Instant::now(),
         }
     }
 }
@@ -80,6 +83,10 @@ struct Member {
     defers: bool,
     /// How long the stored checkpoint may stay behind `position` (a change, unwritten).
     store_every: Duration,
+    /// The streams it holds back (poison events, see `parking`).
+    held: HeldBack,
+    /// The event it keeps failing on, and how many times it has.
+    failure: Option<(i64, u32)>,
 }
 
 impl Member {
@@ -115,12 +122,26 @@ impl Member {
 /// What one member does in one step.
 enum Work<'e> {
     /// Apply these events (and move the checkpoint) in the step's transaction.
-    Apply(&'e [Arc<StoredEvent>]),
+    Apply(Cow<'e, [Arc<StoredEvent>]>),
+    /// Apply a parked stream's events again (an admin's retry), and release it, in one
+    /// transaction.
+    Retry { events: Vec<Arc<StoredEvent>>, stream_id: String },
     /// Nothing for this consumer in the batch: move the position, and the checkpoint only with
     /// the step's transaction or once `CHECKPOINT_EVERY` has passed.
     Skip,
     /// Only move the checkpoint to what was skipped before.
     Checkpoint,
+}
+
+impl Work<'_> {
+    /// The events this work applies.
+    fn events(&self) -> Option<&[Arc<StoredEvent>]> {
+        match self {
+            Work::Apply(events) => Some(events),
+            Work::Retry { events, .. } => Some(events),
+            Work::Skip | Work::Checkpoint => None,
+        }
+    }
 }
 
 /// Runs one group of consumers.
@@ -147,7 +168,16 @@ pub(super) struct Runner {
     /// After a failure: one transaction per consumer, so one failing consumer cannot hold back
     /// the others of its group.
     isolate: bool,
+    /// Attempts at one event before its stream is parked.
+    park_after: u32,
+    /// Told when a retry or skip is asked for on this node (see `parking`).
+    wake: Arc<tokio::sync::Notify>,
+    /// When the runner last looked for actions asked for on its parked streams.
+    operations_checked: Instant,
 }
+
+/// How often a runner with parked streams looks for retries and skips asked for on other nodes.
+const OPERATIONS_EVERY: Duration = Duration::from_millis(500);
 
 impl Runner {
     fn names(&self) -> String {
@@ -170,9 +200,23 @@ impl Runner {
                     }
                 }
             };
+            let held = loop {
+                match parking::load(&self.pool, name).await {
+                    Ok(held) => break held,
+                    Err(err) => {
+                        tracing::error!(consumer = name, error = %err, "cannot read parked streams; retrying");
+                        if self.sleep(Duration::from_secs(1)).await {
+                            return;
+                        }
+                    }
+                }
+            };
             let member = &mut self.members[i];
             (member.position, member.stored) = (position, position);
             member.handle.applied.send_replace(position);
+            member.held = held;
+            member.handle.set_parked(member.held.parked());
+            self.store.health.parked(name, member.held.parked());
         }
         let mut head_rx = self.head.subscribe();
         let mut backoff = Duration::from_millis(100);
@@ -181,10 +225,12 @@ impl Runner {
                 Ok(true) => backoff = Duration::from_millis(100),
                 Ok(false) => {
                     head_rx.borrow_and_update();
+                    let wake = self.wake.clone();
                     tokio::select! {
                         changed = head_rx.changed() => {
                             if changed.is_err() && self.sleep(self.poll).await { break; }
                         }
+                        _ = wake.notified() => self.operations_checked -= OPERATIONS_EVERY,
                         _ = tokio::time::sleep(self.poll) => {}
                         _ = self.shutdown.cancelled() => break,
                     }
@@ -246,6 +292,12 @@ impl Runner {
     /// One batch for every member that is behind: true when anything moved, `Err` after a failure
     /// (already logged and shown on the failing consumer).
     async fn step(&mut self) -> Result<bool, ()> {
+        if self.operations_checked.elapsed() >= OPERATIONS_EVERY && self.members.iter().any(|m| m.held.parked() > 0) {
+            self.operations_checked = Instant::now();
+            if self.operate().await {
+                return Ok(true);
+            }
+        }
         let from = self.members.iter().map(|m| m.position).min().unwrap_or(0);
         let head = *self.head.borrow();
         let events = match self.store.read_after(from, BATCH, head).await {
@@ -263,10 +315,15 @@ impl Runner {
         // (member, what to do, the position it moves to)
         let mut work: Vec<(usize, Work, i64)> = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
-            let mine = &events[events.partition_point(|e| e.position <= m.position)..];
+            let after = &events[events.partition_point(|e| e.position <= m.position)..];
+            // What it holds back (parked streams) it passes over like events it does not handle.
+            let mine = match m.held.is_empty() {
+                true => Cow::Borrowed(after),
+                false => Cow::Owned(after.iter().filter(|e| !m.held.holds(e)).cloned().collect()),
+            };
             match (last, mine.iter().any(|e| m.consumer.handles(&e.event_type))) {
                 (Some(last), true) => work.push((i, Work::Apply(mine), last)),
-                (Some(last), false) if !mine.is_empty() => work.push((i, Work::Skip, last)),
+                (Some(last), false) if !after.is_empty() => work.push((i, Work::Skip, last)),
                 // Skipping for long, or idle since (the safety-net poll comes back here): store
                 // the checkpoint. Not at once when idle: under load a consumer that skips is
                 // idle after every batch, and storing then cost a transaction in the event store
@@ -288,7 +345,7 @@ impl Runner {
             let m = &self.members[*i];
             match w {
                 Work::Apply(_) if m.defers => m.due(now),
-                Work::Apply(_) | Work::Checkpoint => true,
+                Work::Apply(_) | Work::Retry { .. } | Work::Checkpoint => true,
                 Work::Skip => m.due(now),
             }
         });
@@ -350,11 +407,16 @@ impl Runner {
             for (((i, w, to), effects), store_to) in work.iter().zip(&mut effects).zip(&mut store_to) {
                 let m = &self.members[*i];
                 failing = Some(*i);
-                if let Work::Apply(events) = w {
-                    m.consumer.apply(&mut tx, events, effects).await?;
-                    if m.role.feeds_views() {
-                        self.feed.in_transaction(&mut tx, &effects.views, *to).await?;
-                    }
+                if let Some(events) = w.events() {
+                    self.apply(*i, &mut tx, events, effects).await?;
+                }
+                // Also when it only passed events over (other streams', or held back): read-your-
+                // writes on other nodes waits for the position.
+                if m.role.feeds_views() {
+                    self.feed.in_transaction(&mut tx, &effects.views, *to).await?;
+                }
+                if let Work::Retry { stream_id, .. } = w {
+                    parking::release_in(&mut tx, m.handle.name, stream_id).await?;
                 }
                 let written = match m.consumer.write_behind() {
                     Some(behind) => behind.write(&mut tx, m.write_scope(started, stopping)).await?,
@@ -412,17 +474,18 @@ impl Runner {
     fn applied(&mut self, i: usize, work: &Work<'_>, to: i64, effects: Effects) {
         let m = &mut self.members[i];
         let name = m.handle.name;
-        if let Work::Apply(events) = work {
+        if let Some(events) = work.events() {
             m.handle.record(events.len() as u64);
             metrics::counter!("tally_consumer_events_total", "consumer" => name).increment(events.len() as u64);
         }
+        m.failure = None;
         if m.defers {
             let unwritten = m.unwritten_rows() as f64;
             metrics::gauge!("tally_consumer_unwritten_rows", "consumer" => name).set(unwritten);
         }
         m.position = to;
         m.handle.applied.send_replace(to);
-        m.handle.set("running", None);
+        m.handle.set(if m.held.parked() > 0 { "degraded" } else { "running" }, None);
         self.store.health.ok(name);
         if m.role.feeds_views() {
             self.feed.after_commit(effects.views, to);
@@ -439,9 +502,125 @@ impl Runner {
             Some(i) => vec![i],
             None => work.iter().map(|(i, _, _)| *i).collect(),
         };
+        if let (Some(i), Some(event)) = (failing, err.downcast_ref::<EventFailed>()) {
+            if self.count_failure(i, event).await {
+                return;
+            }
+        }
         for i in failed {
             self.fail(i, &message).await;
         }
+    }
+
+    /// Member `i` failed on `event`: one more attempt at it; after `park_after` of them (or at
+    /// once, when its stream is parked already: a retry that failed again), park its stream.
+    /// True when parked: the runner goes on with the other streams at once.
+    async fn count_failure(&mut self, i: usize, event: &EventFailed) -> bool {
+        let m = &mut self.members[i];
+        let attempts = match m.failure {
+            Some((position, n)) if position == event.position => n + 1,
+            _ => 1,
+        };
+        m.failure = Some((event.position, attempts));
+        let parked_already = m.held.parked_from(&event.stream_id).is_some();
+        if attempts < self.park_after && !parked_already {
+            return false;
+        }
+        let name = m.handle.name;
+        if let Err(err) = parking::park(&self.pool, name, event, attempts).await {
+            tracing::error!(consumer = name, error = %err, "cannot park a stream; retrying the event");
+            return false;
+        }
+        let m = &mut self.members[i];
+        m.held.park(&event.stream_id, event.position);
+        m.failure = None;
+        m.handle.set_parked(m.held.parked());
+        self.store.health.parked(name, m.held.parked());
+        m.handle.set("degraded", None);
+        metrics::counter!("tally_parked_total", "consumer" => name).increment(1);
+        tracing::warn!(consumer = name, stream = %event.stream_id, position = event.position, attempts,
+            error = %event.message, "event parked with the rest of its stream; other streams go on");
+        self.isolate = false;
+        true
+    }
+
+    /// Carry out the retries and skips asked for on this group's parked streams. True when any
+    /// was carried out.
+    async fn operate(&mut self) -> bool {
+        let names: Vec<&str> = self.members.iter().filter(|m| m.held.parked() > 0).map(|m| m.handle.name).collect();
+        let asked = match parking::requested(&self.pool, &names).await {
+            Ok(asked) => asked,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the actions asked for on parked streams");
+                return false;
+            }
+        };
+        let mut done = false;
+        for asked in asked {
+            let Some(i) = self.members.iter().position(|m| m.handle.name == asked.consumer) else { continue };
+            let Some(from) = self.members[i].held.parked_from(&asked.stream_id) else { continue };
+            let name = self.members[i].handle.name;
+            match asked.action {
+                parking::Action::Retry => {
+                    let to = self.members[i].position;
+                    let events = match self.store.read_stream(&asked.stream_id).await {
+                        Ok(events) => events,
+                        Err(err) => {
+                            tracing::warn!(consumer = name, error = %err, "cannot read a parked stream to retry it");
+                            continue;
+                        }
+                    };
+                    let events: Vec<Arc<StoredEvent>> =
+                        events.into_iter().filter(|e| e.position >= from && e.position <= to).map(Arc::new).collect();
+                    let count = events.len();
+                    let work = Work::Retry { events, stream_id: asked.stream_id.clone() };
+                    if self.commit(vec![(i, work, to)]).await.is_ok() {
+                        let m = &mut self.members[i];
+                        m.held.release(&asked.stream_id);
+                        m.handle.set_parked(m.held.parked());
+                        self.store.health.parked(name, m.held.parked());
+                        m.handle.set(if m.held.parked() > 0 { "degraded" } else { "running" }, None);
+                        tracing::info!(consumer = name, stream = %asked.stream_id, events = count, actor = %asked.actor,
+                            "parked stream retried and applied");
+                    }
+                    done = true;
+                }
+                parking::Action::Skip => {
+                    // Through this member's position: what it has not reached yet is applied as
+                    // usual when it gets there.
+                    let through = self.members[i].position.max(from);
+                    if let Err(err) = parking::skip(&self.pool, &asked, through).await {
+                        tracing::warn!(consumer = name, error = %err, "cannot skip a parked stream");
+                        continue;
+                    }
+                    let m = &mut self.members[i];
+                    m.held.close(&asked.stream_id, through);
+                    m.handle.set_parked(m.held.parked());
+                    self.store.health.parked(name, m.held.parked());
+                    m.handle.set(if m.held.parked() > 0 { "degraded" } else { "running" }, None);
+                    tracing::warn!(consumer = name, stream = %asked.stream_id, from, through, actor = %asked.actor,
+                        reason = %asked.reason, "parked stream skipped");
+                    done = true;
+                }
+            }
+        }
+        done
+    }
+
+    /// Apply a batch for member `i` (the fault suite may make an event fail, see `faults`).
+    async fn apply(
+        &self,
+        i: usize,
+        conn: &mut AnyConnection,
+        events: &[Arc<StoredEvent>],
+        effects: &mut Effects,
+    ) -> anyhow::Result<()> {
+        let consumer = &self.members[i].consumer;
+        let handled = events.iter().map(|e| &**e).filter(|e| consumer.handles(&e.event_type));
+        if let Some(poison) = self.store.faults.poisoned(handled) {
+            return Err(EventFailed::error(poison, "a poison event (fault suite)"));
+        }
+        consumer.apply(conn, events, effects).await
     }
 
     /// No transaction: apply the batches of members that write behind (their reads of rows they
@@ -454,9 +633,9 @@ impl Runner {
             if work.iter().any(|(_, w, _)| matches!(w, Work::Apply(_))) {
                 let mut conn = self.pool.acquire().await?;
                 for ((i, w, _), effects) in work.iter().zip(&mut effects) {
-                    if let Work::Apply(events) = w {
+                    if let Some(events) = w.events() {
                         failing = Some(*i);
-                        self.members[*i].consumer.apply(&mut conn, events, effects).await?;
+                        self.apply(*i, &mut conn, events, effects).await?;
                     }
                 }
             }

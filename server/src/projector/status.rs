@@ -15,6 +15,8 @@ pub struct ConsumerHandle {
     pub name: &'static str,
     pub(super) applied: watch::Sender<i64>,
     state: Mutex<RunState>,
+    /// Streams parked on this node's runner (see `parking`).
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 struct RunState {
@@ -29,7 +31,13 @@ impl ConsumerHandle {
             name,
             applied: watch::Sender::new(0),
             state: Mutex::new(RunState { label: "starting", last_error: None, recent: VecDeque::new() }),
+            parked: Default::default(),
         }
+    }
+
+    pub(super) fn set_parked(&self, parked: usize) {
+        self.parked.store(parked, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("tally_parked_streams", "consumer" => self.name).set(parked as f64);
     }
 
     pub fn applied(&self) -> i64 {
@@ -81,11 +89,32 @@ impl Consumers {
         rows.iter().map(|r| Ok((r.try_get("name")?, (r.try_get("position")?, r.try_get("last_error")?)))).collect()
     }
 
+    /// Per consumer, how many streams it has parked, from the tables (valid on every node).
+    async fn parked_counts(&self) -> Result<std::collections::HashMap<String, u64>, sqlx::Error> {
+        let mut counts = std::collections::HashMap::new();
+        for g in 0..self.groups.len() {
+            let sql =
+                "SELECT consumer, COUNT(*) AS n FROM parked_streams WHERE skipped_through IS NULL GROUP BY consumer";
+            let rows = sqlx::query(sql).fetch_all(&mut *self.pool_of(g).acquire().await?).await?;
+            for r in rows {
+                counts.insert(r.try_get("consumer")?, r.try_get::<i64, _>("n")?.max(0) as u64);
+            }
+        }
+        Ok(counts)
+    }
+
     /// `GET /api/projections`: positions from the checkpoints (valid on every node); state and
     /// throughput from this node when it runs the consumers.
     pub async fn statuses(&self) -> anyhow::Result<Vec<ConsumerStatus>> {
         let head = self.store.head().await?.max(0) as u64;
         let checkpoints = self.checkpoints().await?;
+        // Read from the tables only when this node's runners park something, or do not run here.
+        let local_parked = self.handles().any(|h| h.parked.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let running_here = self.handles().any(|h| !matches!(h.snapshot().0, "starting" | "stopped"));
+        let parked = match local_parked || !running_here {
+            true => self.parked_counts().await?,
+            false => Default::default(),
+        };
         Ok(self
             .handles()
             .map(|h| {
@@ -94,7 +123,9 @@ impl Consumers {
                 let position = position.max(*h.applied.borrow()).max(0) as u64;
                 let (label, last_error, rate) = h.snapshot();
                 let lag = head.saturating_sub(position);
+                let parked = parked.get(h.name).copied().unwrap_or(0);
                 let state = match (label, &stored_error) {
+                    _ if parked > 0 && label != "failing" => "degraded",
                     // Not running here: another node is the active one; judge by its checkpoint.
                     ("starting" | "stopped", Some(_)) => "failing",
                     ("starting" | "stopped", None) | ("running", _) if lag > 0 => "catching_up",
@@ -109,6 +140,7 @@ impl Consumers {
                     state: state.to_string(),
                     last_error: last_error.or(stored_error),
                     events_per_second: (rate * 10.0).round() / 10.0,
+                    parked,
                 }
             })
             .collect())

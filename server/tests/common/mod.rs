@@ -96,6 +96,7 @@ pub fn args(database_url: &str) -> ServeArgs {
         poll_ms: 250,
         write_behind_ms: 1000,
         leader_retry_ms: 100,
+        park_after: server::config::PARK_AFTER,
         request_timeout_secs: 30,
         unhealthy_after_secs: 30,
         access: AccessArgs::default(),
