@@ -1,5 +1,5 @@
 import { expect, request, test } from "@playwright/test";
-import { adminApi, card, claim, PASSWORD, unique } from "./helpers";
+import { adminApi, card, claim, enrollAt, PASSWORD, unique } from "./helpers";
 
 test("an admin makes a key (its token shown once), revokes it, and adds a staff member", async ({ browser }) => {
   const api = await adminApi();
@@ -48,5 +48,29 @@ test("an admin makes a key (its token shown once), revokes it, and adds a staff 
   const keys = await staffPage.goto("/admin/keys");
   expect(keys?.status()).toBe(403);
   await staff.close();
+  await context.close();
+});
+
+test("staff see a member's card as it was right after any event of its history", async ({ browser }) => {
+  const api = await adminApi();
+  const { id } = await enrollAt(api, "Pat Past");
+  const first = await api.post(`/api/members/${id}/points/earn`, { data: { points: 40 } });
+  expect(first.status()).toBe(200);
+  const position = (await first.json()).position;
+  expect((await api.post(`/api/members/${id}/points/earn`, { data: { points: 2 } })).status()).toBe(200);
+  const made = await api.post("/api/users", {
+    data: { email: `${unique("auditor")}@tally.example`, name: "Aud Itor", role: "staff" },
+  });
+  const context = await browser.newContext({ javaScriptEnabled: false });
+  const page = await context.newPage();
+  await claim(page, (await made.json()).access_link.url);
+
+  await page.goto(`/members/${id}?min_position=${position + 1}`);
+  await expect(page.getByTestId("points-balance")).toHaveText("42");
+  await page.locator(`table.history a[href$="?at_position=${position}"]`).click();
+  await expect(page.getByTestId("past-card")).toContainText(`after position ${position.toLocaleString("en")}`);
+  await expect(page.getByTestId("points-balance")).toHaveText("40");
+  await page.getByRole("link", { name: "Back to the live card" }).click();
+  await expect(page.getByTestId("points-balance")).toHaveText("42");
   await context.close();
 });

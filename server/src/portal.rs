@@ -50,6 +50,14 @@ impl Portal for ServerPortal {
         }
     }
 
+    async fn member_at(&self, member_id: &str, position: u64) -> Result<Option<MembershipView>, AppError> {
+        if app::domain::validate::id("member id", member_id).is_err() {
+            return Ok(None);
+        }
+        let at = i64::try_from(position).unwrap_or(i64::MAX);
+        queries::member_view_at(&self.state.store, member_id, at).await.map_err(|err| app_err(ApiError::internal(err)))
+    }
+
     async fn wait_for_position(&self, position: u64) {
         let wait = std::time::Duration::from_millis(crate::http::queries::DEFAULT_WAIT_MS);
         self.state.feed.wait_for(position.min(i64::MAX as u64) as i64, wait).await;

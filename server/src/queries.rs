@@ -1,5 +1,6 @@
 //! The read side: queries over the materialized views only (never the events, except the audit
-//! trail `GET /api/members/{id}/events`, which is the events by definition).
+//! trail `GET /api/members/{id}/events`, which is the events by definition, and a view as it was
+//! at a past position, which only the log still knows: `member_view_at`).
 
 use crate::store::{Store, StoredEvent};
 use app::domain::member::Status;
@@ -26,6 +27,24 @@ pub async fn member_view_cached(
         cache.put(member_id, position, json.clone());
         (json, position)
     }))
+}
+
+/// A member's view as it was right after position `at` (an audit: "what did the card show
+/// then?"), folded from the member's events up to there with the projection's own `evolve`, so
+/// it is what the projector had stored at that moment. `None` when the member had not enrolled.
+pub async fn member_view_at(
+    store: &Store,
+    member_id: &str,
+    at: i64,
+) -> anyhow::Result<Option<app::views::MembershipView>> {
+    use app::domain::{member::MemberAggregate, Aggregate};
+    let stream = format!("{}{member_id}", MemberAggregate::STREAM_PREFIX);
+    let mut view = None;
+    for event in store.read_stream(&stream).await?.iter().take_while(|e| e.position <= at) {
+        let decoded: app::domain::member::MemberEvent = event.decode()?;
+        view = crate::projector::membership_view::evolve(view, event, &decoded);
+    }
+    Ok(view)
 }
 
 /// The stored JSON of a member's view and its position.
@@ -157,8 +176,9 @@ fn decode_cursor(cursor: &str) -> Option<(String, String)> {
 }
 
 /// The audit trail of one member: its stream, oldest first.
+/// A member's events, each in its type's current shape (see `StoredEvent::upcast`).
 pub async fn member_events(store: &Store, member_id: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    store.read_stream(&format!("member-{member_id}")).await
+    Ok(store.read_stream(&format!("member-{member_id}")).await?.into_iter().map(StoredEvent::upcast).collect())
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ impl Fold {
         position: i64,
         stream_id: &str,
         stream_version: i64,
-        event_type: &str,
+        (event_type, schema_version): (&str, i64),
         data: Option<&str>,
         recorded_at: &str,
     ) -> anyhow::Result<()> {
@@ -87,7 +87,13 @@ impl Fold {
         self.wrapped.push_str(r#"{"event_type":""#);
         self.wrapped.push_str(event_type);
         self.wrapped.push_str(r#"","data":"#);
-        self.wrapped.push_str(data);
+        if schema_version == i64::from(app::domain::schema_version(event_type)) {
+            self.wrapped.push_str(data);
+        } else {
+            // Written at an older version: through the upcasters (rare, so not the fast path).
+            let upcast = app::domain::upcast(event_type, schema_version, serde_json::from_str(data)?)?;
+            self.wrapped.push_str(&upcast.to_string());
+        }
         self.wrapped.push('}');
         let event: MemberEvent = serde_json::from_str(&self.wrapped)?;
         let stored = StoredEvent {
@@ -112,7 +118,8 @@ impl Fold {
 }
 
 /// Only what the fold needs, no metadata: reading and decoding are most of the rebuild's time.
-const READ: &str = "SELECT position, stream_id, stream_version, event_type, data, recorded_at FROM events";
+const READ: &str =
+    "SELECT position, stream_id, stream_version, event_type, data, recorded_at, schema_version FROM events";
 
 /// SQLite: one pass over the table with the native driver on a blocking thread, reading each
 /// value in place. (sqlx hands every row from its driver thread to the async side and converts
@@ -130,7 +137,7 @@ fn fold_sqlite(path: &std::path::Path) -> anyhow::Result<Fold> {
             row.get(0)?,
             row.get_ref(1)?.as_str()?,
             row.get(2)?,
-            row.get_ref(3)?.as_str()?,
+            (row.get_ref(3)?.as_str()?, row.get(6)?),
             row.get_ref(4)?.as_str_or_null()?,
             row.get_ref(5)?.as_str()?,
         )?;
@@ -142,7 +149,7 @@ fn fold_sqlite(path: &std::path::Path) -> anyhow::Result<Fold> {
 const PAGE: i64 = 20_000;
 
 async fn read_page(pool: sqlx::AnyPool, after: i64) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
-    let sql = "SELECT position, stream_id, stream_version, event_type, \
+    let sql = "SELECT position, stream_id, stream_version, event_type, schema_version, \
                CASE WHEN stream_id LIKE 'member-%' THEN data END AS data, recorded_at \
                FROM events WHERE position > $1 ORDER BY position LIMIT $2";
     sqlx::query(sql).bind(after).bind(PAGE).fetch_all(&pool).await
@@ -166,7 +173,7 @@ async fn fold_pages(store: &Store) -> anyhow::Result<Fold> {
                 row.try_get("position")?,
                 &stream_id,
                 row.try_get("stream_version")?,
-                &event_type,
+                (&event_type, row.try_get("schema_version")?),
                 data.as_deref(),
                 &recorded_at,
             )?;

@@ -59,6 +59,13 @@ pub async fn get_member(member_id: String, min_position: Option<u64>) -> Result<
     portal.member(&member_id).await.map_err(AppError::answered)
 }
 
+/// Staff: the card as it was after `position` (the console's history).
+#[server(prefix = "/_fn")]
+pub async fn get_member_at(member_id: String, position: u64) -> Result<Option<MembershipView>, AppError> {
+    authorized(crate::domain::access::Action::ManageMembers)?;
+    portal()?.member_at(&member_id, position).await.map_err(AppError::answered)
+}
+
 #[server(prefix = "/_fn")]
 pub async fn search_members(query: MemberQuery) -> Result<MemberPage, AppError> {
     authorized(crate::domain::access::Action::ManageMembers)?;

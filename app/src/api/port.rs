@@ -29,6 +29,9 @@ pub enum PortalCommand {
 pub trait Portal: Send + Sync + 'static {
     /// The membership view, or None for an unknown member.
     async fn member(&self, member_id: &str) -> Result<Option<MembershipView>, AppError>;
+    /// The view as it was right after `position` (staff: an audit), from the log; None when the
+    /// member had not enrolled by then.
+    async fn member_at(&self, member_id: &str, position: u64) -> Result<Option<MembershipView>, AppError>;
     /// Wait (bounded) until the views have applied `position`.
     async fn wait_for_position(&self, position: u64);
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError>;

@@ -82,6 +82,7 @@ pub enum MemberEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         email: Option<String>,
     },
+    /// Schema version 2 (see [`POINTS_EARNED_VERSION`]) added `source`.
     PointsEarned {
         points: u64,
         reason: String,
@@ -89,6 +90,7 @@ pub enum MemberEvent {
         transaction_id: Option<String>,
         balance_after: u64,
         lifetime_after: u64,
+        source: EarnSource,
     },
     TierChanged {
         from: Tier,
@@ -103,6 +105,34 @@ pub enum MemberEvent {
         reason: String,
     },
     AccountReactivated {},
+}
+
+/// Where earned points came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EarnSource {
+    /// A purchase, through the loyalty policy.
+    Purchase,
+    /// Credited by staff (or a staff key): `POST /api/members/{id}/points/earn`.
+    Staff,
+}
+
+/// `PointsEarned` is at schema version 2: version 1 had no `source`.
+pub const POINTS_EARNED_VERSION: u32 = 2;
+
+/// One step of the `PointsEarned` upcaster chain: the data of version `from` made version
+/// `from + 1`. False when there is no such step.
+pub fn upcast_points_earned(from: u32, data: &mut serde_json::Value) -> bool {
+    match (from, data.as_object_mut()) {
+        // Version 1 knew only purchases (which carry their transaction id) and staff credits.
+        (1, Some(fields)) => {
+            let purchase = fields.get("transaction_id").is_some_and(|id| !id.is_null());
+            let source = if purchase { "purchase" } else { "staff" };
+            fields.insert("source".into(), serde_json::Value::from(source));
+            true
+        }
+        _ => false,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,7 +196,7 @@ impl Aggregate for MemberAggregate {
             MemberEvent::AccountSuspended { .. } => "AccountSuspended",
             MemberEvent::AccountReactivated { .. } => "AccountReactivated",
         };
-        (name, 1)
+        (name, super::schema_version(name))
     }
 }
 
@@ -187,12 +217,14 @@ fn require_active(state: &Member) -> Result<(), MemberError> {
 /// A `PointsEarned`, plus the `TierChanged` when the new lifetime total crosses a threshold.
 fn earn(state: &Member, points: u64, reason: String, transaction_id: Option<String>) -> Vec<MemberEvent> {
     let lifetime_after = state.lifetime + points;
+    let source = if transaction_id.is_some() { EarnSource::Purchase } else { EarnSource::Staff };
     let mut events = vec![MemberEvent::PointsEarned {
         points,
         reason,
         transaction_id,
         balance_after: state.balance + points,
         lifetime_after,
+        source,
     }];
     let to = Tier::for_lifetime(lifetime_after);
     // Tiers are never lost: only a move up is a change.
@@ -331,6 +363,7 @@ mod tests {
             transaction_id: None,
             balance_after,
             lifetime_after,
+            source: EarnSource::Staff,
         }
     }
 
@@ -524,6 +557,7 @@ mod tests {
             transaction_id: Some("t1".into()),
             balance_after: 5_150,
             lifetime_after: 5_150,
+            source: EarnSource::Purchase,
         }]);
     }
 
@@ -540,5 +574,25 @@ mod tests {
         assert_eq!(json, serde_json::json!({"event_type": "AccountReactivated", "data": {}}));
         let json = serde_json::to_value(MemberEvent::TierChanged { from: Tier::Bronze, to: Tier::Silver }).unwrap();
         assert_eq!(json, serde_json::json!({"event_type": "TierChanged", "data": {"from": "bronze", "to": "silver"}}));
+    }
+
+    #[test]
+    fn a_version_1_earn_reads_as_version_2_with_its_source_derived() {
+        use crate::domain::{schema_version, upcast, UpcastError};
+        use serde_json::json;
+        let staff = json!({"points": 5, "reason": "r", "balance_after": 5, "lifetime_after": 5});
+        let purchase =
+            json!({"points": 5, "reason": "t1", "transaction_id": "t1", "balance_after": 5, "lifetime_after": 5});
+        let decoded = |data: serde_json::Value| -> MemberEvent {
+            let data = upcast("PointsEarned", 1, data).unwrap();
+            serde_json::from_value(json!({"event_type": "PointsEarned", "data": data})).unwrap()
+        };
+        assert!(matches!(decoded(staff.clone()), MemberEvent::PointsEarned { source: EarnSource::Staff, .. }));
+        assert!(matches!(decoded(purchase), MemberEvent::PointsEarned { source: EarnSource::Purchase, .. }));
+        assert_eq!(schema_version("PointsEarned"), 2);
+        assert_eq!(MemberAggregate::event_type(&earned(1, 1, 1)), ("PointsEarned", 2));
+        assert_eq!(upcast("TierChanged", 1, json!({"a": 1})), Ok(json!({"a": 1})), "current: unchanged");
+        assert!(matches!(upcast("PointsEarned", 3, staff.clone()), Err(UpcastError::Newer { current: 2, .. })));
+        assert!(matches!(upcast("PointsEarned", 0, staff), Err(UpcastError::Missing { .. })));
     }
 }

@@ -4,9 +4,10 @@
 //!
 //! A member sees only their own page (another member's id is "not found", exactly as an unknown
 //! id is), with forms to redeem points and to change their profile. Staff see any member's page,
-//! with its history and who caused each event.
+//! with its history and who caused each event, and the card as it was after any of those events
+//! (`?at_position=P`, computed from the log: an audit).
 
-use crate::api::{get_member, member_history, IssueAccessLink, RedeemReward, UpdateMyProfile};
+use crate::api::{get_member, get_member_at, member_history, IssueAccessLink, RedeemReward, UpdateMyProfile};
 use crate::components::forms::{failed, set_status, Field, Outcome, SignInForm};
 use crate::components::membership::MembershipCard;
 use crate::error::AppError;
@@ -50,12 +51,20 @@ pub fn MemberPage() -> impl IntoView {
     let flash = if own || staff { crate::request::take_flash() } else { None };
     // `?min_position=P` (from a command's answer): show at least that fresh a view.
     let min_position = use_query_map().read_untracked().get("min_position").and_then(|p| p.parse::<u64>().ok());
+    // Staff: `?at_position=P` shows the card as it was then, not live.
+    let at_position =
+        use_query_map().read_untracked().get("at_position").and_then(|p| p.parse::<u64>().ok()).filter(|_| staff);
     let initial = Resource::new_blocking(
         {
             let member_id = member_id.clone();
-            move || (member_id.clone(), min_position)
+            move || (member_id.clone(), min_position, at_position)
         },
-        |(id, min)| get_member(id, min),
+        |(id, min, at)| async move {
+            match at {
+                Some(at) => get_member_at(id, at).await,
+                None => get_member(id, min).await,
+            }
+        },
     );
     // Staff only: members do not see their history's actors (and the page is cheaper without).
     let history = staff.then(|| {
@@ -95,11 +104,16 @@ pub fn MemberPage() -> impl IntoView {
                             let forms = (own && view.is_some())
                                 .then(|| view! { <OwnForms view=view.clone() flash=flash.clone()/> });
                             let audit = history.map(|history| view! {
-                                <StaffTools member_id=member_id.clone() history flash/>
+                                <StaffTools member_id=member_id.clone() history flash at_position/>
                             });
+                            let title = page_title(view.as_ref());
+                            let card = match at_position {
+                                Some(at) => view! { <PastCard member_id at view/> }.into_any(),
+                                None => view! { <LiveMembership member_id initial=view/> }.into_any(),
+                            };
                             view! {
-                                <Title text=page_title(view.as_ref())/>
-                                <LiveMembership member_id initial=view/>
+                                <Title text=title/>
+                                {card}
                                 {forms}
                                 {audit}
                             }.into_any()
@@ -153,6 +167,27 @@ fn LiveMembership(member_id: String, initial: Option<MembershipView>) -> impl In
     }
 }
 
+/// Staff: the card as it was right after position `at` (static: the past does not change).
+#[component]
+fn PastCard(member_id: String, at: u64, view: Option<MembershipView>) -> impl IntoView {
+    let live = format!("/members/{member_id}");
+    view! {
+        <p class="card notice" data-testid="past-card">
+            "As it was after position " {format::points(at)} ", from the log. "
+            <a href=live>"Back to the live card"</a>
+        </p>
+        {match view {
+            Some(view) => view! { <MembershipCard view connected=Signal::derive(|| false)/> }.into_any(),
+            None => view! {
+                <section class="card empty">
+                    <h1>"Not enrolled yet"</h1>
+                    <p>"The member " <code>{member_id}</code> " had not enrolled by position " {format::points(at)} "."</p>
+                </section>
+            }.into_any(),
+        }}
+    }
+}
+
 /// A member's own forms: redeem points, change their profile.
 #[component]
 fn OwnForms(view: Option<MembershipView>, flash: Option<Flash>) -> impl IntoView {
@@ -185,8 +220,14 @@ fn OwnForms(view: Option<MembershipView>, flash: Option<Flash>) -> impl IntoView
 
 /// Staff: an access link for this member, and the member's history with who caused each event.
 #[component]
-fn StaffTools(member_id: String, history: Result<Vec<HistoryEntry>, AppError>, flash: Option<Flash>) -> impl IntoView {
+fn StaffTools(
+    member_id: String,
+    history: Result<Vec<HistoryEntry>, AppError>,
+    flash: Option<Flash>,
+    at_position: Option<u64>,
+) -> impl IntoView {
     let link_error = failed::<IssueAccessLink>("access_link");
+    let page = format!("/members/{member_id}");
     view! {
         <section class="card action">
             <h2>"Access link"</h2>
@@ -199,6 +240,7 @@ fn StaffTools(member_id: String, history: Result<Vec<HistoryEntry>, AppError>, f
         </section>
         <section class="card">
             <h2>"History"</h2>
+            <p class="muted small">"Choose a position to see the card as it was right after that event."</p>
             {match history {
                 Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
                 Ok(entries) => view! {
@@ -209,8 +251,12 @@ fn StaffTools(member_id: String, history: Result<Vec<HistoryEntry>, AppError>, f
                             </tr></thead>
                             <tbody>
                                 {entries.into_iter().rev().map(|e| view! {
-                                    <tr>
-                                        <td class="num">{format::points(e.position)}</td>
+                                    <tr class:selected=at_position == Some(e.position)>
+                                        <td class="num">
+                                            <a href=format!("{page}?at_position={}", e.position) title="The card after this event">
+                                                {format::points(e.position)}
+                                            </a>
+                                        </td>
                                         <td>{format::when(&e.recorded_at)}</td>
                                         <td>{e.event_type}</td>
                                         <td><code class="small" data-testid="actor">{e.actor}</code></td>

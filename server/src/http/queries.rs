@@ -26,6 +26,9 @@ pub struct ViewParams {
     min_position: Option<i64>,
     /// How long to wait for `min_position`, in milliseconds (default 2,000, at most 10,000).
     wait_ms: Option<u64>,
+    /// Staff: the view as it was right after this position (from the log; an audit), instead of
+    /// the current one. At most the head.
+    at_position: Option<i64>,
 }
 
 fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -41,7 +44,8 @@ fn with_view_headers(mut response: Response, position: i64, stale: bool) -> Resp
     response
 }
 
-/// `GET /api/members/{id}`: the stored view, as stored; with `min_position`, read-your-writes.
+/// `GET /api/members/{id}`: the stored view, as stored; with `min_position`, read-your-writes;
+/// with `at_position` (staff), as it was after that position.
 #[utoipa::path(get, path = "/api/members/{id}", tag = "queries", params(("id" = String, Path, description = "The member's id"), ViewParams),
     responses((status = 200, description = "The member's view, as stored", body = app::views::MembershipView,
         headers(("x-view-position" = i64, description = "The position the views are current to"),
@@ -55,6 +59,9 @@ pub async fn get_member(
     caller.may(Action::ReadMember(&id))?;
     let params = query_params(params)?;
     let id = validate::id("member id", &id).map_err(ApiError::InvalidRequest)?;
+    if let Some(at) = params.at_position {
+        return member_at(&state, &caller, &id, at).await;
+    }
     let mut stale = false;
     if let Some(min) = params.min_position {
         let wait = params.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS);
@@ -70,6 +77,23 @@ pub async fn get_member(
         None => ApiError::MemberNotFound(id).into_response(),
     };
     Ok(with_view_headers(response, position, stale))
+}
+
+/// `GET /api/members/{id}?at_position=P` (staff): the view after position P, from the log.
+async fn member_at(state: &AppState, caller: &Authed, id: &str, at: i64) -> Result<Response, ApiError> {
+    caller.may(Action::ManageMembers)?;
+    let head = state.store.head().await?;
+    if !(0..=head).contains(&at) {
+        return Err(ApiError::InvalidRequest(format!("at_position must be between 0 and the head ({head})")));
+    }
+    match queries::member_view_at(&state.store, id, at).await {
+        Ok(Some(view)) => Ok(with_view_headers(Json(view).into_response(), at, false)),
+        Ok(None) => Err(ApiError::MemberNotFound(id.to_string())),
+        Err(err) => match err.downcast::<sqlx::Error>() {
+            Ok(err) => Err(err.into()),
+            Err(err) => Err(ApiError::Internal(err)),
+        },
+    }
 }
 
 /// `GET /api/members?q=&tier=&status=&limit=&after=`

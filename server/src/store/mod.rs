@@ -106,9 +106,26 @@ impl StoredEvent {
         })
     }
 
-    /// Decode into a domain event enum tagged `{event_type, data}` (see `app::domain`).
+    /// Decode into a domain event enum tagged `{event_type, data}` (see `app::domain`), upcast
+    /// from the schema version it was written with to the current one (`app::domain::upcast`).
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        serde_json::from_value(serde_json::json!({"event_type": self.event_type, "data": self.data}))
+        let data = self.current_data().map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        serde_json::from_value(serde_json::json!({"event_type": self.event_type, "data": data}))
+    }
+
+    /// The event's data in the shape of its type's current schema version.
+    pub fn current_data(&self) -> Result<serde_json::Value, app::domain::UpcastError> {
+        app::domain::upcast(&self.event_type, self.schema_version, self.data.clone())
+    }
+
+    /// The event as a reader of the current schema sees it: data upcast, `schema_version` the
+    /// current one. An event newer than this server knows stays as stored (its version says so).
+    pub fn upcast(mut self) -> StoredEvent {
+        if let Ok(data) = self.current_data() {
+            self.data = data;
+            self.schema_version = i64::from(app::domain::schema_version(&self.event_type)).max(self.schema_version);
+        }
+        self
     }
 
     /// The id inside a stream name, when the stream has this prefix (`member-42` → `42`).
