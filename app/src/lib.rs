@@ -73,6 +73,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/admin") view=pages::admin::AdminPage ssr=SsrMode::Async/>
                     <Route path=path!("/admin/keys") view=pages::keys::KeysPage ssr=SsrMode::Async/>
                     <Route path=path!("/admin/people") view=pages::people::PeoplePage ssr=SsrMode::Async/>
+                    <Route path=path!("/admin/operations") view=pages::operations::OperationsPage ssr=SsrMode::Async/>
                     <Route path=path!("/claim/:token") view=pages::claim::ClaimPage ssr=SsrMode::Async/>
                     <Route path=path!("/account") view=pages::account::AccountPage ssr=SsrMode::Async/>
                 </Routes>
@@ -92,10 +93,13 @@ fn TopBar() -> impl IntoView {
         Caller::Member { member_id, .. } => vec![(format!("/members/{member_id}"), "My membership")],
         Caller::Person { .. } if caller.is_admin() => vec![
             ("/admin".to_string(), "Staff console"),
+            ("/admin/operations".to_string(), "Operations"),
             ("/admin/keys".to_string(), "Keys"),
             ("/admin/people".to_string(), "People"),
         ],
-        Caller::Person { .. } => vec![("/admin".to_string(), "Staff console")],
+        Caller::Person { .. } => {
+            vec![("/admin".to_string(), "Staff console"), ("/admin/operations".to_string(), "Operations")]
+        }
         Caller::Key { .. } | Caller::Anonymous => Vec::new(),
     };
     let sign_out = <api::SignOut as leptos::server_fn::ServerFn>::PATH;

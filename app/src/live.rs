@@ -1,10 +1,10 @@
-//! The browser's live socket (hydrate only): subscribes to `member:<id>` on `/ws` and hands every
-//! newer view to the page. Reconnects with backoff; on (re)subscribe the server sends the current
+//! The browser's live socket (hydrate only): subscribes to one topic on `/ws` (`member:<id>` for
+//! the portal, `operations` for the operations page) and hands what arrives to the page. Reconnects with backoff; on (re)subscribe the server sends the current
 //! view at once, so nothing is missed while disconnected. Closed by the server because the
 //! visitor's access ended (code 4401: signed out, expired), it does not reconnect: the page
 //! reloads, and shows what a signed-out visitor sees.
 
-use crate::views::{member_topic, ClientMessage, MembershipView, ServerMessage};
+use crate::views::{member_topic, ClientMessage, ConsumerStatus, MembershipView, OperationsSample, ServerMessage};
 use leptos::prelude::*;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -15,7 +15,9 @@ use web_sys::{CloseEvent, MessageEvent, WebSocket};
 const CLOSE_REVOKED: u16 = 4401;
 
 struct Live {
-    member_id: String,
+    topic: String,
+    /// What to do with each text frame.
+    on_text: Rc<dyn Fn(String)>,
     socket: Option<WebSocket>,
     /// Closures must outlive the socket's use of them.
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
@@ -29,12 +31,54 @@ thread_local! {
 
 /// Watch one member; replaces any previous watch.
 pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>, connected: RwSignal<bool>) {
-    stop();
     if member_id.is_empty() {
+        stop();
         return;
     }
-    let live =
-        Rc::new(RefCell::new(Live { member_id, socket: None, _handlers: Vec::new(), retry_ms: 500, stopped: false }));
+    let on_text = move |text: String| match serde_json::from_str::<ServerMessage>(&text) {
+        Ok(ServerMessage::View { view, .. }) => {
+            // Newest wins: never go back to an older view.
+            let newer = pushed.with_untracked(|p| p.as_ref().is_none_or(|p| view.position > p.position));
+            if newer {
+                pushed.set(Some(view));
+            }
+        }
+        Ok(ServerMessage::Error { code, message, .. }) => {
+            web_sys::console::warn_1(&format!("live update error {code}: {message}").into());
+        }
+        Err(_) => {}
+    };
+    watch(member_topic(&member_id), Rc::new(on_text), connected);
+}
+
+/// Watch the consumers (staff): each sample is added to `samples`, which keeps the last `WINDOW`.
+pub fn watch_operations(samples: RwSignal<Vec<Vec<ConsumerStatus>>>, connected: RwSignal<bool>) {
+    #[derive(serde::Deserialize)]
+    struct Frame {
+        view: OperationsSample,
+    }
+    let on_text = move |text: String| {
+        if let Ok(frame) = serde_json::from_str::<Frame>(&text) {
+            samples.update(|s| {
+                s.push(frame.view.items);
+                let extra = s.len().saturating_sub(crate::pages::operations::WINDOW);
+                s.drain(..extra);
+            });
+        }
+    };
+    watch(crate::views::OPERATIONS_TOPIC.to_string(), Rc::new(on_text), connected);
+}
+
+fn watch(topic: String, on_text: Rc<dyn Fn(String)>, connected: RwSignal<bool>) {
+    stop();
+    let live = Rc::new(RefCell::new(Live {
+        topic,
+        on_text,
+        socket: None,
+        _handlers: Vec::new(),
+        retry_ms: 500,
+        stopped: false,
+    }));
     CURRENT.with(|c| *c.borrow_mut() = Some(live.clone()));
     // Leaving the page (a form posted, a link followed): whatever closes the socket now, the page
     // must neither reconnect nor reload over the navigation under way (signing out from this very
@@ -45,7 +89,7 @@ pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>,
         let _ = window.add_event_listener_with_callback("beforeunload", on_leave.as_ref().unchecked_ref());
         on_leave.forget();
     }
-    connect(live, pushed, connected);
+    connect(live, connected);
 }
 
 /// Close the socket (the page is going away).
@@ -65,13 +109,16 @@ fn socket_url() -> Option<String> {
     Some(format!("{scheme}://{}/ws", location.host().ok()?))
 }
 
-fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, connected: RwSignal<bool>) {
+fn connect(live: Rc<RefCell<Live>>, connected: RwSignal<bool>) {
     let Some(url) = socket_url() else { return };
     let Ok(socket) = WebSocket::new(&url) else {
-        schedule_reconnect(live, pushed, connected);
+        schedule_reconnect(live, connected);
         return;
     };
-    let topic = member_topic(&live.borrow().member_id);
+    let (topic, on_text) = {
+        let l = live.borrow();
+        (l.topic.clone(), l.on_text.clone())
+    };
 
     let on_open = {
         let socket = socket.clone();
@@ -85,19 +132,8 @@ fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, co
         })
     };
     let on_message = Closure::<dyn FnMut(JsValue)>::new(move |event: JsValue| {
-        let Some(text) = event.dyn_ref::<MessageEvent>().and_then(|e| e.data().as_string()) else { return };
-        match serde_json::from_str::<ServerMessage>(&text) {
-            Ok(ServerMessage::View { view, .. }) => {
-                // Newest wins: never go back to an older view.
-                let newer = pushed.with_untracked(|p| p.as_ref().is_none_or(|p| view.position > p.position));
-                if newer {
-                    pushed.set(Some(view));
-                }
-            }
-            Ok(ServerMessage::Error { code, message, .. }) => {
-                web_sys::console::warn_1(&format!("live update error {code}: {message}").into());
-            }
-            Err(_) => {}
+        if let Some(text) = event.dyn_ref::<MessageEvent>().and_then(|e| e.data().as_string()) {
+            on_text(text);
         }
     });
     let on_close = {
@@ -114,7 +150,7 @@ fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, co
                 }
                 return;
             }
-            schedule_reconnect(live.clone(), pushed, connected);
+            schedule_reconnect(live.clone(), connected);
         })
     };
     socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
@@ -125,7 +161,7 @@ fn connect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, co
     l._handlers = vec![on_open, on_message, on_close];
 }
 
-fn schedule_reconnect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<MembershipView>>, connected: RwSignal<bool>) {
+fn schedule_reconnect(live: Rc<RefCell<Live>>, connected: RwSignal<bool>) {
     let delay = {
         let mut l = live.borrow_mut();
         if l.stopped {
@@ -139,7 +175,7 @@ fn schedule_reconnect(live: Rc<RefCell<Live>>, pushed: RwSignal<Option<Membershi
     let Some(window) = web_sys::window() else { return };
     let retry = Closure::once_into_js(move || {
         if !live.borrow().stopped {
-            connect(live, pushed, connected);
+            connect(live, connected);
         }
     });
     let _ = window.set_timeout_with_callback_and_timeout_and_arguments_0(retry.unchecked_ref(), delay);

@@ -129,6 +129,17 @@ pub enum ServerMessage {
 
 pub const MEMBERS_TOPIC: &str = "members";
 
+/// Staff: a sample of every consumer a second, for the operations page (`OperationsSample`).
+pub const OPERATIONS_TOPIC: &str = "operations";
+
+/// The `view` of an `operations` frame: the consumers as `GET /api/projections` lists them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationsSample {
+    /// When the sample was taken (RFC 3339).
+    pub at: String,
+    pub items: Vec<ConsumerStatus>,
+}
+
 pub fn member_topic(member_id: &str) -> String {
     format!("member:{member_id}")
 }
@@ -192,6 +203,23 @@ pub struct PersonSummary {
     pub role: String,
     pub disabled: bool,
     pub created_at: String,
+}
+
+/// A stretch of a stream a consumer holds back (parked) or skipped, for the operations page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParkedRow {
+    pub consumer: String,
+    pub stream_id: String,
+    /// The event that failed.
+    pub from_position: u64,
+    pub event_type: String,
+    pub error: String,
+    /// Events held back (parked rows).
+    pub held: u64,
+    pub skipped_through: Option<u64>,
+    pub skipped_at: Option<String>,
+    pub reason: Option<String>,
+    pub actor: Option<String>,
 }
 
 /// One event of a member's history, as staff audit it: what happened and who caused it.

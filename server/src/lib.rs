@@ -14,6 +14,7 @@ pub mod identity;
 pub mod leader;
 pub mod live;
 pub mod notices;
+pub mod operations;
 pub mod portal;
 pub mod processors;
 pub mod projector;
@@ -142,6 +143,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         health::spawn_supervised(health.clone(), "identity maintenance", shutdown.clone(), {
             let (auth, shutdown) = (auth.clone(), shutdown.clone());
             move || auth.clone().maintain(shutdown.clone())
+        }),
+        health::spawn_supervised(health.clone(), "operations sampler", shutdown.clone(), {
+            let (hub, consumers, shutdown) = (hub.clone(), consumers.clone(), shutdown.clone());
+            move || operations::publish(hub.clone(), consumers.clone(), shutdown.clone())
         }),
     ];
     match store.backend {

@@ -327,6 +327,22 @@ impl Hub {
     }
 
     /// Push one view (already serialized) on its topic.
+    /// A frame for the subscribers of `topic` alone (not `members`): the operations samples.
+    pub fn publish_only(&self, topic: &str, position: u64, view_json: &str) {
+        let (key, recipients): (Option<Topic>, Vec<Arc<Mailbox>>) = match self.topics.lock() {
+            Ok(topics) => match topics.get_key_value(topic) {
+                Some((key, subs)) => (Some(key.clone()), subs.values().cloned().collect()),
+                None => (None, Vec::new()),
+            },
+            Err(_) => return,
+        };
+        let Some(key) = key else { return };
+        let frame = view_frame(topic, position, view_json);
+        for mailbox in recipients {
+            mailbox.put(&key, &frame);
+        }
+    }
+
     pub fn publish(&self, topic: &str, position: u64, view_json: &str) {
         let (key, recipients): (Option<Topic>, Vec<Arc<Mailbox>>) = match self.topics.lock() {
             Ok(topics) => (

@@ -58,6 +58,56 @@ impl Portal for ServerPortal {
         queries::member_view_at(&self.state.store, member_id, at).await.map_err(|err| app_err(ApiError::internal(err)))
     }
 
+    async fn parked(&self) -> Result<Vec<app::views::ParkedRow>, AppError> {
+        let mut rows = Vec::new();
+        for name in self.state.consumers.names() {
+            for p in self.state.consumers.parked(name).await.map_err(app_err)?.unwrap_or_default() {
+                let events = self.state.store.read_stream(&p.stream_id).await.map_err(app_err)?;
+                let through = p.skipped_through.unwrap_or(i64::MAX);
+                let held = events.iter().filter(|e| e.position >= p.from_position && e.position <= through).count();
+                rows.push(app::views::ParkedRow {
+                    consumer: name.to_string(),
+                    stream_id: p.stream_id,
+                    from_position: p.from_position.max(0) as u64,
+                    event_type: p.event_type,
+                    error: p.error,
+                    held: held as u64,
+                    skipped_through: p.skipped_through.map(|t| t.max(0) as u64),
+                    skipped_at: p.skipped_at,
+                    reason: p.reason,
+                    actor: p.actor,
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn parked_action(
+        &self,
+        caller: &Caller,
+        consumer: &str,
+        stream_id: &str,
+        reason: Option<&str>,
+    ) -> Result<String, AppError> {
+        use crate::projector::parking::Action;
+        let (action, reason) = match reason.map(str::trim) {
+            None => (Action::Retry, None),
+            Some(r) if r.is_empty() || r.chars().count() > 500 => {
+                return Err(app_err(ApiError::InvalidRequest("reason must be 1 to 500 characters".into())))
+            }
+            Some(r) => (Action::Skip, Some(r)),
+        };
+        let done = crate::http::parked::carry_out(&self.state, consumer, stream_id, action, reason, &caller.actor())
+            .await
+            .map_err(app_err)?;
+        Ok(match (done.outcome, done.error) {
+            ("parked", Some(error)) => format!("failed again and stays parked ({error})"),
+            ("applied", _) => "applied, no longer parked".into(),
+            ("skipped", _) => "skipped".into(),
+            _ => "asked for; the node that runs the consumers has not carried it out yet".into(),
+        })
+    }
+
     async fn wait_for_position(&self, position: u64) {
         let wait = std::time::Duration::from_millis(crate::http::queries::DEFAULT_WAIT_MS);
         self.state.feed.wait_for(position.min(i64::MAX as u64) as i64, wait).await;

@@ -165,7 +165,28 @@ async fn every_rest_route_answers_each_principal_exactly_as_api_md_says() {
     })
     .await;
 
+    row(&app, &p, "GET …/parked", staff_only, |_| get("/api/projections/membership_view/parked".into())).await;
+    let head = app.state.store.head().await.expect("head");
+    row(
+        &app,
+        &p,
+        "GET /api/members/{id}?at_position",
+        [UNAUTH, FORBID, NOT_FOUND, FORBID, ok(200), ok(200), FORBID],
+        |_| get(format!("/api/members/{id}?at_position={head}")),
+    )
+    .await;
+
     let admin_only = |status| [UNAUTH, FORBID, FORBID, FORBID, FORBID, ok(status), FORBID];
+    let not_parked = [UNAUTH, FORBID, FORBID, FORBID, FORBID, Cell::Err(404, "not_found"), FORBID];
+    row(&app, &p, "POST …/parked/{stream}/retry", not_parked, |_| {
+        (Method::POST, "/api/projections/membership_view/parked/member-nobody/retry".into(), None)
+    })
+    .await;
+    row(&app, &p, "POST …/parked/{stream}/skip", not_parked, |_| {
+        let body = json!({"reason": "test"});
+        (Method::POST, "/api/projections/membership_view/parked/member-nobody/skip".into(), Some(body))
+    })
+    .await;
     row(&app, &p, "GET /api/keys", admin_only(200), |_| get("/api/keys".into())).await;
     row(&app, &p, "POST /api/keys", admin_only(201), |i| {
         (Method::POST, "/api/keys".into(), Some(json!({"name": format!("till {i}"), "role": "channel"})))
@@ -319,6 +340,15 @@ async fn every_server_function_checks_its_caller() {
     // An unknown key: the admin is told so, everyone else may not ask.
     let missing = admin_only.map(|c| if c == ok { Out::Err("not_found") } else { c });
     fn_row(&app, &p, "revoke_key", RevokeKey::PATH, &[("id", "00000000")], missing).await;
+    // The operations page: staff read; admins act (on a stream that is not parked: not found).
+    fn_row(&app, &p, "get_parked", GetParked::PATH, &[], staff_only).await;
+    let head = app.state.store.head().await.expect("head").to_string();
+    let at = [("member_id", id), ("position", head.as_str())];
+    fn_row(&app, &p, "get_member_at", GetMemberAt::PATH, &at, staff_only).await;
+    let stream = [("consumer", "membership_view"), ("stream_id", "member-nobody")];
+    fn_row(&app, &p, "retry_parked", RetryParked::PATH, &stream, missing).await;
+    let skip = [("consumer", "membership_view"), ("stream_id", "member-nobody"), ("reason", "test")];
+    fn_row(&app, &p, "skip_parked", SkipParked::PATH, &skip, missing).await;
     fn_row(&app, &p, "list_people", ListPeople::PATH, &[], admin_only).await;
     let person = [("email", "pat@tally.example"), ("name", "Pat"), ("role", "staff")];
     fn_row(&app, &p, "create_person", CreatePerson::PATH, &person, admin_only).await;

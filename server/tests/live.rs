@@ -142,3 +142,36 @@ async fn a_plain_request_to_ws_is_refused_with_an_error_code() {
     assert_eq!(old.code(), "invalid_request");
     assert_eq!(old.header("sec-websocket-version"), Some("13"));
 }
+
+/// The operations page's feed: staff get a sample of every consumer at once and one a second
+/// after; members may not watch it, and `members` subscribers do not get it.
+#[tokio::test]
+async fn the_operations_topic_sends_staff_a_sample_at_once_then_one_a_second() {
+    let app = spawn_app().await;
+    app.enroll("m1", "Ada", "ada@example.com").await;
+    app.catch_up().await;
+    let mut staff = connect(&app).await;
+    send(&mut staff, json!({"subscribe": "operations"})).await;
+    let first = common::next_json(&mut staff).await;
+    assert_eq!((first["type"].as_str(), first["topic"].as_str()), (Some("view"), Some("operations")));
+    let names: Vec<&str> =
+        first["view"]["items"].as_array().into_iter().flatten().filter_map(|i| i["name"].as_str()).collect();
+    assert!(names.contains(&"membership_view") && names.contains(&"loyalty_policy"), "{first}");
+    let mut everyone = connect(&app).await;
+    send(&mut everyone, json!({"subscribe": "members"})).await;
+    let second =
+        tokio::time::timeout(Duration::from_secs(3), common::next_json(&mut staff)).await.expect("a sample a second");
+    assert_eq!(second["topic"], "operations");
+    assert_ne!(second["view"]["at"], first["view"]["at"], "a new sample");
+    let third = tokio::time::timeout(Duration::from_secs(3), common::next_json(&mut staff)).await.expect("and another");
+    assert!(third["position"].as_u64() > second["position"].as_u64());
+    // `members` subscribers heard none of them: the next frame is the error provoked now.
+    send_raw(&mut everyone, "ping?").await;
+    assert_eq!(common::next_json(&mut everyone).await["type"], "error");
+
+    let (_, cookie) = app.join("Mo", "mo@example.com", "a long password 4").await;
+    let mut member = common::ws_connect(&app, common::As::Session(&cookie)).await.expect("ws");
+    send(&mut member, json!({"subscribe": "operations"})).await;
+    let refused = common::next_json(&mut member).await;
+    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("forbidden")), "{refused}");
+}

@@ -49,6 +49,13 @@ async fn socket_shows(socket: &mut common::WebSocket, topic: &str, balance: i64,
     }
 }
 
+/// `/admin/operations` as the person with this session cookie.
+async fn operations_page(app: &TestApp, cookie: &str) -> String {
+    let html = app.request(As::Session(cookie), reqwest::Method::GET, "/admin/operations", None).await;
+    assert_eq!(html.status, 200);
+    html.body.as_str().unwrap_or_default().to_string()
+}
+
 #[tokio::test]
 async fn a_poison_event_parks_its_stream_while_other_members_go_on_and_a_retry_after_the_fix_applies_it() {
     let (db, dir) = common::fresh_database().await;
@@ -105,12 +112,31 @@ async fn a_poison_event_parks_its_stream_while_other_members_go_on_and_a_retry_a
     assert_eq!((again.status, again.body["outcome"].as_str()), (200, Some("parked")), "{:?}", again.body);
     assert_eq!(app.post("/api/projections/membership_view/parked/member-pa/retry", json!({})).await.status, 404);
 
-    // Fixed: a retry applies the parked events in order, and the stream goes on as usual.
+    // The operations page lists it, with the error, and (for admins) Retry and Skip.
+    let boss = app.person("boss@example.com", "admin", "a long password 5").await;
+    let html = operations_page(&app, &boss).await;
+    assert!(html.contains("member-pb") && html.contains("poison") && html.contains(">Retry<"), "{html}");
+    assert!(!operations_page(&app, &staff).await.contains(">Retry<"), "staff see it, without the actions");
+
+    // Fixed: a retry applies the parked events in order, and the stream goes on as usual; the
+    // membership view's through the page's form, the others' through REST.
     faults.cure();
-    for consumer in &consumers {
+    let form = [("consumer", "membership_view"), ("stream_id", "member-pb")];
+    let posted = app
+        .anon
+        .post(format!("{}{}", app.base, <app::api::RetryParked as leptos::server_fn::ServerFn>::PATH))
+        .header("cookie", &boss)
+        .header("origin", &app.base)
+        .form(&form)
+        .send()
+        .await
+        .expect("posted");
+    assert!(posted.status().is_success() || posted.status().is_redirection(), "{}", posted.status());
+    for consumer in consumers.iter().filter(|c| *c != "membership_view") {
         let done = app.post(&format!("/api/projections/{consumer}/parked/member-pb/retry"), json!({})).await;
         assert_eq!((done.status, done.body["outcome"].as_str()), (200, Some("applied")), "{consumer}: {:?}", done.body);
     }
+    assert!(operations_page(&app, &boss).await.contains("Nothing is parked."));
     assert_eq!(app.earn("pb", 1).await.status, 200);
     assert_eq!(app.view("pb").await["points_balance"], 26);
     let status = app.get("/api/projections").await;

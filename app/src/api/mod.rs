@@ -59,6 +59,38 @@ pub async fn get_member(member_id: String, min_position: Option<u64>) -> Result<
     portal.member(&member_id).await.map_err(AppError::answered)
 }
 
+/// Staff: every stream a consumer holds back or skipped (the operations page).
+#[server(prefix = "/_fn")]
+pub async fn get_parked() -> Result<Vec<crate::views::ParkedRow>, AppError> {
+    authorized(crate::domain::access::Action::Operations)?;
+    portal()?.parked().await.map_err(AppError::answered)
+}
+
+/// Admin: apply a parked stream's events again (after a fix). Back to the page with the outcome.
+#[server(prefix = "/_fn")]
+pub async fn retry_parked(consumer: String, stream_id: String) -> Result<(), AppError> {
+    let run = async {
+        authorized(crate::domain::access::Action::OperateViews)?;
+        let outcome = portal()?.parked_action(&crate::request::caller(), &consumer, &stream_id, None).await?;
+        identity::flash_done("parked", format!("{stream_id} ({consumer}): {outcome}."));
+        Ok(())
+    };
+    run.await.map_err(|err: AppError| err.on_form("parked"))
+}
+
+/// Admin: leave a parked stream's events out for good, with a reason that is kept.
+#[server(prefix = "/_fn")]
+pub async fn skip_parked(consumer: String, stream_id: String, reason: String) -> Result<(), AppError> {
+    let run = async {
+        authorized(crate::domain::access::Action::OperateViews)?;
+        let caller = crate::request::caller();
+        let outcome = portal()?.parked_action(&caller, &consumer, &stream_id, Some(&reason)).await?;
+        identity::flash_done("parked", format!("{stream_id} ({consumer}): {outcome}."));
+        Ok(())
+    };
+    run.await.map_err(|err: AppError| err.on_form("parked"))
+}
+
 /// Staff: the card as it was after `position` (the console's history).
 #[server(prefix = "/_fn")]
 pub async fn get_member_at(member_id: String, position: u64) -> Result<Option<MembershipView>, AppError> {

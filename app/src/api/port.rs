@@ -32,6 +32,17 @@ pub trait Portal: Send + Sync + 'static {
     /// The view as it was right after `position` (staff: an audit), from the log; None when the
     /// member had not enrolled by then.
     async fn member_at(&self, member_id: &str, position: u64) -> Result<Option<MembershipView>, AppError>;
+    /// Every stream a consumer holds back or skipped.
+    async fn parked(&self) -> Result<Vec<crate::views::ParkedRow>, AppError>;
+    /// Retry (no `reason`) or skip (with one) a parked stream as `caller`; what it came to, in
+    /// words.
+    async fn parked_action(
+        &self,
+        caller: &Caller,
+        consumer: &str,
+        stream_id: &str,
+        reason: Option<&str>,
+    ) -> Result<String, AppError>;
     /// Wait (bounded) until the views have applied `position`.
     async fn wait_for_position(&self, position: u64);
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError>;

@@ -7,4 +7,5 @@ pub mod home;
 pub mod keys;
 pub mod member;
 pub mod not_found;
+pub mod operations;
 pub mod people;

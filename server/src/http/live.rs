@@ -19,7 +19,7 @@ use crate::store::Store;
 use crate::AppState;
 use app::domain::access::{authorize, Action, Caller, Denied};
 use app::domain::validate;
-use app::views::{ClientMessage, MEMBERS_TOPIC};
+use app::views::{ClientMessage, MEMBERS_TOPIC, OPERATIONS_TOPIC};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -97,6 +97,7 @@ pub async fn ws(State(state): State<AppState>, mut request: Request) -> Response
                     hub: state.hub.clone(),
                     store: state.store.clone(),
                     feed: state.feed.clone(),
+                    consumers: state.consumers.clone(),
                     caller,
                     idle: state.ws_idle,
                 };
@@ -145,6 +146,7 @@ pub struct Client {
     pub hub: Arc<Hub>,
     pub store: Store,
     pub feed: Arc<ViewFeed>,
+    pub consumers: Arc<crate::projector::Consumers>,
     pub caller: Arc<Caller>,
     /// Closed after this long without a frame from the client; pinged at half of it.
     pub idle: Duration,
@@ -162,7 +164,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::gauge!("tally_ws_connections").increment(1.0);
-    let Client { hub, store, feed, caller, idle } = client;
+    let Client { hub, store, feed, consumers, caller, idle } = client;
     let (read, write) = tokio::io::split(io);
     let mailbox = hub.mailbox(Box::pin(write));
     // The WebSocket library reads and decodes the client's frames; what it writes (its pong
@@ -186,7 +188,14 @@ where
             heard.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
             match message {
                 Message::Text(text) => {
-                    let socket = Socket { hub: &hub, store: &store, feed: &feed, mailbox: &mailbox, caller: &caller };
+                    let socket = Socket {
+                        hub: &hub,
+                        store: &store,
+                        feed: &feed,
+                        consumers: &consumers,
+                        mailbox: &mailbox,
+                        caller: &caller,
+                    };
                     socket.handle(text.as_str(), &mut topics).await
                 }
                 Message::Binary(_) => mailbox.put_reply(error_frame("invalid_request", "send JSON text messages")),
@@ -255,20 +264,21 @@ impl<R: Unpin> AsyncWrite for ReadSide<R> {
     }
 }
 
-/// A topic is `members` or `member:<id>`; returns the member id for the latter.
+/// A topic is `members`, `operations` or `member:<id>`; returns the member id for the latter.
 fn parse_topic(topic: &str) -> Result<Option<&str>, String> {
-    if topic == MEMBERS_TOPIC {
+    if topic == MEMBERS_TOPIC || topic == OPERATIONS_TOPIC {
         return Ok(None);
     }
     let id = topic
         .strip_prefix("member:")
-        .ok_or_else(|| format!("unknown topic '{topic}': use \"member:<id>\" or \"members\""))?;
+        .ok_or_else(|| format!("unknown topic '{topic}': use \"member:<id>\", \"members\" or \"operations\""))?;
     validate::id("member id", id).map(|_| Some(id))
 }
 
 /// One socket's view of the server, while it handles a client's message.
 struct Socket<'a> {
     hub: &'a Hub,
+    consumers: &'a crate::projector::Consumers,
     store: &'a Store,
     feed: &'a ViewFeed,
     mailbox: &'a Arc<Mailbox>,
@@ -277,7 +287,7 @@ struct Socket<'a> {
 
 impl Socket<'_> {
     async fn handle(&self, text: &str, topics: &mut HashSet<String>) {
-        let Socket { hub, store, feed, mailbox, caller } = self;
+        let Socket { hub, store, feed, mailbox, caller, .. } = self;
         let message = match serde_json::from_str::<ClientMessage>(text) {
             Ok(m) => m,
             Err(_) => {
@@ -294,6 +304,7 @@ impl Socket<'_> {
                 };
                 let action = match &member_id {
                     Some(id) => Action::ReadMember(id),
+                    None if topic == OPERATIONS_TOPIC => Action::Operations,
                     None => Action::ManageMembers,
                 };
                 // Another member's id answers as an unknown one does: forbidden, and nothing sent.
@@ -310,6 +321,13 @@ impl Socket<'_> {
                 }
                 let key = hub.subscribe(&topic, mailbox);
                 topics.insert(topic.clone());
+                if topic == OPERATIONS_TOPIC {
+                    // The sample now; the next ones every second (see `operations`).
+                    match crate::operations::sample(self.consumers).await.and_then(|s| Ok(serde_json::to_string(&s)?)) {
+                        Ok(json) => mailbox.put(&key, &view_frame(&topic, 0, &json)),
+                        Err(err) => tracing::warn!(error = %err, "cannot take an operations sample"),
+                    }
+                }
                 if let Some(id) = member_id {
                     match queries::member_view_cached(store, &feed.cache, &id).await {
                         Ok(Some((json, position))) => {

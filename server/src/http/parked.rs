@@ -80,13 +80,13 @@ pub async fn list(
 /// What a retry or skip came to.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ActionOutcome {
-    stream_id: String,
+    pub stream_id: String,
     /// `applied` (retried: the stream is no longer parked), `parked` (retried and failed again;
     /// `error` says why), `skipped`, or `pending` (asked for; the runner has not carried it out
     /// within 10 s).
-    outcome: &'static str,
+    pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub error: Option<String>,
 }
 
 /// `POST /api/projections/{name}/parked/{stream}/retry` (admin).
@@ -141,24 +141,33 @@ async fn act(
     reason: Option<&str>,
 ) -> Result<Response, ApiError> {
     caller.may(Action::OperateViews)?;
-    let not_parked = || ApiError::NotFound(format!("'{stream}' is not parked for '{name}'"));
-    if !state.consumers.request(name, stream, action, reason, &caller.0.actor()).await? {
-        return Err(not_parked());
+    let outcome = carry_out(state, name, stream, action, reason, &caller.0.actor()).await?;
+    let status = if outcome.outcome == "pending" { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(outcome)).into_response())
+}
+
+/// Ask for `action` on a parked stream and wait (at most 10 s) for the runner to carry it out.
+pub async fn carry_out(
+    state: &AppState,
+    name: &str,
+    stream: &str,
+    action: ParkAction,
+    reason: Option<&str>,
+    actor: &str,
+) -> Result<ActionOutcome, ApiError> {
+    if !state.consumers.request(name, stream, action, reason, actor).await? {
+        return Err(ApiError::NotFound(format!("'{stream}' is not parked for '{name}'")));
     }
     let deadline = Instant::now() + WAIT_FOR_RUNNER;
     loop {
         let all = state.consumers.parked(name).await?.unwrap_or_default();
         let open = all.iter().find(|p| p.stream_id == stream && p.skipped_through.is_none());
-        let answer = |outcome, error| Json(ActionOutcome { stream_id: stream.to_string(), outcome, error });
+        let answer = |outcome, error| ActionOutcome { stream_id: stream.to_string(), outcome, error };
         match (action, open) {
-            (_, Some(p)) if p.action.is_none() => {
-                return Ok((StatusCode::OK, answer("parked", Some(p.error.clone()))).into_response())
-            }
-            (ParkAction::Retry, None) => return Ok((StatusCode::OK, answer("applied", None)).into_response()),
-            (ParkAction::Skip, None) => return Ok((StatusCode::OK, answer("skipped", None)).into_response()),
-            _ if Instant::now() >= deadline => {
-                return Ok((StatusCode::ACCEPTED, answer("pending", None)).into_response())
-            }
+            (_, Some(p)) if p.action.is_none() => return Ok(answer("parked", Some(p.error.clone()))),
+            (ParkAction::Retry, None) => return Ok(answer("applied", None)),
+            (ParkAction::Skip, None) => return Ok(answer("skipped", None)),
+            _ if Instant::now() >= deadline => return Ok(answer("pending", None)),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }

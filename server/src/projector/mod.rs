@@ -259,6 +259,11 @@ impl Consumers {
         self.groups.iter().flatten().map(|registered| &registered.handle)
     }
 
+    /// Every consumer's name, in group order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.handles().map(|h| h.name).collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<ConsumerHandle>> {
         self.handles().find(|h| h.name == name)
     }

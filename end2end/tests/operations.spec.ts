@@ -1,0 +1,30 @@
+import { expect, test } from "@playwright/test";
+import { adminApi, claim, enroll, unique } from "./helpers";
+
+test("the operations page draws each consumer's throughput as it moves, pushed over the socket", async ({ browser }) => {
+  const api = await adminApi();
+  const made = await api.post("/api/users", {
+    data: { email: `${unique("operator")}@tally.example`, name: "Op Erator", role: "staff" },
+  });
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await claim(page, (await made.json()).access_link.url);
+  await page.goto("/admin/operations");
+  await expect(page.getByTestId("live-indicator")).toHaveClass(/on/);
+  await expect(page.getByTestId("no-parked")).toBeVisible();
+  const rate = page.getByTestId("chart-membership_view").locator(".spark-rate polyline");
+  const drawn = async () => ((await rate.getAttribute("points")) ?? "").split(" ").length;
+  // A point a second arrives without any request from the page.
+  const before = await drawn();
+  await expect.poll(drawn, { timeout: 5_000 }).toBeGreaterThan(before + 1);
+
+  // Under load the line leaves its floor: some point is above the baseline (y < 46 of 48).
+  const id = await enroll(api, "Busy Member");
+  for (let i = 0; i < 40; i++) {
+    expect((await api.post(`/api/members/${id}/points/earn`, { data: { points: 1 } })).status()).toBe(200);
+  }
+  const highest = async () =>
+    Math.min(...((await rate.getAttribute("points")) ?? "0,48").split(" ").map((p) => Number(p.split(",")[1])));
+  await expect.poll(highest, { timeout: 5_000 }).toBeLessThan(46);
+  await context.close();
+});
