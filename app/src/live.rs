@@ -51,7 +51,7 @@ pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>,
     watch(member_topic(&member_id), Rc::new(on_text), connected);
 }
 
-/// Watch the consumers (staff): each sample is added to `samples`, which keeps the last `WINDOW`.
+/// Watch the consumers (staff): each sample is added to `samples`, which keeps the last `OPERATIONS_WINDOW`.
 pub fn watch_operations(samples: RwSignal<Vec<Vec<ConsumerStatus>>>, connected: RwSignal<bool>) {
     #[derive(serde::Deserialize)]
     struct Frame {
@@ -61,7 +61,7 @@ pub fn watch_operations(samples: RwSignal<Vec<Vec<ConsumerStatus>>>, connected: 
         if let Ok(frame) = serde_json::from_str::<Frame>(&text) {
             samples.update(|s| {
                 s.push(frame.view.items);
-                let extra = s.len().saturating_sub(crate::pages::operations::WINDOW);
+                let extra = s.len().saturating_sub(crate::views::OPERATIONS_WINDOW);
                 s.drain(..extra);
             });
         }

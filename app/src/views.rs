@@ -132,6 +132,9 @@ pub const MEMBERS_TOPIC: &str = "members";
 /// Staff: a sample of every consumer a second, for the operations page (`OperationsSample`).
 pub const OPERATIONS_TOPIC: &str = "operations";
 
+/// Samples of the `operations` topic the operations page keeps (two minutes at one a second).
+pub const OPERATIONS_WINDOW: usize = 120;
+
 /// The `view` of an `operations` frame: the consumers as `GET /api/projections` lists them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperationsSample {

@@ -16,6 +16,8 @@ pub struct Faults {
     hold_writer: Arc<WriterHold>,
     /// Streams whose events after a position no consumer can apply, until cured.
     poison: Arc<Mutex<Vec<(String, i64)>>>,
+    /// Whether `poison` holds any (read before every batch: no lock while none does).
+    poisoning: Arc<AtomicBool>,
 }
 
 /// A stall of the command writer: while `held`, it waits before committing its next batch.
@@ -63,24 +65,23 @@ impl Faults {
     /// event a bug in the consumers cannot apply, until [`cure`](Self::cure).
     pub fn poison_stream(&self, stream_id: &str, position: i64) {
         self.poison.lock().unwrap_or_else(PoisonError::into_inner).push((stream_id.to_string(), position));
+        self.poisoning.store(true, Ordering::SeqCst);
     }
 
     /// The bug is fixed: every event applies again.
     pub fn cure(&self) {
         self.poison.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.poisoning.store(false, Ordering::SeqCst);
     }
 
-    /// The consumer runner asks before applying a batch: the first poisoned event of those the
-    /// consumer handles, if any.
-    pub fn poisoned<'e>(
-        &self,
-        events: impl IntoIterator<Item = &'e crate::store::StoredEvent>,
-    ) -> Option<&'e crate::store::StoredEvent> {
-        let poison = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
-        if poison.is_empty() {
-            return None;
+    /// Whether a consumer must fail on the event at `position` of `stream_id` (the runner asks
+    /// before applying a batch).
+    pub fn poisoned(&self, stream_id: &str, position: i64) -> bool {
+        if !self.poisoning.load(Ordering::Relaxed) {
+            return false;
         }
-        events.into_iter().find(|e| poison.iter().any(|(s, after)| *s == e.stream_id && e.position > *after))
+        let poison = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
+        poison.iter().any(|(s, after)| s == stream_id && position > *after)
     }
 
     /// From now on the command writer stops before committing its next batch (with the batch's

@@ -8,13 +8,10 @@ use crate::api::{get_consumers, get_parked, RetryParked, SkipParked};
 use crate::components::forms::{failed, staff_gate, Outcome};
 use crate::error::AppError;
 use crate::format;
-use crate::views::{ConsumerStatus, Flash, ParkedRow};
+use crate::views::{ConsumerStatus, Flash, ParkedRow, OPERATIONS_WINDOW as WINDOW};
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
-
-/// Samples a chart shows (two minutes at one a second).
-pub const WINDOW: usize = 120;
 
 #[component]
 pub fn OperationsPage() -> impl IntoView {
@@ -92,7 +89,7 @@ fn LiveCharts(initial: Vec<ConsumerStatus>) -> impl IntoView {
     }
 }
 
-/// A line over the last [`WINDOW`] values, newest at the right, scaled to the largest.
+/// A line over the last `WINDOW` values, newest at the right, scaled to the largest.
 #[component]
 fn Sparkline(label: &'static str, values: Vec<f64>, kind: &'static str) -> impl IntoView {
     const W: f64 = 240.0;

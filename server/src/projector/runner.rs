@@ -616,8 +616,9 @@ impl Runner {
         effects: &mut Effects,
     ) -> anyhow::Result<()> {
         let consumer = &self.members[i].consumer;
-        let handled = events.iter().map(|e| &**e).filter(|e| consumer.handles(&e.event_type));
-        if let Some(poison) = self.store.faults.poisoned(handled) {
+        let faults = &self.store.faults;
+        let handled = events.iter().filter(|e| consumer.handles(&e.event_type));
+        if let Some(poison) = handled.into_iter().find(|e| faults.poisoned(&e.stream_id, e.position)) {
             return Err(EventFailed::error(poison, "a poison event (fault suite)"));
         }
         consumer.apply(conn, events, effects).await
