@@ -30,13 +30,18 @@ pub fn page_csp(nonce: &str) -> String {
     )
 }
 
+/// The nonce of the page being answered, made by the server before the page renders (a request
+/// extension): the server sets the page's CSP header from it, and the page's scripts carry it.
+#[cfg(feature = "ssr")]
+#[derive(Debug, Clone)]
+pub struct PageNonce(pub String);
+
 /// The HTML document around the app (server side only renders it).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
+    // The scripts carry the nonce the server put in the page's CSP header (see `PageNonce`).
     #[cfg(feature = "ssr")]
-    if let (Some(nonce), Some(response)) = (leptos::nonce::use_nonce(), use_context::<leptos_axum::ResponseOptions>()) {
-        if let Ok(csp) = http::HeaderValue::from_str(&page_csp(&nonce)) {
-            response.insert_header(http::header::CONTENT_SECURITY_POLICY, csp);
-        }
+    if let Some(nonce) = use_context::<http::request::Parts>().and_then(|p| p.extensions.get::<PageNonce>().cloned()) {
+        provide_context(leptos::nonce::Nonce::from_value(nonce.0));
     }
     view! {
         <!DOCTYPE html>

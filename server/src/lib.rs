@@ -204,13 +204,12 @@ fn router(state: AppState, timeout: Duration) -> Router {
             move || {
                 provide_context(portal.clone());
                 provide_context(identity.clone());
-                // A fresh nonce for each page: its scripts carry it, and the page's CSP allows
-                // only scripts that do (see `http::headers`).
-                leptos::nonce::provide_nonce();
             },
             move || shell(options.clone()),
         )
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        // A fresh nonce for each page, and the CSP that allows only the scripts carrying it.
+        .layer(axum::middleware::from_fn(http::headers::page_csp))
         // Server functions read their bodies themselves: limited here, like every route.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(http::MAX_BODY_BYTES));
     let timed = http::api_routes()

@@ -210,8 +210,10 @@ impl Consumers {
 
     /// What the consumer `name` holds back or skipped (`None`: no such consumer).
     pub async fn parked(&self, name: &str) -> Result<Option<Vec<parking::ParkedStream>>, sqlx::Error> {
-        let Some(g) = self.group_of(name) else { return Ok(None) };
-        parking::list(&self.pool_of(g), name).await.map(Some)
+        if self.group_of(name).is_none() {
+            return Ok(None);
+        }
+        parking::list(&self.store, name).await.map(Some)
     }
 
     /// Ask for a retry or a skip of a parked stream; the runner carries it out (here, or on the

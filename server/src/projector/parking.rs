@@ -13,7 +13,7 @@
 //! back while it runs.
 
 use crate::clock;
-use crate::store::{StoredEvent, Writes};
+use crate::store::{Store, StoredEvent, Writes};
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
 
@@ -274,15 +274,15 @@ pub struct ParkedStream {
     pub actor: Option<String>,
 }
 
-/// Every stretch a consumer holds back or skipped, oldest first.
-pub async fn list(pool: &Writes, consumer: &str) -> Result<Vec<ParkedStream>, sqlx::Error> {
-    let rows = sqlx::query(
+/// Every stretch a consumer holds back or skipped, oldest first. Read on the read pool: a page
+/// or an API call never waits for a consumer's write connection.
+pub async fn list(store: &Store, consumer: &str) -> Result<Vec<ParkedStream>, sqlx::Error> {
+    let sql = format!(
         "SELECT stream_id, from_position, event_type, error, attempts, parked_at, action, skipped_through, \
-         skipped_at, reason, actor FROM parked_streams WHERE consumer = $1 ORDER BY from_position",
-    )
-    .bind(consumer)
-    .fetch_all(&mut *pool.acquire().await?)
-    .await?;
+         skipped_at, reason, actor FROM {} AS p WHERE consumer = $1 ORDER BY from_position",
+        store.parked_table()
+    );
+    let rows = sqlx::query(&sql).bind(consumer).fetch_all(&store.read).await?;
     rows.iter()
         .map(|r| {
             Ok(ParkedStream {

@@ -91,16 +91,12 @@ impl Consumers {
 
     /// Per consumer, how many streams it has parked, from the tables (valid on every node).
     async fn parked_counts(&self) -> Result<std::collections::HashMap<String, u64>, sqlx::Error> {
-        let mut counts = std::collections::HashMap::new();
-        for g in 0..self.groups.len() {
-            let sql =
-                "SELECT consumer, COUNT(*) AS n FROM parked_streams WHERE skipped_through IS NULL GROUP BY consumer";
-            let rows = sqlx::query(sql).fetch_all(&mut *self.pool_of(g).acquire().await?).await?;
-            for r in rows {
-                counts.insert(r.try_get("consumer")?, r.try_get::<i64, _>("n")?.max(0) as u64);
-            }
-        }
-        Ok(counts)
+        let sql = format!(
+            "SELECT consumer, COUNT(*) AS n FROM {} AS p WHERE skipped_through IS NULL GROUP BY consumer",
+            self.store.parked_table()
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.store.read).await?;
+        rows.iter().map(|r| Ok((r.try_get("consumer")?, r.try_get::<i64, _>("n")?.max(0) as u64))).collect()
     }
 
     /// `GET /api/projections`: positions from the checkpoints (valid on every node); state and

@@ -307,6 +307,16 @@ impl Store {
         }
     }
 
+    /// Every consumer's parked streams, for queries on the read pool: on SQLite with the views in
+    /// their own file, the event store's (the loyalty policy's) and the views' (the projections').
+    pub fn parked_table(&self) -> &'static str {
+        if self.views_path().is_some() {
+            "(SELECT * FROM main.parked_streams UNION ALL SELECT * FROM views.parked_streams)"
+        } else {
+            "parked_streams"
+        }
+    }
+
     /// The position of the newest committed event (0 when empty).
     pub async fn head(&self) -> Result<i64, sqlx::Error> {
         let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS head FROM events").fetch_one(&self.read).await?;
