@@ -230,7 +230,11 @@ impl Runner {
                         changed = head_rx.changed() => {
                             if changed.is_err() && self.sleep(self.poll).await { break; }
                         }
-                        _ = wake.notified() => self.operations_checked -= OPERATIONS_EVERY,
+                        // Asked on this node: look at once.
+                        _ = wake.notified() => {
+                            let checked = self.operations_checked;
+                            self.operations_checked = checked.checked_sub(OPERATIONS_EVERY).unwrap_or(checked);
+                        }
                         _ = tokio::time::sleep(self.poll) => {}
                         _ = self.shutdown.cancelled() => break,
                     }
