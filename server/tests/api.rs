@@ -573,7 +573,9 @@ async fn a_command_sent_without_a_key_gets_one_from_the_server_kept_an_hour() {
         .await
         .expect("backdate");
     drop(conn);
-    assert_eq!(store.prune_keys_in(Some("server"), chrono::Duration::hours(1), 100).await.expect("pruned"), 2);
-    assert_eq!(count(server_keys).await, 0);
+    // The server's own pruner (at start, then every ten minutes) may have taken them first.
+    let pruned = store.prune_keys_in(Some("server"), chrono::Duration::hours(1), 100).await.expect("pruned");
+    assert!(pruned <= 2, "{pruned}");
+    assert_eq!(count(server_keys).await, 0, "the two old server keys are gone");
     assert_eq!(count("SELECT COUNT(*) FROM idempotency_keys WHERE key = 'mine'").await, 1, "a client's key stays");
 }
