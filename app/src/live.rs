@@ -1,6 +1,7 @@
 //! The browser's live socket (hydrate only): subscribes to one topic on `/ws` (`member:<id>` for
-//! the portal, `operations` for the operations page) and hands what arrives to the page. Reconnects with backoff; on (re)subscribe the server sends the current
-//! view at once, so nothing is missed while disconnected. Closed by the server because the
+//! the portal, `operations` for the operations page) and hands what arrives to the page.
+//! Reconnects with backoff; on (re)subscribe the server sends the current view at once, so
+//! nothing is missed while disconnected. Closed by the server because the
 //! visitor's access ended (code 4401: signed out, expired), it does not reconnect: the page
 //! reloads, and shows what a signed-out visitor sees.
 
@@ -51,7 +52,8 @@ pub fn watch_member(member_id: String, pushed: RwSignal<Option<MembershipView>>,
     watch(member_topic(&member_id), Rc::new(on_text), connected);
 }
 
-/// Watch the consumers (staff): each sample is added to `samples`, which keeps the last `OPERATIONS_WINDOW`.
+/// Watch the consumers (staff): each sample is added to `samples`, which keeps the last
+/// `OPERATIONS_WINDOW`.
 pub fn watch_operations(samples: RwSignal<Vec<Vec<ConsumerStatus>>>, connected: RwSignal<bool>) {
     #[derive(serde::Deserialize)]
     struct Frame {

@@ -208,21 +208,36 @@ pub struct PersonSummary {
     pub created_at: String,
 }
 
-/// A stretch of a stream a consumer holds back (parked) or skipped, for the operations page.
+/// A stretch of a stream a consumer holds back (parked) or skipped, as
+/// `GET /api/projections/{name}/parked` lists it (see docs/api.md, "Parked events").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ParkedRow {
-    pub consumer: String,
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+pub struct ParkedStream {
     pub stream_id: String,
     /// The event that failed.
     pub from_position: u64,
     pub event_type: String,
+    /// The last failure.
     pub error: String,
-    /// Events held back (parked rows).
-    pub held: u64,
+    pub attempts: u64,
+    pub parked_at: String,
+    /// `retry` or `skip` while one is asked for and not carried out yet.
+    pub action: Option<String>,
+    /// Skipped: through which position, when, by whom and why.
     pub skipped_through: Option<u64>,
     pub skipped_at: Option<String>,
     pub reason: Option<String>,
     pub actor: Option<String>,
+}
+
+/// A parked or skipped stretch on the operations page: whose it is and how many events it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParkedRow {
+    pub consumer: String,
+    /// Events held back (or skipped) in the stretch.
+    pub held: u64,
+    #[serde(flatten)]
+    pub stream: ParkedStream,
 }
 
 /// One event of a member's history, as staff audit it: what happened and who caused it.

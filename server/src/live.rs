@@ -326,7 +326,6 @@ impl Hub {
         self.topics.lock().map(|t| t.values().map(BTreeMap::len).sum()).unwrap_or(0)
     }
 
-    /// Push one view (already serialized) on its topic.
     /// A frame for the subscribers of `topic` alone (not `members`): the operations samples.
     pub fn publish_only(&self, topic: &str, position: u64, view_json: &str) {
         let (key, recipients): (Option<Topic>, Vec<Arc<Mailbox>>) = match self.topics.lock() {
@@ -343,6 +342,7 @@ impl Hub {
         }
     }
 
+    /// Push one view (already serialized) on its topic.
     pub fn publish(&self, topic: &str, position: u64, view_json: &str) {
         let (key, recipients): (Option<Topic>, Vec<Arc<Mailbox>>) = match self.topics.lock() {
             Ok(topics) => (

@@ -61,22 +61,14 @@ impl Portal for ServerPortal {
     async fn parked(&self) -> Result<Vec<app::views::ParkedRow>, AppError> {
         let mut rows = Vec::new();
         for name in self.state.consumers.names() {
-            for p in self.state.consumers.parked(name).await.map_err(app_err)?.unwrap_or_default() {
-                let events = self.state.store.read_stream(&p.stream_id).await.map_err(app_err)?;
-                let through = p.skipped_through.unwrap_or(i64::MAX);
-                let held = events.iter().filter(|e| e.position >= p.from_position && e.position <= through).count();
-                rows.push(app::views::ParkedRow {
-                    consumer: name.to_string(),
-                    stream_id: p.stream_id,
-                    from_position: p.from_position.max(0) as u64,
-                    event_type: p.event_type,
-                    error: p.error,
-                    held: held as u64,
-                    skipped_through: p.skipped_through.map(|t| t.max(0) as u64),
-                    skipped_at: p.skipped_at,
-                    reason: p.reason,
-                    actor: p.actor,
-                });
+            for stream in self.state.consumers.parked(name).await.map_err(app_err)?.unwrap_or_default() {
+                let events = self.state.store.read_stream(&stream.stream_id).await.map_err(app_err)?;
+                let through = stream.skipped_through.unwrap_or(u64::MAX);
+                let held = events
+                    .iter()
+                    .filter(|e| (stream.from_position..=through).contains(&(e.position.max(0) as u64)))
+                    .count();
+                rows.push(app::views::ParkedRow { consumer: name.to_string(), held: held as u64, stream });
             }
         }
         Ok(rows)
@@ -90,13 +82,7 @@ impl Portal for ServerPortal {
         reason: Option<&str>,
     ) -> Result<String, AppError> {
         use crate::projector::parking::Action;
-        let (action, reason) = match reason.map(str::trim) {
-            None => (Action::Retry, None),
-            Some(r) if r.is_empty() || r.chars().count() > 500 => {
-                return Err(app_err(ApiError::InvalidRequest("reason must be 1 to 500 characters".into())))
-            }
-            Some(r) => (Action::Skip, Some(r)),
-        };
+        let action = if reason.is_some() { Action::Skip } else { Action::Retry };
         let done = crate::http::parked::carry_out(&self.state, consumer, stream_id, action, reason, &caller.actor())
             .await
             .map_err(app_err)?;

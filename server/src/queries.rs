@@ -175,8 +175,8 @@ fn decode_cursor(cursor: &str) -> Option<(String, String)> {
     serde_json::from_slice(&raw).ok()
 }
 
-/// The audit trail of one member: its stream, oldest first.
-/// A member's events, each in its type's current shape (see `StoredEvent::upcast`).
+/// The audit trail of one member: its stream, oldest first, each event in its type's current
+/// shape (see `StoredEvent::upcast`).
 pub async fn member_events(store: &Store, member_id: &str) -> Result<Vec<StoredEvent>, sqlx::Error> {
     Ok(store.read_stream(&format!("member-{member_id}")).await?.into_iter().map(StoredEvent::upcast).collect())
 }

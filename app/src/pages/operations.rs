@@ -8,7 +8,7 @@ use crate::api::{get_consumers, get_parked, RetryParked, SkipParked};
 use crate::components::forms::{failed, staff_gate, Outcome};
 use crate::error::AppError;
 use crate::format;
-use crate::views::{ConsumerStatus, Flash, ParkedRow, OPERATIONS_WINDOW as WINDOW};
+use crate::views::{ConsumerStatus, Flash, ParkedRow, ParkedStream, OPERATIONS_WINDOW as WINDOW};
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
@@ -129,7 +129,8 @@ fn ParkedStreams(
         Err(err) => return view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
         Ok(rows) => rows,
     };
-    let (skipped, open): (Vec<ParkedRow>, Vec<ParkedRow>) = rows.into_iter().partition(|r| r.skipped_through.is_some());
+    let (skipped, open): (Vec<ParkedRow>, Vec<ParkedRow>) =
+        rows.into_iter().partition(|r| r.stream.skipped_through.is_some());
     view! {
         <section class="card" data-testid="parked">
             <h2>"Parked streams"</h2>
@@ -158,12 +159,12 @@ fn ParkedStreams(
             {(!skipped.is_empty()).then(|| view! {
                 <h3>"Skipped"</h3>
                 <ul class="small">
-                    {skipped.into_iter().map(|r| view! {
+                    {skipped.into_iter().map(|ParkedRow { consumer, stream: s, .. }| view! {
                         <li>
-                            <code>{r.consumer}</code> " " <code>{r.stream_id}</code> " positions "
-                            {format::points(r.from_position)} "–" {format::points(r.skipped_through.unwrap_or_default())}
-                            ": " {r.reason.unwrap_or_default()} " (" {r.actor.unwrap_or_default()} ", "
-                            {r.skipped_at.as_deref().map(format::when).unwrap_or_default()} ")"
+                            <code>{consumer}</code> " " <code>{s.stream_id}</code> " positions "
+                            {format::points(s.from_position)} "–" {format::points(s.skipped_through.unwrap_or_default())}
+                            ": " {s.reason.unwrap_or_default()} " (" {s.actor.unwrap_or_default()} ", "
+                            {s.skipped_at.as_deref().map(format::when).unwrap_or_default()} ")"
                         </li>
                     }).collect_view()}
                 </ul>
@@ -175,7 +176,8 @@ fn ParkedStreams(
 
 #[component]
 fn ParkedRowView(row: ParkedRow, admin: bool) -> impl IntoView {
-    let ParkedRow { consumer, stream_id, from_position, event_type, error, held, .. } = row;
+    let ParkedRow { consumer, held, stream } = row;
+    let ParkedStream { stream_id, from_position, event_type, error, .. } = stream;
     let actions = admin.then(|| {
         let (consumer, stream_id) = (consumer.clone(), stream_id.clone());
         view! {

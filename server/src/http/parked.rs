@@ -5,9 +5,10 @@
 use super::auth::JsonBody;
 use super::error::ApiError;
 use super::guard::Authed;
-use crate::projector::parking::{Action as ParkAction, ParkedStream};
+use crate::projector::parking::Action as ParkAction;
 use crate::AppState;
 use app::domain::access::Action;
+use app::views::ParkedStream;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -64,7 +65,8 @@ pub async fn list(
     let mut items = Vec::with_capacity(open.len());
     for parked in open {
         let events = state.store.read_stream(&parked.stream_id).await?;
-        let events = (events.into_iter().filter(|e| e.position >= parked.from_position).take(EVENTS_LISTED))
+        let from = i64::try_from(parked.from_position).unwrap_or(i64::MAX);
+        let events = (events.into_iter().filter(|e| e.position >= from).take(EVENTS_LISTED))
             .map(|e| HeldEvent {
                 position: e.position,
                 event_type: e.event_type,
@@ -124,12 +126,7 @@ pub async fn skip(
     Path((name, stream)): Path<(String, String)>,
     JsonBody(body): JsonBody<SkipBody>,
 ) -> Result<Response, ApiError> {
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.chars().count() > 500 {
-        caller.may(Action::OperateViews)?;
-        return Err(ApiError::InvalidRequest("reason must be 1 to 500 characters".into()));
-    }
-    act(&state, &caller, &name, &stream, ParkAction::Skip, Some(reason)).await
+    act(&state, &caller, &name, &stream, ParkAction::Skip, Some(&body.reason)).await
 }
 
 async fn act(
@@ -147,6 +144,7 @@ async fn act(
 }
 
 /// Ask for `action` on a parked stream and wait (at most 10 s) for the runner to carry it out.
+/// A skip needs a reason (1 to 500 characters).
 pub async fn carry_out(
     state: &AppState,
     name: &str,
@@ -155,6 +153,10 @@ pub async fn carry_out(
     reason: Option<&str>,
     actor: &str,
 ) -> Result<ActionOutcome, ApiError> {
+    let reason = reason.map(str::trim);
+    if action == ParkAction::Skip && !reason.is_some_and(|r| (1..=500).contains(&r.chars().count())) {
+        return Err(ApiError::InvalidRequest("reason must be 1 to 500 characters".into()));
+    }
     if !state.consumers.request(name, stream, action, reason, actor).await? {
         return Err(ApiError::NotFound(format!("'{stream}' is not parked for '{name}'")));
     }

@@ -209,7 +209,7 @@ impl Consumers {
     }
 
     /// What the consumer `name` holds back or skipped (`None`: no such consumer).
-    pub async fn parked(&self, name: &str) -> Result<Option<Vec<parking::ParkedStream>>, sqlx::Error> {
+    pub async fn parked(&self, name: &str) -> Result<Option<Vec<app::views::ParkedStream>>, sqlx::Error> {
         if self.group_of(name).is_none() {
             return Ok(None);
         }

@@ -14,6 +14,7 @@
 
 use crate::clock;
 use crate::store::{Store, StoredEvent, Writes};
+use app::views::ParkedStream;
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
 
@@ -42,8 +43,9 @@ impl EventFailed {
 }
 
 /// The stretches of streams a consumer holds back, as its runner keeps them: per stream, from
-/// which position, and through which (`None` while parked; a skipped stretch stays held back so
-/// that a replay from an older checkpoint does not apply what was skipped).
+/// which position, and through which (`None` while parked; a skipped stretch stays held back
+/// until the consumer's stored checkpoint has passed it, so that a replay from an older
+/// checkpoint does not apply what was skipped).
 #[derive(Debug, Default)]
 pub struct HeldBack {
     streams: HashMap<String, Vec<(i64, Option<i64>)>>,
@@ -88,6 +90,18 @@ impl HeldBack {
                 self.streams.remove(stream_id);
             }
         }
+    }
+
+    /// The consumer's checkpoint is stored at `stored`: no replay reaches the skipped stretches
+    /// that end there or before, so they need no holding back (nor filtering every batch).
+    pub fn forget_through(&mut self, stored: i64) {
+        if self.streams.is_empty() {
+            return;
+        }
+        self.streams.retain(|_, stretches| {
+            stretches.retain(|(_, through)| through.is_none_or(|t| t > stored));
+            !stretches.is_empty()
+        });
     }
 
     /// The open stretch is skipped through `through`.
@@ -254,26 +268,6 @@ pub async fn request(
     Ok(done.rows_affected() > 0)
 }
 
-/// A stretch of a stream a consumer holds back, as `GET /api/projections/{name}/parked` lists it.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct ParkedStream {
-    pub stream_id: String,
-    /// The event that failed.
-    pub from_position: i64,
-    pub event_type: String,
-    /// The last failure.
-    pub error: String,
-    pub attempts: i64,
-    pub parked_at: String,
-    /// `retry` or `skip` while one is asked for and not carried out yet.
-    pub action: Option<String>,
-    /// Skipped: through which position, when, by whom and why.
-    pub skipped_through: Option<i64>,
-    pub skipped_at: Option<String>,
-    pub reason: Option<String>,
-    pub actor: Option<String>,
-}
-
 /// Every stretch a consumer holds back or skipped, oldest first. Read on the read pool: a page
 /// or an API call never waits for a consumer's write connection.
 pub async fn list(store: &Store, consumer: &str) -> Result<Vec<ParkedStream>, sqlx::Error> {
@@ -285,17 +279,18 @@ pub async fn list(store: &Store, consumer: &str) -> Result<Vec<ParkedStream>, sq
     let rows = sqlx::query(&sql).bind(consumer).fetch_all(&store.read).await?;
     rows.iter()
         .map(|r| {
+            let count = |n: i64| n.max(0) as u64;
+            let attempts =
+                r.try_get::<i64, _>("attempts").or_else(|_| r.try_get::<i32, _>("attempts").map(i64::from))?;
             Ok(ParkedStream {
                 stream_id: r.try_get("stream_id")?,
-                from_position: r.try_get("from_position")?,
+                from_position: count(r.try_get("from_position")?),
                 event_type: r.try_get("event_type")?,
                 error: r.try_get("error")?,
-                attempts: r
-                    .try_get::<i64, _>("attempts")
-                    .or_else(|_| r.try_get::<i32, _>("attempts").map(i64::from))?,
+                attempts: count(attempts),
                 parked_at: r.try_get("parked_at")?,
                 action: r.try_get("action")?,
-                skipped_through: r.try_get("skipped_through")?,
+                skipped_through: r.try_get::<Option<i64>, _>("skipped_through")?.map(count),
                 skipped_at: r.try_get("skipped_at")?,
                 reason: r.try_get("reason")?,
                 actor: r.try_get("actor")?,
@@ -338,5 +333,10 @@ mod tests {
         held.release("member-b");
         assert!(!held.holds(&event("member-b", 30)), "released");
         assert!(held.holds(&event("member-b", 15)), "the skipped stretch stays skipped");
+
+        held.forget_through(19);
+        assert!(held.holds(&event("member-b", 15)), "a replay from 19 would still reach it");
+        held.forget_through(20);
+        assert!(held.is_empty(), "the checkpoint is past it: nothing left to hold back");
     }
 }

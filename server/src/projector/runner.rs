@@ -90,6 +90,14 @@ struct Member {
 }
 
 impl Member {
+    /// Its state while it works: degraded while it holds back a parked stream.
+    fn label(&self) -> &'static str {
+        if self.held.parked() > 0 {
+            "degraded"
+        } else {
+            "running"
+        }
+    }
     /// Rows applied but not written yet (a consumer that writes behind).
     fn unwritten_rows(&self) -> usize {
         self.consumer.write_behind().map_or(0, |behind| behind.unwritten_rows())
@@ -215,8 +223,8 @@ impl Runner {
             (member.position, member.stored) = (position, position);
             member.handle.applied.send_replace(position);
             member.held = held;
-            member.handle.set_parked(member.held.parked());
-            self.store.health.parked(name, member.held.parked());
+            member.held.forget_through(position);
+            self.report_parked(i);
         }
         let mut head_rx = self.head.subscribe();
         let mut backoff = Duration::from_millis(100);
@@ -464,6 +472,7 @@ impl Runner {
         for (((i, w, to), effects), store_to) in work.into_iter().zip(effects).zip(store_to) {
             let m = &mut self.members[i];
             (m.stored, m.stored_at) = (store_to, now);
+            m.held.forget_through(store_to);
             metrics::gauge!("tally_consumer_position", "consumer" => m.handle.name).set(to as f64);
             if m.role.feeds_views() {
                 self.feed.written(store_to);
@@ -489,7 +498,7 @@ impl Runner {
         }
         m.position = to;
         m.handle.applied.send_replace(to);
-        m.handle.set(if m.held.parked() > 0 { "degraded" } else { "running" }, None);
+        m.handle.set(m.label(), None);
         self.store.health.ok(name);
         if m.role.feeds_views() {
             self.feed.after_commit(effects.views, to);
@@ -538,9 +547,8 @@ impl Runner {
         let m = &mut self.members[i];
         m.held.park(&event.stream_id, event.position);
         m.failure = None;
-        m.handle.set_parked(m.held.parked());
-        self.store.health.parked(name, m.held.parked());
-        m.handle.set("degraded", None);
+        m.handle.set(m.label(), None);
+        self.report_parked(i);
         metrics::counter!("tally_parked_total", "consumer" => name).increment(1);
         tracing::warn!(consumer = name, stream = %event.stream_id, position = event.position, attempts,
             error = %event.message, "event parked with the rest of its stream; other streams go on");
@@ -581,9 +589,8 @@ impl Runner {
                     if self.commit(vec![(i, work, to)]).await.is_ok() {
                         let m = &mut self.members[i];
                         m.held.release(&asked.stream_id);
-                        m.handle.set_parked(m.held.parked());
-                        self.store.health.parked(name, m.held.parked());
-                        m.handle.set(if m.held.parked() > 0 { "degraded" } else { "running" }, None);
+                        m.handle.set(m.label(), None);
+                        self.report_parked(i);
                         tracing::info!(consumer = name, stream = %asked.stream_id, events = count, actor = %asked.actor,
                             "parked stream retried and applied");
                     }
@@ -599,9 +606,8 @@ impl Runner {
                     }
                     let m = &mut self.members[i];
                     m.held.close(&asked.stream_id, through);
-                    m.handle.set_parked(m.held.parked());
-                    self.store.health.parked(name, m.held.parked());
-                    m.handle.set(if m.held.parked() > 0 { "degraded" } else { "running" }, None);
+                    m.handle.set(m.label(), None);
+                    self.report_parked(i);
                     tracing::warn!(consumer = name, stream = %asked.stream_id, from, through, actor = %asked.actor,
                         reason = %asked.reason, "parked stream skipped");
                     done = true;
@@ -609,6 +615,14 @@ impl Runner {
             }
         }
         done
+    }
+
+    /// Member `i`'s parked streams changed (or were loaded): its count in the status, the metric
+    /// and `/healthz?verbose`.
+    fn report_parked(&self, i: usize) {
+        let m = &self.members[i];
+        m.handle.set_parked(m.held.parked());
+        self.store.health.parked(m.handle.name, m.held.parked());
     }
 
     /// Apply a batch for member `i` (the fault suite may make an event fail, see `faults`).

@@ -110,7 +110,11 @@ impl StoredEvent {
     /// from the schema version it was written with to the current one (`app::domain::upcast`).
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
         let data = self.current_data().map_err(<serde_json::Error as serde::de::Error>::custom)?;
-        serde_json::from_value(serde_json::json!({"event_type": self.event_type, "data": data}))
+        // Moved into the tagged form, not copied again.
+        let mut tagged = serde_json::Map::with_capacity(2);
+        tagged.insert("event_type".into(), serde_json::Value::String(self.event_type.clone()));
+        tagged.insert("data".into(), data);
+        serde_json::from_value(serde_json::Value::Object(tagged))
     }
 
     /// The event's data in the shape of its type's current schema version.
@@ -123,7 +127,7 @@ impl StoredEvent {
     pub fn upcast(mut self) -> StoredEvent {
         if let Ok(data) = self.current_data() {
             self.data = data;
-            self.schema_version = i64::from(app::domain::schema_version(&self.event_type)).max(self.schema_version);
+            self.schema_version = i64::from(app::domain::schema_version(&self.event_type));
         }
         self
     }
