@@ -34,7 +34,12 @@ impl AppError {
             "unauthenticated" | "invalid_credentials" => 401,
             "forbidden" | "cross_origin" => 403,
             "member_not_found" | "not_found" => 404,
-            "version_conflict" | "email_taken" | "member_exists" | "transaction_conflict" => 409,
+            "version_conflict"
+            | "email_taken"
+            | "member_exists"
+            | "transaction_conflict"
+            | "not_rebuildable"
+            | "rebuild_in_progress" => 409,
             "payload_too_large" => 413,
             "insufficient_points" | "account_suspended" | "account_not_suspended" | "idempotency_key_reused" => 422,
             "rate_limited" => 429,

@@ -99,6 +99,61 @@ pub struct ConsumerStatus {
     /// Streams parked after an event failed (`GET /api/projections/{name}/parked`).
     #[serde(default)]
     pub parked: u64,
+    /// Whether it can be rebuilt online (a projection; not the loyalty policy, which appends events).
+    #[serde(default)]
+    pub rebuildable: bool,
+    /// The blue/green rebuild asked for or under way, if any (`POST /api/projections/{name}/rebuild`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// An online (blue/green) rebuild of a projection: built in shadow tables while the current ones
+/// serve, then swapped in (see docs/api.md, "Rebuilding a projection online").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+pub struct RebuildStatus {
+    pub id: u64,
+    pub projection: String,
+    /// The projection's version the build writes.
+    pub version: u64,
+    /// requested | building | swapped | failed
+    pub state: String,
+    /// While building: folding (reading and folding the log) | writing (the shadow tables) |
+    /// catching_up (events appended meanwhile) | swapping
+    pub phase: Option<String>,
+    /// Why: asked by a person, or the projection's version changed.
+    pub reason: String,
+    pub actor: String,
+    /// Events folded, and the log's head they are folded towards.
+    pub applied: u64,
+    pub total: u64,
+    pub events_per_second: f64,
+    /// Seconds left at the current rate (while folding).
+    pub eta_seconds: Option<f64>,
+    /// Times it started again from position 0 (a crash or a new leader cut it short).
+    pub restarts: u64,
+    /// Swapped: the position the new tables were current to.
+    pub position: Option<u64>,
+    pub error: Option<String>,
+    pub requested_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl RebuildStatus {
+    /// Asked for or under way.
+    pub fn open(&self) -> bool {
+        matches!(self.state.as_str(), "requested" | "building")
+    }
+
+    /// How far it is, 0 to 1.
+    pub fn fraction(&self) -> f64 {
+        match self.state.as_str() {
+            "swapped" => 1.0,
+            _ if self.total == 0 => 0.0,
+            _ => (self.applied as f64 / self.total as f64).min(1.0),
+        }
+    }
 }
 
 /// WebSocket, client to server.

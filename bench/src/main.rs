@@ -1,7 +1,7 @@
 //! `tally-bench`: measure the CQRS promise on this machine, in one run, on a fresh database.
 //!
 //! Starts the `tally` binary that sits next to this one as a separate process, seeds it over HTTP
-//! through the real command path, then runs P1–P9 (see BENCHMARKS.md) and prints a table (also
+//! through the real command path, then runs P1–P9 and P6b (see BENCHMARKS.md) and prints a table (also
 //! written as JSON). The load is generated in this process.
 //!
 //! Every request says who it is, as the server requires: the harness creates an admin key and a
@@ -225,7 +225,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let members: Arc<Vec<String>> = Arc::new((0..args.members).map(|i| format!("b{i}")).collect());
 
     // Seed through the real command path, over HTTP (P7 alone needs no data).
-    let seeded = ["P1", "P2", "P3", "P4", "P5", "P6", "P8", "P9"].iter().any(|id| args.wants(id));
+    let seeded = ["P1", "P2", "P3", "P4", "P5", "P6", "P6b", "P8", "P9"].iter().any(|id| args.wants(id));
     let (members_to_seed, purchases_to_seed) = if seeded { (args.members, args.purchases) } else { (0, 0) };
     let seeding = Instant::now();
     let enrolled = send_all(
@@ -261,7 +261,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Members signed in, one per connection of the member measures (each password costs the
     // server a hash, so a few dozen, not one per member).
-    let signed_in = if ["P1", "P5", "P8", "P9"].iter().any(|id| args.wants(id)) {
+    let signed_in = if ["P1", "P5", "P6b", "P8", "P9"].iter().any(|id| args.wants(id)) {
         args.connections.max(args.page_connections).clamp(2, MAX_SESSIONS).min(args.members)
     } else {
         0
@@ -483,9 +483,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rows.push(sign_in_storm(&args, &server, &sessions).await?);
     }
 
-    // P6: top the log up, stop the server, rebuild offline.
-    if args.wants("P6") {
+    // P6: top the log up, (P6b: rebuild online under P1's read load,) stop the server, rebuild
+    // offline.
+    let wants_online = args.wants("P6b");
+    if args.wants("P6") || wants_online {
         let head = top_up(server.base(), &server.admin, args.rebuild_events, args.connections, command_load).await?;
+        let online = match wants_online {
+            true => Some(online_rebuild(&server, args.connections, secs, view_load.clone(), &browsers).await?),
+            false => None,
+        };
         server.proc.stop();
         let mut rates = Vec::new();
         for _ in 0..args.rebuild_runs {
@@ -524,6 +530,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             server_rss_mib: None,
             figures: json!({"events": head, "events_per_second": median, "runs": rates}),
         });
+        if let Some(online) = online {
+            rows.push(online.row(median));
+        }
     } else {
         server.proc.stop();
     }
@@ -545,6 +554,91 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     eprintln!("results written to {}", args.out.display());
     Ok(())
+}
+
+/// P6b: P1's read load before and during an online (blue/green) rebuild of the membership views.
+struct OnlineRebuild {
+    before: load::LoadResult,
+    during: load::LoadResult,
+    /// The build as the server reports it once swapped in.
+    build: Value,
+    /// From its start to its swap, by its own timestamps.
+    seconds: f64,
+    cpu_percent: f64,
+    rss_mib: f64,
+}
+
+async fn online_rebuild(
+    server: &Server,
+    connections: usize,
+    secs: Duration,
+    view_load: MakeRequest,
+    browsers: &[Identity],
+) -> anyhow::Result<OnlineRebuild> {
+    settle(server.base(), &server.admin).await?;
+    let before = load::run(server.base(), connections, secs, view_load.clone(), browsers).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/projections/membership_view/rebuild", server.base());
+    let mut during = load::LoadResult { requests: 0, errors: 0, seconds: 0.0, hist: load::histogram() };
+    let usage = proc::sample(server.pid());
+    server.admin.on(client.post(&url)).send().await?.error_for_status()?;
+    // The read load in slices of half a second, until the build is swapped in.
+    let build = loop {
+        let slice =
+            load::run(server.base(), connections, Duration::from_millis(500), view_load.clone(), browsers).await;
+        during.requests += slice.requests;
+        during.errors += slice.errors;
+        during.seconds += slice.seconds;
+        during.hist.add(&slice.hist)?;
+        let build: Value = server.admin.on(client.get(&url)).send().await?.error_for_status()?.json().await?;
+        match build["state"].as_str() {
+            Some("swapped") => break build,
+            Some("failed") => anyhow::bail!("the online rebuild failed: {build}"),
+            _ => anyhow::ensure!(during.seconds < 3600.0, "the online rebuild took over an hour"),
+        }
+    };
+    let after = proc::sample(server.pid());
+    let (cpu_percent, rss_mib) = (proc::cpu_percent(&usage, &after), after.rss_kib as f64 / 1024.0);
+    let at = |field: &str| {
+        let text = build[field].as_str().unwrap_or_default();
+        chrono::DateTime::parse_from_rfc3339(text).with_context(|| format!("the build's {field}: {text:?}"))
+    };
+    let seconds = (at("finished_at")? - at("started_at")?).num_milliseconds() as f64 / 1000.0;
+    Ok(OnlineRebuild { before, during, build, seconds, cpu_percent, rss_mib })
+}
+
+impl OnlineRebuild {
+    /// The row, beside P6's offline rate (`offline`, events/s) from the same run.
+    fn row(&self, offline: f64) -> Row {
+        let events = self.build["position"].as_f64().unwrap_or(0.0);
+        let rate = events / self.seconds.max(1e-9);
+        let read_ratio = self.during.rps() / self.before.rps().max(1e-9);
+        let rate_ratio = rate / offline.max(1e-9);
+        let errors = self.before.errors + self.during.errors;
+        Row {
+            id: "P6b",
+            measure: format!(
+                "P1's reads during an online (blue/green) rebuild of the membership views from {events:.0} events, \
+                 beside the same reads just before it; its rate beside P6's offline rebuild"
+            ),
+            result: format!(
+                "reads {:.0} req/s during vs {:.0} before (ratio {read_ratio:.2}), p99 {:.2} ms during, errors {errors}; \
+                 online rebuild {rate:.0} events/s in {:.1} s vs offline {offline:.0} (ratio {rate_ratio:.2})",
+                self.during.rps(),
+                self.before.rps(),
+                self.during.ms(0.99),
+                self.seconds
+            ),
+            target: "reads ≥ 0.6 × without, 0 errors; online ≥ 0.5 × offline",
+            met: Some(read_ratio >= 0.6 && errors == 0 && rate_ratio >= 0.5),
+            server_cpu_percent: Some(self.cpu_percent),
+            server_rss_mib: Some(self.rss_mib),
+            figures: json!({"events": events, "reads_during_rps": self.during.rps(), "reads_before_rps": self.before.rps(),
+                "read_ratio": read_ratio, "p99_during_ms": self.during.ms(0.99), "p99_before_ms": self.before.ms(0.99),
+                "errors": errors, "online_events_per_second": rate, "online_seconds": self.seconds,
+                "offline_events_per_second": offline, "rate_ratio": rate_ratio, "build": self.build}),
+        }
+    }
 }
 
 /// Create the harness's keys on the fresh database, then start the server on it.

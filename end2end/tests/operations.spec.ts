@@ -28,3 +28,31 @@ test("the operations page draws each consumer's throughput as it moves, pushed o
   await expect.poll(highest, { timeout: 5_000 }).toBeLessThan(46);
   await context.close();
 });
+
+test("an admin rebuilds a projection online from the operations page while it keeps serving", async ({ browser }) => {
+  const api = await adminApi();
+  const id = await enroll(api, "Rebuilt Member");
+  expect((await api.post(`/api/members/${id}/points/earn`, { data: { points: 120 } })).status()).toBe(200);
+  const made = await api.post("/api/users", {
+    data: { email: `${unique("rebuilder")}@tally.example`, name: "Re Builder", role: "admin" },
+  });
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await claim(page, (await made.json()).access_link.url);
+  await page.goto("/admin/operations");
+  await expect(page.getByTestId("live-indicator")).toHaveClass(/on/);
+  const card = page.getByTestId("chart-membership_view");
+  // Only projections can be rebuilt: the loyalty policy's card has no button.
+  await expect(page.getByTestId("chart-loyalty_policy").getByRole("button", { name: "Rebuild" })).toHaveCount(0);
+  await card.getByRole("button", { name: "Rebuild" }).click();
+  await expect(page.getByText(/membership_view: rebuild #\d+ asked for/)).toBeVisible();
+  await expect
+    .poll(async () => (await (await api.get("/api/projections/membership_view/rebuild")).json()).state, {
+      timeout: 20_000,
+    })
+    .toBe("swapped");
+  // The member's page still shows the balance, from the new table.
+  await page.goto(`/members/${id}`);
+  await expect(page.getByTestId("points-balance")).toHaveText("120");
+  await context.close();
+});

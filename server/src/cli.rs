@@ -1,10 +1,11 @@
 //! `tally keys create` and `tally users create`: identity on the database directly, for the
-//! first admin (no one can sign in before there is one) and for scripts.
+//! first admin (no one can sign in before there is one) and for scripts. `tally rebuild --online`:
+//! a client of a running server's API.
 
 use crate::auth::accounts::Accounts;
 use crate::auth::keys::Keys;
 use crate::auth::links::{self, LinkFor};
-use crate::config::{DatabaseArgs, KeyCreateArgs, UserCreateArgs};
+use crate::config::{DatabaseArgs, KeyCreateArgs, RebuildArgs, UserCreateArgs};
 use crate::store::{PoolSizes, Store};
 use anyhow::Context;
 
@@ -41,5 +42,61 @@ pub async fn create_user(args: &UserCreateArgs) -> anyhow::Result<()> {
         link.url
     );
     store.write.close().await;
+    Ok(())
+}
+
+/// `tally rebuild --online`: ask the server at `--url` for a blue/green rebuild of each projection
+/// in turn, and draw its progress until it is swapped in (or fails: then the exit status is 1).
+pub async fn rebuild_online(args: &RebuildArgs) -> anyhow::Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let token = args.api_key.as_deref().context("--online needs an admin key: --api-key or TALLY_API_KEY")?;
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+    let base = args.url.trim_end_matches('/');
+    let projections = match args.projections.is_empty() {
+        true => crate::projector::blue_green::REBUILDABLE.iter().map(|p| p.to_string()).collect(),
+        false => args.projections.clone(),
+    };
+    let style =
+        ProgressStyle::with_template("{prefix:>16} {msg:>12} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})")
+            .context("progress bar template")?
+            .progress_chars("=> ");
+    for name in projections {
+        let url = format!("{base}/api/projections/{name}/rebuild");
+        let answer =
+            client.post(&url).bearer_auth(token).send().await.with_context(|| format!("cannot reach {base}"))?;
+        if answer.status() != reqwest::StatusCode::ACCEPTED {
+            let status = answer.status();
+            anyhow::bail!("{name}: the server answered {status}: {}", answer.text().await.unwrap_or_default());
+        }
+        let asked: app::views::RebuildStatus = answer.json().await?;
+        let bar = ProgressBar::new(asked.total.max(1)).with_style(style.clone()).with_prefix(name.clone());
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            let answer = client.get(&url).bearer_auth(token).send().await?.error_for_status()?;
+            let build: app::views::RebuildStatus = answer.json().await?;
+            if build.id != asked.id {
+                anyhow::bail!("{name}: another rebuild (#{}) took this one's place", build.id);
+            }
+            bar.set_length(build.total.max(1));
+            bar.set_position(build.applied);
+            bar.set_message(build.phase.clone().unwrap_or_else(|| build.state.clone()));
+            match build.state.as_str() {
+                "swapped" => {
+                    bar.finish_with_message("swapped");
+                    println!(
+                        "{name}: rebuilt from {} events and swapped in at position {}",
+                        build.applied,
+                        build.position.unwrap_or(0)
+                    );
+                    break;
+                }
+                "failed" => {
+                    bar.abandon_with_message("failed");
+                    anyhow::bail!("{name}: the rebuild failed: {}", build.error.unwrap_or_default());
+                }
+                _ => {}
+            }
+        }
+    }
     Ok(())
 }

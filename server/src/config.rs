@@ -28,8 +28,9 @@ pub enum Commands {
     Serve(ServeArgs),
     /// Create or upgrade the database schema, then exit.
     Migrate(DatabaseArgs),
-    /// Rebuild every view from the event log (offline: stop the servers first).
-    Rebuild(DatabaseArgs),
+    /// Rebuild every view from the event log: offline (stop the servers first), or with
+    /// `--online` through a running server, which keeps serving (blue/green).
+    Rebuild(RebuildArgs),
     /// Enroll demo members and record demo purchases through the real command path.
     Seed(SeedArgs),
     /// Keys of machine clients.
@@ -38,6 +39,26 @@ pub enum Commands {
     /// Accounts of people who run the programme (staff, admin).
     #[command(subcommand)]
     Users(UsersCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Ask the running server at `--url` to rebuild in shadow tables and swap them in, and show
+    /// its progress; the server keeps serving reads and pushes throughout.
+    #[arg(long)]
+    pub online: bool,
+    /// `--online`: the server (plain HTTP: run it where the server is, or behind your proxy's
+    /// internal address).
+    #[arg(long, env = "TALLY_URL", default_value = "http://127.0.0.1:3000")]
+    pub url: String,
+    /// `--online`: an admin key's token (`tally keys create --role admin`).
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// `--online`: the projections to rebuild, one after the other (default: both).
+    #[arg(long = "projection", value_parser = ["membership_view", "member_search"])]
+    pub projections: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

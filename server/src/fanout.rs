@@ -21,6 +21,8 @@ use tokio::sync::watch;
 
 pub const CHANNEL: &str = "tally_views";
 pub use crate::store::APPENDS_CHANNEL;
+/// The ids of a notice that says the whole table was replaced (`<position>|*`, see `replaced`).
+pub const REPLACED: &str = "*";
 /// NOTIFY payloads must stay under 8000 bytes: send ids in chunks.
 const IDS_PER_NOTICE: usize = 100;
 /// Views kept in memory (about 2 KiB each).
@@ -173,6 +175,23 @@ impl ViewFeed {
         Ok(rows.len())
     }
 
+    /// The table of membership views was replaced by a blue/green build current to `position`
+    /// (see `projector::blue_green`; on PostgreSQL every node hears it as a notice): forget every
+    /// cached view, push each watched member's view from the new table, and announce the
+    /// position. Positions never go back: the new table is current to `position`, at or past
+    /// every view this node has pushed.
+    pub async fn replaced(&self, store: &Store, position: i64) -> Result<(), sqlx::Error> {
+        self.cache.replaced(if self.backend == Backend::Sqlite { position } else { i64::MAX });
+        for topic in self.hub.watched_topics(&member_topic("")) {
+            let Some(id) = topic.strip_prefix(&member_topic("")) else { continue };
+            if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
+                self.deliver(id, view_position, Arc::new(ViewText::ready(json.into())));
+            }
+        }
+        self.advance(position);
+        Ok(())
+    }
+
     /// PostgreSQL: the notice listener lost its connection; changes may be missed until it is
     /// back, so no cached views meanwhile.
     pub fn not_listening(&self) {
@@ -189,6 +208,9 @@ impl ViewFeed {
         }
         let Some((position, ids)) = payload.split_once('|') else { return Ok(()) };
         let Ok(position) = position.parse::<i64>() else { return Ok(()) };
+        if ids == REPLACED {
+            return self.replaced(store, position).await;
+        }
         for id in ids.split(',').filter(|id| !id.is_empty()) {
             if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
                 self.deliver(id, view_position, Arc::new(ViewText::ready(json.into())));

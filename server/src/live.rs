@@ -322,6 +322,12 @@ impl Hub {
         self.topics.lock().is_ok_and(|topics| [topic, MEMBERS_TOPIC].iter().any(|t| topics.contains_key(*t)))
     }
 
+    /// The topics starting with `prefix` that some socket watches.
+    pub fn watched_topics(&self, prefix: &str) -> Vec<String> {
+        let Ok(topics) = self.topics.lock() else { return Vec::new() };
+        topics.keys().filter(|t| t.starts_with(prefix)).map(|t| t.to_string()).collect()
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.topics.lock().map(|t| t.values().map(BTreeMap::len).sum()).unwrap_or(0)
     }

@@ -16,8 +16,9 @@ async fn main() -> anyhow::Result<()> {
         Some(Commands::Seed(args)) => server::seed::run(&args).await,
         Some(Commands::Keys(KeysCommand::Create(args))) => server::cli::create_key(&args).await,
         Some(Commands::Users(UsersCommand::Create(args))) => server::cli::create_user(&args).await,
-        Some(Commands::Rebuild(db)) => {
-            let report = server::rebuild::run(&db).await?;
+        Some(Commands::Rebuild(args)) if args.online => server::cli::rebuild_online(&args).await,
+        Some(Commands::Rebuild(args)) => {
+            let report = server::rebuild::run(&args.db).await?;
             println!(
                 "rebuilt {} member views from {} events (up to position {}) in {:.2?} read+fold, {:.2?} write: {:.0} events/s",
                 report.members, report.events, report.position, report.read_and_fold, report.write, report.events_per_second

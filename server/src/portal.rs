@@ -94,6 +94,10 @@ impl Portal for ServerPortal {
         })
     }
 
+    async fn rebuild(&self, caller: &Caller, projection: &str) -> Result<app::views::RebuildStatus, AppError> {
+        self.state.consumers.rebuild(projection, &caller.actor()).await.map_err(app_err)
+    }
+
     async fn wait_for_position(&self, position: u64) {
         let wait = std::time::Duration::from_millis(crate::http::queries::DEFAULT_WAIT_MS);
         self.state.feed.wait_for(position.min(i64::MAX as u64) as i64, wait).await;

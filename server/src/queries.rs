@@ -22,9 +22,10 @@ pub async fn member_view_cached(
     if let Some(hit) = cache.get(member_id) {
         return Ok(Some(hit));
     }
+    let generation = cache.generation();
     Ok(member_view(store, member_id).await?.map(|(json, position)| {
         let json: std::sync::Arc<str> = json.into();
-        cache.put(member_id, position, json.clone());
+        cache.put_read(member_id, position, json.clone(), generation);
         (json, position)
     }))
 }

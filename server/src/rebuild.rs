@@ -12,6 +12,8 @@ use app::domain::Aggregate;
 use app::views::MembershipView;
 use sqlx::{Acquire, Row};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,19 +57,54 @@ pub async fn run(db: &DatabaseArgs) -> anyhow::Result<RebuildReport> {
     rebuild(&store).await
 }
 
-/// The views as the events leave them, folded in position order.
+/// The views as the events leave them, folded in position order (here, and for an online build in
+/// `projector::blue_green`).
 #[derive(Default)]
-struct Fold {
-    views: HashMap<String, MembershipView>,
+pub(crate) struct Fold {
+    pub views: HashMap<String, MembershipView>,
     /// Per member, the last event that changed its search row (see `member_search::changes_row`).
-    searched_at: HashMap<String, u64>,
-    position: i64,
-    events: u64,
+    pub searched_at: HashMap<String, u64>,
+    pub position: i64,
+    pub events: u64,
     /// `{"event_type": …, "data": …}`, rebuilt for each event (decoded straight from the text).
     wrapped: String,
+    /// Events folded so far, for an online build's progress (counted in steps of `PROGRESS_STEP`).
+    progress: Option<Arc<AtomicU64>>,
 }
 
+/// Events folded between two updates of the progress counter.
+const PROGRESS_STEP: u64 = 1024;
+
 impl Fold {
+    fn counted(&mut self) {
+        self.events += 1;
+        if let Some(progress) = self.progress.as_ref().filter(|_| self.events.is_multiple_of(PROGRESS_STEP)) {
+            progress.fetch_add(PROGRESS_STEP, Ordering::Relaxed);
+        }
+    }
+
+    /// One event read through the store (an online build's tail): the member whose view it
+    /// changed, if any.
+    pub fn apply_stored(&mut self, stored: &StoredEvent) -> anyhow::Result<Option<String>> {
+        self.position = stored.position;
+        self.counted();
+        let Some(member_id) = stored.stream_key(MemberAggregate::STREAM_PREFIX) else { return Ok(None) };
+        let event: MemberEvent = stored.decode()?;
+        let Some(view) = membership_view::evolve(self.views.remove(member_id), stored, &event) else {
+            return Ok(None);
+        };
+        if member_search::changes_row(&stored.event_type) {
+            self.searched_at.insert(member_id.to_string(), stored.position as u64);
+        }
+        self.views.insert(member_id.to_string(), view);
+        Ok(Some(member_id.to_string()))
+    }
+
+    /// A member's search row as the folded events leave it.
+    pub fn search_row(&self, view: &MembershipView) -> member_search::SearchRow {
+        member_search::from_view(view, self.searched_at.get(&view.member_id).copied().unwrap_or(view.position))
+    }
+
     /// One event; `data` is `None` for streams that are not a member's (nothing to fold).
     fn apply(
         &mut self,
@@ -79,7 +116,7 @@ impl Fold {
         recorded_at: &str,
     ) -> anyhow::Result<()> {
         self.position = position;
-        self.events += 1;
+        self.counted();
         let (Some(data), Some(member_id)) = (data, stream_id.strip_prefix(MemberAggregate::STREAM_PREFIX)) else {
             return Ok(());
         };
@@ -124,14 +161,14 @@ const READ: &str =
 /// SQLite: one pass over the table with the native driver on a blocking thread, reading each
 /// value in place. (sqlx hands every row from its driver thread to the async side and converts
 /// each value for the `Any` driver; here that was two thirds of the time.)
-fn fold_sqlite(path: &std::path::Path) -> anyhow::Result<Fold> {
+fn fold_sqlite(path: &std::path::Path, progress: Option<Arc<AtomicU64>>) -> anyhow::Result<Fold> {
     use rusqlite::OpenFlags;
     // One thread uses this connection: no need for SQLite's per-call mutex.
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = rusqlite::Connection::open_with_flags(path, flags)?;
     let mut statement = conn.prepare(&format!("{READ} ORDER BY position"))?;
     let mut rows = statement.query([])?;
-    let mut fold = Fold::default();
+    let mut fold = Fold { progress, ..Fold::default() };
     while let Some(row) = rows.next()? {
         fold.apply(
             row.get(0)?,
@@ -157,8 +194,8 @@ async fn read_page(pool: sqlx::AnyPool, after: i64) -> Result<Vec<sqlx::any::Any
 
 /// PostgreSQL: pages through sqlx, the next page read while this one is folded; `data` only for
 /// member streams (the others are skipped anyway).
-async fn fold_pages(store: &Store) -> anyhow::Result<Fold> {
-    let mut fold = Fold::default();
+async fn fold_pages(store: &Store, progress: Option<Arc<AtomicU64>>) -> anyhow::Result<Fold> {
+    let mut fold = Fold { progress, ..Fold::default() };
     let mut next = tokio::spawn(read_page(store.read.clone(), 0));
     loop {
         let rows = next.await??;
@@ -182,12 +219,17 @@ async fn fold_pages(store: &Store) -> anyhow::Result<Fold> {
     Ok(fold)
 }
 
+/// Every event in the log, folded in position order (`progress` counts them as they go).
+pub(crate) async fn fold_log(store: &Store, progress: Option<Arc<AtomicU64>>) -> anyhow::Result<Fold> {
+    match store.sqlite_path.clone() {
+        Some(path) => tokio::task::spawn_blocking(move || fold_sqlite(&path, progress)).await?,
+        None => fold_pages(store, progress).await,
+    }
+}
+
 pub async fn rebuild(store: &Store) -> anyhow::Result<RebuildReport> {
     let started = Instant::now();
-    let Fold { views, searched_at, position, events, .. } = match store.sqlite_path.clone() {
-        Some(path) => tokio::task::spawn_blocking(move || fold_sqlite(&path)).await??,
-        None => fold_pages(store).await?,
-    };
+    let Fold { views, searched_at, position, events, .. } = fold_log(store, None).await?;
     let read_and_fold = started.elapsed();
 
     let writing = Instant::now();

@@ -17,7 +17,7 @@
 
 use app::views::MembershipView;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// A view's JSON, encoded at most once, when first asked for.
@@ -57,6 +57,9 @@ pub struct ViewCache {
     /// Views up to this position are in the table; entries past it are kept whatever the
     /// capacity (at most what the projector holds unwritten).
     written: AtomicI64,
+    /// Raised each time the cache is emptied because the table was replaced (a blue/green swap):
+    /// a read of the old table that ends after it must not come back in (see `put_read`).
+    generation: AtomicU64,
 }
 
 impl ViewCache {
@@ -66,7 +69,36 @@ impl ViewCache {
             capacity,
             enabled: AtomicBool::new(capacity > 0),
             written: AtomicI64::new(i64::MAX),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Taken before reading a view from the table, for [`put_read`](Self::put_read).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A view read from the table when the cache was at `generation`: kept only if the table was
+    /// not replaced meanwhile (the read may have found the old one).
+    pub fn put_read(&self, member_id: &str, position: i64, json: Arc<str>, generation: u64) {
+        if !self.enabled.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(mut entries) = self.entries.write() else { return };
+        // Under the lock `replaced` raises it with: no swap can slip in between.
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.insert(&mut entries, member_id, position, Arc::new(ViewText::ready(json)));
+        }
+    }
+
+    /// The table was replaced (a blue/green swap, see `projector::blue_green`) and holds every
+    /// view up to `written`: forget every entry, and any read of the old table still under way.
+    pub fn replaced(&self, written: i64) {
+        if let Ok(mut entries) = self.entries.write() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            entries.clear();
+        }
+        self.written.store(written, Ordering::Release);
     }
 
     /// The table holds every view up to `position` (the projector's stored checkpoint).
@@ -101,6 +133,16 @@ impl ViewCache {
             return;
         }
         let Ok(mut entries) = self.entries.write() else { return };
+        self.insert(&mut entries, member_id, position, text);
+    }
+
+    fn insert(
+        &self,
+        entries: &mut HashMap<String, (i64, Arc<ViewText>)>,
+        member_id: &str,
+        position: i64,
+        text: Arc<ViewText>,
+    ) {
         if let Some((p, _)) = entries.get(member_id) {
             if *p >= position {
                 return;

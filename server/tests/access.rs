@@ -166,6 +166,9 @@ async fn every_rest_route_answers_each_principal_exactly_as_api_md_says() {
     .await;
 
     row(&app, &p, "GET …/parked", staff_only, |_| get("/api/projections/membership_view/parked".into())).await;
+    let never_rebuilt =
+        [UNAUTH, FORBID, FORBID, FORBID, Cell::Err(404, "not_found"), Cell::Err(404, "not_found"), FORBID];
+    row(&app, &p, "GET …/rebuild", never_rebuilt, |_| get("/api/projections/membership_view/rebuild".into())).await;
     let head = app.state.store.head().await.expect("head");
     row(
         &app,
@@ -185,6 +188,12 @@ async fn every_rest_route_answers_each_principal_exactly_as_api_md_says() {
     row(&app, &p, "POST …/parked/{stream}/skip", not_parked, |_| {
         let body = json!({"reason": "test"});
         (Method::POST, "/api/projections/membership_view/parked/member-nobody/skip".into(), Some(body))
+    })
+    .await;
+    // The loyalty policy cannot be rebuilt: admins are told so, everyone else may not ask.
+    let not_rebuildable = [UNAUTH, FORBID, FORBID, FORBID, FORBID, Cell::Err(409, "not_rebuildable"), FORBID];
+    row(&app, &p, "POST …/rebuild", not_rebuildable, |_| {
+        (Method::POST, "/api/projections/loyalty_policy/rebuild".into(), None)
     })
     .await;
     row(&app, &p, "GET /api/keys", admin_only(200), |_| get("/api/keys".into())).await;
@@ -269,6 +278,7 @@ fn outcome(reply: &Reply) -> Out {
         "member_not_found" => (Out::Err("member_not_found"), 404),
         "invalid_credentials" => (Out::Err("invalid_credentials"), 401),
         "not_found" => (Out::Err("not_found"), 404),
+        "not_rebuildable" => (Out::Err("not_rebuildable"), 409),
         other => panic!("unexpected answer {other}: {:?}", reply.body),
     };
     assert_eq!(reply.status, status, "{:?}", reply.body);
@@ -349,6 +359,9 @@ async fn every_server_function_checks_its_caller() {
     fn_row(&app, &p, "retry_parked", RetryParked::PATH, &stream, missing).await;
     let skip = [("consumer", "membership_view"), ("stream_id", "member-nobody"), ("reason", "test")];
     fn_row(&app, &p, "skip_parked", SkipParked::PATH, &skip, missing).await;
+    let loyalty = [("projection", "loyalty_policy")];
+    let not_rebuildable = admin_only.map(|c| if c == ok { Out::Err("not_rebuildable") } else { c });
+    fn_row(&app, &p, "rebuild_projection", RebuildProjection::PATH, &loyalty, not_rebuildable).await;
     fn_row(&app, &p, "list_people", ListPeople::PATH, &[], admin_only).await;
     let person = [("email", "pat@tally.example"), ("name", "Pat"), ("role", "staff")];
     fn_row(&app, &p, "create_person", CreatePerson::PATH, &person, admin_only).await;

@@ -59,41 +59,6 @@ async fn a_kill_9_right_after_acknowledgement_loses_nothing() {
     }
 }
 
-/// Every view row (and search row) as stored, keyed by member.
-async fn all_rows(store: &server::store::Store) -> Vec<(String, String)> {
-    use sqlx::Row;
-    let views = sqlx::query("SELECT member_id, view FROM membership_view ORDER BY member_id")
-        .fetch_all(&store.read)
-        .await
-        .unwrap();
-    let search = sqlx::query(
-        "SELECT member_id, name, email, search_text, sort_key, tier, status, member_since, position \
-         FROM member_search ORDER BY member_id",
-    )
-    .fetch_all(&store.read)
-    .await
-    .unwrap();
-    let mut rows: Vec<(String, String)> =
-        views.iter().map(|r| (r.get::<String, _>("member_id"), r.get::<String, _>("view"))).collect();
-    for r in &search {
-        let line = format!(
-            "{}|{}|{}|{}|{}|{}|{}",
-            r.get::<String, _>("name"),
-            r.get::<String, _>("email"),
-            r.get::<String, _>("search_text"),
-            r.get::<String, _>("sort_key"),
-            r.get::<String, _>("tier"),
-            r.get::<String, _>("status"),
-            r.get::<i64, _>("position"),
-        );
-        rows.push((
-            format!("search:{}", r.get::<String, _>("member_id")),
-            format!("{line}|{}", r.get::<String, _>("member_since")),
-        ));
-    }
-    rows
-}
-
 #[tokio::test]
 async fn a_full_rebuild_reproduces_every_view_byte_for_byte() {
     let app = spawn_app().await;
@@ -118,13 +83,13 @@ async fn a_full_rebuild_reproduces_every_view_byte_for_byte() {
     app.stop().await;
 
     let store = server::store::Store::open(&url, &server::store::PoolSizes { read: 2, write: 1 }, true).await.unwrap();
-    let live = all_rows(&store).await;
+    let live = common::audit::view_rows(&store).await;
     assert_eq!(live.len(), 16);
     let stored: Vec<Value> = live[..8].iter().map(|(_, view)| serde_json::from_str(view).expect("JSON")).collect();
     assert_eq!(stored, served, "the table holds the views the server served");
     let report = server::rebuild::rebuild(&store).await.expect("rebuild");
     assert_eq!(report.members, 8);
-    let rebuilt = all_rows(&store).await;
+    let rebuilt = common::audit::view_rows(&store).await;
     assert_eq!(rebuilt, live);
     drop(files);
 }

@@ -91,6 +91,19 @@ pub async fn skip_parked(consumer: String, stream_id: String, reason: String) ->
     run.await.map_err(|err: AppError| err.on_form("parked"))
 }
 
+/// Admin: build a projection again from the log, online (blue/green). Back to the page, where
+/// its progress shows.
+#[server(prefix = "/_fn")]
+pub async fn rebuild_projection(projection: String) -> Result<(), AppError> {
+    let run = async {
+        authorized(crate::domain::access::Action::OperateViews)?;
+        let build = portal()?.rebuild(&crate::request::caller(), &projection).await?;
+        identity::flash_done("rebuild", format!("{projection}: rebuild #{} asked for.", build.id));
+        Ok(())
+    };
+    run.await.map_err(|err: AppError| err.on_form("rebuild"))
+}
+
 /// Staff: the card as it was after `position` (the console's history).
 #[server(prefix = "/_fn")]
 pub async fn get_member_at(member_id: String, position: u64) -> Result<Option<MembershipView>, AppError> {

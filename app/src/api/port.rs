@@ -43,6 +43,8 @@ pub trait Portal: Send + Sync + 'static {
         stream_id: &str,
         reason: Option<&str>,
     ) -> Result<String, AppError>;
+    /// Ask, as `caller`, for an online (blue/green) rebuild of a projection.
+    async fn rebuild(&self, caller: &Caller, projection: &str) -> Result<crate::views::RebuildStatus, AppError>;
     /// Wait (bounded) until the views have applied `position`.
     async fn wait_for_position(&self, position: u64);
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError>;

@@ -1,14 +1,15 @@
 //! `/admin/operations` (staff; the actions are for admins): how each consumer moves, as small
 //! charts of its throughput and lag over the last two minutes, pushed over the live socket (topic
 //! `operations`, a sample a second: no polling); and the streams the consumers hold back (parked
-//! events, see docs/api.md), with retry and skip. The charts are one island; the parked streams
-//! are server-rendered with plain forms, so they work without JavaScript.
+//! events, see docs/api.md), with retry and skip; and, for admins, a Rebuild button per projection
+//! (an online, blue/green rebuild) whose progress shows in its chart's card as it goes. The charts
+//! are one island; the forms are plain, so they work without JavaScript.
 
-use crate::api::{get_consumers, get_parked, RetryParked, SkipParked};
+use crate::api::{get_consumers, get_parked, RebuildProjection, RetryParked, SkipParked};
 use crate::components::forms::{failed, staff_gate, Outcome};
 use crate::error::AppError;
 use crate::format;
-use crate::views::{ConsumerStatus, Flash, ParkedRow, ParkedStream, OPERATIONS_WINDOW as WINDOW};
+use crate::views::{ConsumerStatus, Flash, ParkedRow, ParkedStream, RebuildStatus, OPERATIONS_WINDOW as WINDOW};
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
@@ -23,17 +24,19 @@ pub fn OperationsPage() -> impl IntoView {
     let consumers = Resource::new_blocking(|| (), |_| get_consumers());
     let parked = Resource::new_blocking(|| (), |_| get_parked());
     let error = failed::<RetryParked>("parked").or_else(|| failed::<SkipParked>("parked"));
+    let rebuild_error = failed::<RebuildProjection>("rebuild");
     view! {
         <Title text="Operations: Tally"/>
         <h1>"Operations"</h1>
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
             {move || {
-                let (flash, error) = (flash.clone(), error.clone());
+                let (flash, error, rebuild_error) = (flash.clone(), error.clone(), rebuild_error.clone());
                 Suspend::new(async move {
                     let (consumers, parked) = (consumers.await, parked.await);
                     view! {
+                        <Outcome form="rebuild" error=rebuild_error flash=flash.clone()/>
                         {match consumers {
-                            Ok(initial) => view! { <LiveCharts initial/> }.into_any(),
+                            Ok(initial) => view! { <LiveCharts initial admin/> }.into_any(),
                             Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
                         }}
                         <ParkedStreams parked admin flash error/>
@@ -48,7 +51,7 @@ pub fn OperationsPage() -> impl IntoView {
 /// Per consumer: its state now, and charts of events per second and lag. Server-rendered from
 /// the first sample; in the browser, each pushed sample adds a point.
 #[island(lazy)]
-fn LiveCharts(initial: Vec<ConsumerStatus>) -> impl IntoView {
+fn LiveCharts(initial: Vec<ConsumerStatus>, admin: bool) -> impl IntoView {
     let samples: RwSignal<Vec<Vec<ConsumerStatus>>> = RwSignal::new(vec![initial]);
     let connected = RwSignal::new(false);
     #[cfg(feature = "hydrate")]
@@ -81,10 +84,38 @@ fn LiveCharts(initial: Vec<ConsumerStatus>) -> impl IntoView {
                             </p>
                             <Sparkline label="Events per second" values=rate kind="rate"/>
                             <Sparkline label="Lag (events)" values=lag kind="lag"/>
+                            {c.rebuild.clone().map(|status| view! { <RebuildProgress status/> })}
+                            {(admin && c.rebuildable && c.rebuild.is_none()).then(|| view! {
+                                <form method="post" action=RebuildProjection::PATH class="inline">
+                                    <input type="hidden" name="projection" value=c.name.clone()/>
+                                    <button type="submit" class="small">"Rebuild"</button>
+                                </form>
+                            })}
                         </section>
                     }
                 }).collect_view()
             })}
+        </div>
+    }
+}
+
+/// An online rebuild under way: its phase and a bar of the events folded.
+#[component]
+fn RebuildProgress(status: RebuildStatus) -> impl IntoView {
+    let build = status;
+    let label = match (&build.phase, build.state.as_str()) {
+        (Some(phase), _) => phase.replace('_', " "),
+        (None, state) => state.to_string(),
+    };
+    let eta = build.eta_seconds.map(|s| format!(", about {s:.0} s left"));
+    view! {
+        <div class="rebuild" data-testid=format!("rebuild-{}", build.projection)>
+            <p class="small">
+                "Rebuilding (#" {build.id} ", version " {build.version} "): " <strong>{label}</strong> " · "
+                {format::points(build.applied)} " of " {format::points(build.total)} " events · "
+                {format::rate(build.events_per_second)} " events/s" {eta}
+            </p>
+            <progress max="1000" value=(build.fraction() * 1000.0).round().to_string()></progress>
         </div>
     }
 }

@@ -24,6 +24,10 @@ pub enum ApiError {
     MemberExists(String),
     #[error("{0}")]
     TransactionConflict(String),
+    #[error("{0}")]
+    NotRebuildable(String),
+    #[error("{0}")]
+    RebuildInProgress(String),
     #[error("the request body is larger than 64 KiB")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -81,6 +85,8 @@ impl ApiError {
             ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
             ApiError::MemberExists(_) => (StatusCode::CONFLICT, "member_exists"),
             ApiError::TransactionConflict(_) => (StatusCode::CONFLICT, "transaction_conflict"),
+            ApiError::NotRebuildable(_) => (StatusCode::CONFLICT, "not_rebuildable"),
+            ApiError::RebuildInProgress(_) => (StatusCode::CONFLICT, "rebuild_in_progress"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::InsufficientPoints(_) => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_points"),
             ApiError::AccountSuspended => (StatusCode::UNPROCESSABLE_ENTITY, "account_suspended"),

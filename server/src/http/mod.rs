@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod ops;
 pub mod parked;
 pub mod queries;
+pub mod rebuilds;
 
 use crate::AppState;
 use axum::extract::DefaultBodyLimit;
@@ -33,6 +34,7 @@ pub fn api_routes() -> Router<AppState> {
         .route("/api/projections/{name}/parked", get(parked::list))
         .route("/api/projections/{name}/parked/{stream}/retry", post(parked::retry))
         .route("/api/projections/{name}/parked/{stream}/skip", post(parked::skip))
+        .route("/api/projections/{name}/rebuild", post(rebuilds::start).get(rebuilds::show))
         .route("/api/signup", post(auth::sign_up))
         .route("/api/session", post(auth::sign_in).delete(auth::sign_out))
         .route("/api/me", get(auth::me))

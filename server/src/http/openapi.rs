@@ -4,7 +4,7 @@
 //! (request bodies, outcomes, views, errors), so it changes when they do. `scripts/test` runs
 //! schemathesis against it on a live server.
 
-use super::{auth, commands, error, ops, parked, queries};
+use super::{auth, commands, error, ops, parked, queries, rebuilds};
 use axum::response::IntoResponse;
 use utoipa::openapi::security::{
     ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
@@ -49,6 +49,8 @@ use utoipa::{Modify, OpenApi};
         parked::list,
         parked::retry,
         parked::skip,
+        rebuilds::start,
+        rebuilds::show,
         ops::healthz,
         ops::livez,
         ops::metrics,
@@ -60,7 +62,7 @@ use utoipa::{Modify, OpenApi};
                                            (`If-Match`) and idempotency keys"),
         (name = "queries", description = "Read the views"),
         (name = "identity", description = "Accounts, sessions, keys, access links"),
-        (name = "operations", description = "Health, metrics, consumer status, parked events"),
+        (name = "operations", description = "Health, metrics, consumer status, parked events, online rebuilds"),
     )
 )]
 pub struct ApiDoc;

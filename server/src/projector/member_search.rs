@@ -22,6 +22,27 @@ use std::sync::Arc;
 
 pub const NAME: &str = "member_search";
 
+/// The version of what `evolve` writes (see `membership_view::VERSION`).
+pub const VERSION: i64 = 1;
+
+/// The table and its indexes as the migrations leave them, under another name (a blue/green
+/// build's shadow): `tag` keeps the index and constraint names apart from the current table's.
+pub fn create_table(table: &str, tag: &str) -> Vec<String> {
+    let mut ddl = vec![format!(
+        "CREATE TABLE {table} (member_id TEXT NOT NULL, name TEXT NOT NULL, email TEXT NOT NULL, \
+         search_text TEXT NOT NULL, sort_key TEXT NOT NULL, tier TEXT NOT NULL, status TEXT NOT NULL, \
+         member_since TEXT NOT NULL, position BIGINT NOT NULL, CONSTRAINT {NAME}_pk_{tag} PRIMARY KEY (member_id))"
+    )];
+    for (index, columns) in [
+        ("sort", "sort_key, member_id"),
+        ("tier", "tier, sort_key, member_id"),
+        ("status", "status, sort_key, member_id"),
+    ] {
+        ddl.push(format!("CREATE INDEX {NAME}_{index}_{tag} ON {table} ({columns})"));
+    }
+    ddl
+}
+
 pub struct MemberSearchProjection {
     /// The rows as last written, so a batch reads only members it has not seen lately.
     kept: RowCache<SearchRow>,
@@ -175,14 +196,19 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 
 /// Insert or update the rows (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, rows: &[&SearchRow]) -> anyhow::Result<()> {
+    save_into(conn, NAME, rows).await
+}
+
+/// [`save_many`] into `table`: this one, or a blue/green build's shadow of it.
+pub async fn save_into(conn: &mut AnyConnection, table: &str, rows: &[&SearchRow]) -> anyhow::Result<()> {
     for chunk in rows.chunks(store::MAX_PARAMS / 9) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 9 + 1, 9))).collect::<Vec<_>>();
         let sql = format!(
-            "INSERT INTO member_search ({COLUMNS}, search_text, sort_key) VALUES {} \
+            "INSERT INTO {table} ({COLUMNS}, search_text, sort_key) VALUES {} \
              ON CONFLICT (member_id) DO UPDATE SET name = excluded.name, email = excluded.email, \
              tier = excluded.tier, status = excluded.status, member_since = excluded.member_since, \
              position = excluded.position, search_text = excluded.search_text, sort_key = excluded.sort_key \
-             WHERE member_search.position < excluded.position",
+             WHERE {table}.position < excluded.position",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);

@@ -18,6 +18,20 @@ use std::time::Instant;
 
 pub const NAME: &str = "membership_view";
 
+/// The version of what `evolve` writes. Raise it when a change to the code changes the views it
+/// builds from the same events: the next start builds the table again from the log, online, while
+/// the current one serves (see `blue_green`).
+pub const VERSION: i64 = 1;
+
+/// The table as the migrations leave it, under another name (a blue/green build's shadow):
+/// `tag` keeps its constraint's name apart from the current table's.
+pub fn create_table(table: &str, tag: &str) -> Vec<String> {
+    vec![format!(
+        "CREATE TABLE {table} (member_id TEXT NOT NULL, version BIGINT NOT NULL, position BIGINT NOT NULL, \
+         view TEXT NOT NULL, CONSTRAINT {NAME}_pk_{tag} PRIMARY KEY (member_id))"
+    )]
+}
+
 pub struct MembershipViewProjection {
     /// The views as last applied, so a batch reads only members it has not seen lately.
     kept: RowCache<MembershipView>,
@@ -170,12 +184,17 @@ pub async fn load_many(conn: &mut AnyConnection, ids: &[&str]) -> anyhow::Result
 
 /// Insert or update the views (never over a row that has seen a later event).
 pub async fn save_many(conn: &mut AnyConnection, views: &[ViewRow]) -> anyhow::Result<()> {
+    save_into(conn, NAME, views).await
+}
+
+/// [`save_many`] into `table`: this one, or a blue/green build's shadow of it.
+pub async fn save_into(conn: &mut AnyConnection, table: &str, views: &[ViewRow]) -> anyhow::Result<()> {
     for chunk in views.chunks(store::MAX_PARAMS / 4) {
         let values = (0..chunk.len()).map(|i| format!("({})", store::params(conn, i * 4 + 1, 4))).collect::<Vec<_>>();
         let sql = format!(
-            "INSERT INTO membership_view (member_id, version, position, view) VALUES {} \
+            "INSERT INTO {table} (member_id, version, position, view) VALUES {} \
              ON CONFLICT (member_id) DO UPDATE SET version = excluded.version, position = excluded.position, \
-             view = excluded.view WHERE membership_view.position < excluded.position",
+             view = excluded.view WHERE {table}.position < excluded.position",
             values.join(", ")
         );
         let texts = chunk.iter().map(|view| view.text.json()).collect::<Result<Vec<_>, _>>()?;

@@ -14,6 +14,7 @@
 //! healthy ones go on. An event that keeps failing ([`parking::EventFailed`]) is parked with the
 //! rest of its stream, and every other stream goes on (see `parking`).
 
+pub mod blue_green;
 mod checkpoints;
 pub mod member_search;
 pub mod membership_view;
@@ -157,6 +158,10 @@ pub struct Consumers {
     park_after: u32,
     /// Per group: wakes its runner when a retry or skip is asked for here.
     wakes: Vec<Arc<tokio::sync::Notify>>,
+    /// Per group: where a blue/green build asks its runner to hold still (see `blue_green`).
+    pauses: Vec<Arc<blue_green::PauseSlot>>,
+    /// Wakes this node's blue/green builder when a build is asked for here.
+    builds: Arc<tokio::sync::Notify>,
 }
 
 /// How a server runs its consumers.
@@ -190,8 +195,10 @@ impl Consumers {
             })
             .collect();
         let wakes = groups.iter().map(|_| Arc::new(tokio::sync::Notify::new())).collect();
+        let pauses = groups.iter().map(|_| Arc::default()).collect();
         let Tuning { poll, write_behind, park_after } = tuning;
-        Arc::new(Consumers { store, head, feed, poll, write_behind, groups, park_after, wakes })
+        let builds = Arc::default();
+        Arc::new(Consumers { store, head, feed, poll, write_behind, groups, park_after, wakes, pauses, builds })
     }
 
     /// Where group `g` commits: a group that appends events in the event store; the projections
@@ -237,6 +244,43 @@ impl Consumers {
     /// Start one task per group; they stop when `stop` is cancelled. Each is supervised (see
     /// `health::supervise`): one that panics starts again from its stored checkpoints.
     pub fn run(self: &Arc<Self>, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = self.run_groups(stop.clone());
+        // Blue/green builds run where the consumers do: the swap needs the projector to hold still.
+        if let Some(g) = self.group_of(blue_green::REBUILDABLE[0]) {
+            let (consumers, supervisor_stop) = (self.clone(), stop.clone());
+            let start = move || {
+                let builder = blue_green::Builder {
+                    store: consumers.store.clone(),
+                    feed: consumers.feed.clone(),
+                    pause: consumers.pauses[g].clone(),
+                    wake_runner: consumers.wakes[g].clone(),
+                    wake: consumers.builds.clone(),
+                };
+                let stop = stop.clone();
+                async move { builder.run(stop).await }
+            };
+            let health = self.store.health.clone();
+            tasks.push(tokio::spawn(crate::health::supervise(health, "blue/green builds", supervisor_stop, start)));
+        }
+        tasks
+    }
+
+    /// Ask for an online (blue/green) rebuild of the projection `name` (see `blue_green`).
+    pub async fn rebuild(&self, name: &str, actor: &str) -> Result<app::views::RebuildStatus, blue_green::Refused> {
+        if self.group_of(name).is_none() {
+            return Err(blue_green::Refused::Unknown(name.to_string()));
+        }
+        let build = blue_green::request(&self.store, name, &format!("asked by {actor}"), actor).await?;
+        self.builds.notify_one();
+        Ok(build)
+    }
+
+    /// The newest online rebuild of the projection `name`, if there was one.
+    pub async fn latest_rebuild(&self, name: &str) -> Result<Option<app::views::RebuildStatus>, sqlx::Error> {
+        Ok(blue_green::latest(&self.store).await?.into_iter().find(|b| b.projection == name))
+    }
+
+    fn run_groups(self: &Arc<Self>, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.groups.len())
             .map(|g| {
                 let consumers = self.clone();

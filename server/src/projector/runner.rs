@@ -1,6 +1,7 @@
 //! The runner: one task per group of consumers, applying the events in position order, one
 //! batch per transaction with the checkpoints (see `Runner`).
 
+use super::blue_green::{Pause, PauseSlot};
 use super::checkpoints::{advance_checkpoint, init_checkpoint, load_checkpoint, record_error};
 use super::parking::{self, EventFailed, HeldBack};
 use super::{Consumer, ConsumerHandle, Consumers, Effects, Registered, Role, WriteScope, BATCH};
@@ -50,6 +51,8 @@ impl Consumers {
             park_after: self.park_after.max(1),
             wake: self.wakes[g].clone(),
             operations_checked: Instant::now(),
+            pause: self.pauses[g].clone(),
+            flushing: false,
         }
     }
 }
@@ -182,6 +185,10 @@ pub(super) struct Runner {
     wake: Arc<tokio::sync::Notify>,
     /// When the runner last looked for actions asked for on its parked streams.
     operations_checked: Instant,
+    /// A blue/green build asks here to have the group hold still while it swaps tables.
+    pause: Arc<PauseSlot>,
+    /// Writing everything applied, whatever is due (before a pause).
+    flushing: bool,
 }
 
 /// How often a runner with parked streams looks for retries and skips asked for on other nodes.
@@ -229,6 +236,10 @@ impl Runner {
         let mut head_rx = self.head.subscribe();
         let mut backoff = Duration::from_millis(100);
         while !self.shutdown.is_cancelled() {
+            if let Some(pause) = self.pause.take() {
+                self.hold(pause).await;
+                continue;
+            }
             match self.step().await {
                 Ok(true) => backoff = Duration::from_millis(100),
                 Ok(false) => {
@@ -291,14 +302,46 @@ impl Runner {
         }
     }
 
-    /// Positions from the checkpoint rows (after a failure, or when another node moved them).
+    /// Positions from the checkpoint rows (after a failure, or when another node or a blue/green
+    /// swap moved them).
     async fn reload(&mut self) {
         self.forget();
         for m in &mut self.members {
             if let Ok(p) = load_checkpoint(&self.store, m.handle.name).await {
                 (m.position, m.stored) = (p, p);
+                m.handle.applied.send_replace(p);
+                if m.role.feeds_views() {
+                    self.feed.written(p);
+                }
             }
         }
+    }
+
+    /// Hold still for a blue/green swap (see `blue_green`): write everything applied, tell the
+    /// build the position the group's tables are current to, wait until it has swapped (or given
+    /// up), then start again from the stored checkpoints, which the swap may have moved.
+    async fn hold(&mut self, pause: Pause) {
+        self.flushing = true;
+        let work: Vec<(usize, Work, i64)> = (self.members.iter().enumerate())
+            .filter(|(_, m)| m.stored < m.position)
+            .map(|(i, m)| (i, Work::Checkpoint, m.position))
+            .collect();
+        let flushed = work.is_empty() || self.commit(work).await.is_ok();
+        self.flushing = false;
+        // Not flushed: the build asks again later (it sees the pause dropped).
+        if !flushed {
+            return;
+        }
+        let at = self.members.iter().map(|m| m.stored).max().unwrap_or(0);
+        let Pause { paused, resume } = pause;
+        if paused.send(at).is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = resume => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+        self.reload().await;
     }
 
     /// One batch for every member that is behind: true when anything moved, `Err` after a failure
@@ -410,7 +453,7 @@ impl Runner {
         // Where each checkpoint moves: to the batch's end, or for what writes behind to just
         // before its oldest change still unwritten.
         let mut store_to: Vec<i64> = work.iter().map(|(_, _, to)| *to).collect();
-        let (started, stopping) = (Instant::now(), self.shutdown.is_cancelled());
+        let (started, stopping) = (Instant::now(), self.shutdown.is_cancelled() || self.flushing);
         let mut failing = None;
         let outcome: anyhow::Result<bool> = async {
             let appends = work.iter().any(|(i, w, _)| matches!(w, Work::Apply(_)) && self.members[*i].role.appends());

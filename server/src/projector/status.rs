@@ -111,6 +111,7 @@ impl Consumers {
             true => self.parked_counts().await?,
             false => Default::default(),
         };
+        let rebuilds = super::blue_green::latest(&self.store).await?;
         Ok(self
             .handles()
             .map(|h| {
@@ -137,6 +138,8 @@ impl Consumers {
                     last_error: last_error.or(stored_error),
                     events_per_second: (rate * 10.0).round() / 10.0,
                     parked,
+                    rebuildable: super::blue_green::REBUILDABLE.contains(&h.name),
+                    rebuild: rebuilds.iter().find(|b| b.projection == h.name && b.open()).cloned(),
                 }
             })
             .collect())

@@ -121,3 +121,38 @@ pub async fn health(client: &reqwest::Client, base: &str) -> (u16, Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
+
+/// Every view row (and search row) as stored, keyed by member.
+pub async fn view_rows(store: &server::store::Store) -> Vec<(String, String)> {
+    use sqlx::Row;
+    let views = sqlx::query("SELECT member_id, view FROM membership_view ORDER BY member_id")
+        .fetch_all(&store.read)
+        .await
+        .unwrap();
+    let search = sqlx::query(
+        "SELECT member_id, name, email, search_text, sort_key, tier, status, member_since, position \
+         FROM member_search ORDER BY member_id",
+    )
+    .fetch_all(&store.read)
+    .await
+    .unwrap();
+    let mut rows: Vec<(String, String)> =
+        views.iter().map(|r| (r.get::<String, _>("member_id"), r.get::<String, _>("view"))).collect();
+    for r in &search {
+        let line = format!(
+            "{}|{}|{}|{}|{}|{}|{}",
+            r.get::<String, _>("name"),
+            r.get::<String, _>("email"),
+            r.get::<String, _>("search_text"),
+            r.get::<String, _>("sort_key"),
+            r.get::<String, _>("tier"),
+            r.get::<String, _>("status"),
+            r.get::<i64, _>("position"),
+        );
+        rows.push((
+            format!("search:{}", r.get::<String, _>("member_id")),
+            format!("{line}|{}", r.get::<String, _>("member_since")),
+        ));
+    }
+    rows
+}
