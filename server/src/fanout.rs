@@ -185,7 +185,9 @@ impl ViewFeed {
         for topic in self.hub.watched_topics(&member_topic("")) {
             let Some(id) = topic.strip_prefix(&member_topic("")) else { continue };
             if let Some((json, view_position)) = crate::queries::member_view(store, id).await? {
-                self.deliver(id, view_position, Arc::new(ViewText::ready(json.into())));
+                self.cache.put(id, view_position, json.as_str().into());
+                // At the position the sockets may have been sent already, from the old table.
+                self.hub.republish(&topic, view_position.max(0) as u64, &json);
             }
         }
         self.advance(position);

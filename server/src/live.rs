@@ -195,6 +195,18 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
+    /// Send `frame` even if a view at the same position was sent for `topic` already: that view
+    /// came from a table since replaced by a blue/green swap (see `Hub::republish`). A newer one,
+    /// sent or pending, still wins.
+    pub fn resend(&self, topic: &Topic, frame: &Frame) {
+        if let Ok(mut p) = self.pending.lock() {
+            if p.sent.get(topic) == Some(&frame.position) {
+                p.sent.remove(topic);
+            }
+        }
+        self.put(topic, frame);
+    }
+
     /// Forget what was sent for a topic, so a re-subscribe gets the current view again.
     pub fn forget(&self, topic: &str) {
         if let Ok(mut p) = self.pending.lock() {
@@ -345,6 +357,27 @@ impl Hub {
         let frame = view_frame(topic, position, view_json);
         for mailbox in recipients {
             mailbox.put(&key, &frame);
+        }
+    }
+
+    /// Push one view again, at a position its subscribers may have been sent already: the table
+    /// it was read from was replaced (a blue/green swap, see `ViewFeed::replaced`). Rare: no
+    /// chunking.
+    pub fn republish(&self, topic: &str, position: u64, view_json: &str) {
+        let (key, recipients): (Topic, Vec<Arc<Mailbox>>) = match self.topics.lock() {
+            Ok(topics) => (
+                topics.get_key_value(topic).map_or_else(|| topic.into(), |(key, _)| key.clone()),
+                [topic, MEMBERS_TOPIC]
+                    .iter()
+                    .filter_map(|t| topics.get(*t))
+                    .flat_map(|subs| subs.values().cloned())
+                    .collect(),
+            ),
+            Err(_) => return,
+        };
+        let frame = view_frame(topic, position, view_json);
+        for mailbox in recipients {
+            mailbox.resend(&key, &frame);
         }
     }
 

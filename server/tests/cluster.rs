@@ -469,3 +469,64 @@ async fn after_the_listeners_are_cut_every_node_converges_within_two_seconds() {
     let acknowledged_in_log = common::audit::audit(&db, &sent).await;
     assert_eq!(acknowledged_in_log, acknowledged);
 }
+
+/// A blue/green rebuild asked for through a node that does not run the consumers: the node that
+/// does builds it, and every node swaps. A view is first made wrong in the table (as a projection
+/// with a bug would have written it) and read through a node that caches it; after the swap
+/// every node serves the rebuilt view, and that node's socket is pushed it without going back.
+#[tokio::test]
+async fn a_rebuild_asked_through_any_node_is_built_once_and_every_node_swaps() {
+    let Some(db) = common::postgres_database().await else { return };
+    let (client, token) = admin(&db);
+    let a = start_node(&db, &client).await;
+    wait_for_leadership(&client, &a, true).await;
+    let body = json!({"member_id": "bg", "name": "Blue Green", "email": "bg@example.com"});
+    assert_eq!(post(&client, format!("{}/api/members", a.base), body).await, 201);
+    assert_eq!(post(&client, format!("{}/api/members/bg/points/earn", a.base), json!({"points": 10})).await, 200);
+    settle(&client, &a).await;
+    let mut conn = sqlx::PgConnection::connect(&db).await.expect("connect");
+    sqlx::query(
+        "UPDATE membership_view SET view = replace(view, '\"Blue Green\"', '\"Wrong Name\"') WHERE member_id = 'bg'",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("a wrong view");
+    let b = start_node(&db, &client).await;
+    let name_on = async |node: &Node| -> Value {
+        let view: Value =
+            client.get(format!("{}/api/members/bg", node.base)).send().await.unwrap().json().await.unwrap();
+        view["name"].clone()
+    };
+    assert_eq!(name_on(&b).await, "Wrong Name", "b reads (and caches) the table as it is");
+    let mut socket = common::ws_connect_to(&b.base, common::As::Key(&token)).await.expect("ws");
+    socket.send(Message::Text(json!({"subscribe": "member:bg"}).to_string().into())).await.unwrap();
+    let mut next = async || loop {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(20), socket.next()).await.expect("a frame").unwrap().unwrap();
+        if let Message::Text(t) = msg {
+            return serde_json::from_str::<Value>(&t).unwrap();
+        }
+    };
+    let before = next().await;
+    assert_eq!(before["view"]["name"], "Wrong Name");
+
+    let asked = client.post(format!("{}/api/projections/membership_view/rebuild", b.base)).send().await.unwrap();
+    assert_eq!(asked.status(), 202);
+    let pushed = next().await;
+    assert_eq!(pushed["view"]["name"], "Blue Green", "b's socket is pushed the rebuilt view");
+    assert!(pushed["position"].as_i64() >= before["position"].as_i64(), "{before} then {pushed}");
+    let build: Value = client
+        .get(format!("{}/api/projections/membership_view/rebuild", b.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(build["state"], "swapped", "{build}");
+    assert_eq!(build["restarts"], 0);
+    for node in [&a, &b] {
+        assert_eq!(name_on(node).await, "Blue Green", "{} serves the rebuilt view", node.base);
+    }
+    drop(conn);
+}
