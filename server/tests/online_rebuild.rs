@@ -227,6 +227,30 @@ async fn a_projection_whose_version_changed_is_rebuilt_online_at_start() {
     assert_eq!(none.status, 404, "the search projection's version did not change: {:?}", none.body);
     assert_eq!(app.earn(&members[0], 5).await.status, 200);
     assert_eq!(app.view(&members[0]).await["points_balance"].as_i64().map(|b| b > 5), Some(true));
+
+    // `tally rebuild --online` asks the running server and follows the build to its swap; without
+    // a key it says what it needs.
+    let cli = |key: Option<String>| {
+        let base = app.base.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+            command
+                .args(["rebuild", "--online", "--projection", "member_search", "--url", &base])
+                .env_remove("TALLY_API_KEY");
+            if let Some(key) = key {
+                command.env("TALLY_API_KEY", key);
+            }
+            command.output().expect("tally rebuild runs")
+        })
+    };
+    let refused = cli(None).await.expect("ran");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs an admin key"), "{refused:?}");
+    let done = cli(Some(app.admin_token.clone())).await.expect("ran");
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{done:?}");
+    assert!(stdout.contains("member_search: rebuilt from") && stdout.contains("swapped in"), "{stdout}");
+    assert_eq!(app.get("/api/projections/member_search/rebuild").await.body["state"], "swapped");
     app.catch_up().await;
     equal_to_an_offline_rebuild(app).await;
 }
