@@ -10,7 +10,7 @@
 //!
 //! A build, with the current table ("blue") serving throughout:
 //! 1. **folding**: every event from position 0 to the head, folded in memory with the
-//!    projections' own `evolve` (as `tally rebuild` does, see `rebuild`);
+//!    projections' own `evolve` (as `tally rebuild` does, see `fold`);
 //! 2. **writing**: the folded rows into a shadow table (`<name>_next`), a chunk per transaction,
 //!    so the projector's own writes get their turn between chunks;
 //! 3. **catching_up**: the events appended meanwhile, folded and written the same way, until the
@@ -28,10 +28,10 @@
 //! `kill -9`, a new leader) is found `building` when the consumers start again, and starts again
 //! from position 0: the shadow is dropped first, so a half-built one is never used.
 
+use super::fold::Fold;
 use super::{member_search, membership_view};
 use crate::clock;
 use crate::fanout::ViewFeed;
-use crate::rebuild::Fold;
 use crate::store::{Backend, Store};
 use app::views::RebuildStatus;
 use sqlx::{AnyConnection, Connection, Row};
@@ -318,7 +318,7 @@ impl Builder {
         }
         drop(conn);
 
-        let mut fold = crate::rebuild::fold_log(&self.store, Some(progress.applied.clone())).await?;
+        let mut fold = super::fold::fold_log(&self.store, Some(progress.applied.clone())).await?;
         progress.applied.store(fold.events, Ordering::Relaxed);
         progress.set_phase("writing");
         let mut ids: Vec<String> = fold.views.keys().cloned().collect();

@@ -16,6 +16,7 @@
 
 pub mod blue_green;
 mod checkpoints;
+pub mod fold;
 pub mod member_search;
 pub mod membership_view;
 pub mod parking;
