@@ -360,21 +360,20 @@ impl Hub {
         }
     }
 
+    /// The hub's name for a member topic and the mailboxes of its subscribers and of `members`
+    /// subscribers (pending frames are kept per member topic, for both).
+    fn recipients(&self, topic: &str) -> Option<(Topic, Vec<Arc<Mailbox>>)> {
+        let topics = self.topics.lock().ok()?;
+        let key = topics.get_key_value(topic).map_or_else(|| topic.into(), |(key, _)| key.clone());
+        let subscribers = [topic, MEMBERS_TOPIC].into_iter().filter_map(|t| topics.get(t));
+        Some((key, subscribers.flat_map(|subs| subs.values().cloned()).collect()))
+    }
+
     /// Push one view again, at a position its subscribers may have been sent already: the table
     /// it was read from was replaced (a blue/green swap, see `ViewFeed::replaced`). Rare: no
     /// chunking.
     pub fn republish(&self, topic: &str, position: u64, view_json: &str) {
-        let (key, recipients): (Topic, Vec<Arc<Mailbox>>) = match self.topics.lock() {
-            Ok(topics) => (
-                topics.get_key_value(topic).map_or_else(|| topic.into(), |(key, _)| key.clone()),
-                [topic, MEMBERS_TOPIC]
-                    .iter()
-                    .filter_map(|t| topics.get(*t))
-                    .flat_map(|subs| subs.values().cloned())
-                    .collect(),
-            ),
-            Err(_) => return,
-        };
+        let Some((key, recipients)) = self.recipients(topic) else { return };
         let frame = view_frame(topic, position, view_json);
         for mailbox in recipients {
             mailbox.resend(&key, &frame);
@@ -383,22 +382,10 @@ impl Hub {
 
     /// Push one view (already serialized) on its topic.
     pub fn publish(&self, topic: &str, position: u64, view_json: &str) {
-        let (key, recipients): (Option<Topic>, Vec<Arc<Mailbox>>) = match self.topics.lock() {
-            Ok(topics) => (
-                topics.get_key_value(topic).map(|(key, _)| key.clone()),
-                [topic, MEMBERS_TOPIC]
-                    .iter()
-                    .filter_map(|t| topics.get(*t))
-                    .flat_map(|subs| subs.values().cloned())
-                    .collect(),
-            ),
-            Err(_) => return,
-        };
+        let Some((key, recipients)) = self.recipients(topic) else { return };
         if recipients.is_empty() {
             return;
         }
-        // Pending frames are kept per member topic, also for `members` subscribers.
-        let key = key.unwrap_or_else(|| topic.into());
         let frame = view_frame(topic, position, view_json);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if recipients.len() > WRITE_CHUNK => {
