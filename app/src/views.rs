@@ -107,6 +107,50 @@ pub struct ConsumerStatus {
     pub rebuild: Option<RebuildStatus>,
 }
 
+/// One change data capture source, as `GET /api/cdc` and the operations page show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+pub struct CdcSource {
+    pub name: String,
+    /// `postgres` (read from a replication slot) or `debezium` (envelopes posted to `/api/cdc/{name}`).
+    pub kind: String,
+    /// reading | standby (another process reads the slot) | failing | idle (nothing received yet)
+    pub state: String,
+    pub slot: Option<String>,
+    /// WAL the source has written that the slot has not confirmed, in bytes.
+    pub lag_bytes: Option<i64>,
+    /// How old the newest change applied was when it was applied, while behind (0 when caught up).
+    pub lag_seconds: f64,
+    /// WAL the source keeps for the slot, in bytes (its disk at risk if the reader stops).
+    pub retained_wal_bytes: Option<i64>,
+    /// Source row changes handled per second over the last few seconds, on this node.
+    pub rows_per_second: f64,
+    pub rows: CdcRows,
+    /// The newest source position applied.
+    pub last_position: Option<String>,
+    pub last_change_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// A configured limit passed (retained WAL, lag): also on `/healthz`.
+    pub warning: Option<String>,
+}
+
+/// Source row changes by what became of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+pub struct CdcRows {
+    /// Appended events.
+    pub applied: u64,
+    /// Seen before (read again after a restart, an envelope sent twice): nothing appended.
+    pub replayed: u64,
+    /// Refused by the member's rules (unknown member, email in use…): nothing appended.
+    pub refused: u64,
+    /// Could not be made a command (a missing column, an invalid email): nothing appended.
+    pub invalid: u64,
+    /// Changed nothing Tally maps (another table, an unmapped column).
+    pub ignored: u64,
+}
+
 /// An online (blue/green) rebuild of a projection: built in shadow tables while the current ones
 /// serve, then swapped in (see docs/api.md, "Rebuilding a projection online").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! `tally-bench`: measure the CQRS promise on this machine, in one run, on a fresh database.
 //!
 //! Starts the `tally` binary that sits next to this one as a separate process, seeds it over HTTP
-//! through the real command path, then runs P1–P9 and P6b (see BENCHMARKS.md) and prints a table (also
+//! through the real command path, then runs P1–P10 and P6b (see BENCHMARKS.md) and prints a table (also
 //! written as JSON). The load is generated in this process.
 //!
 //! Every request says who it is, as the server requires: the harness creates an admin key and a
@@ -9,6 +9,7 @@
 //! few members in through access links for what members do (read their own view and page, watch
 //! their own topic, sign in).
 
+mod cdc;
 mod compose;
 mod floor;
 mod live;
@@ -116,6 +117,21 @@ struct RunArgs {
     /// Tiny sizes, for the test suite's smoke run (the figures mean nothing).
     #[arg(long)]
     smoke: bool,
+    /// P10: source rows written before the reader starts (the backlog).
+    #[arg(long, default_value_t = 200_000)]
+    cdc_backlog: usize,
+    /// P10: single-row source updates per second while freshness is measured.
+    #[arg(long, default_value_t = 1_000.0)]
+    cdc_rate: f64,
+    /// P10: seconds of those updates.
+    #[arg(long, default_value_t = 10)]
+    cdc_seconds: u64,
+    /// P10: members watched by a socket each (the updates go round them).
+    #[arg(long, default_value_t = 1_000)]
+    cdc_watched: usize,
+    /// P10: the PostgreSQL server the system of record's database is made on (wal_level = logical).
+    #[arg(long, env = "TALLY_BENCH_POSTGRES", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    postgres: String,
     /// Run only these measures (e.g. `--only P3,P6`); all by default. P2 needs P1.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -144,6 +160,10 @@ impl RunArgs {
             self.fanout_rounds = 2;
             self.rebuild_events = 2_000;
             self.rebuild_runs = 1;
+            self.cdc_backlog = 2_000;
+            self.cdc_rate = 100.0;
+            self.cdc_seconds = 1;
+            self.cdc_watched = 20;
         }
         self
     }
@@ -483,6 +503,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rows.push(sign_in_storm(&args, &server, &sessions).await?);
     }
 
+    // P10: change data capture, on a server of its own fed by a database of its own.
+    if args.wants("P10") {
+        rows.push(cdc_row(&args, &tally, work.path()).await?);
+    }
+
     // P6: top the log up, (P6b: rebuild online under P1's read load,) stop the server, rebuild
     // offline.
     let wants_online = args.wants("P6b");
@@ -554,6 +579,49 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     eprintln!("results written to {}", args.out.display());
     Ok(())
+}
+
+/// P10's row (not met, with the reason, when it could not run; the smoke run fails then).
+async fn cdc_row(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Result<Row> {
+    let settings = cdc::Settings {
+        admin_url: args.postgres.clone(),
+        backlog: args.cdc_backlog,
+        rate: args.cdc_rate,
+        seconds: args.cdc_seconds,
+        watched: args.cdc_watched,
+    };
+    let measure = format!(
+        "CDC from a PostgreSQL source's slot: a backlog of {} rows, then {} single-row updates/s for {} s to members watched by {} sockets; from the source's COMMIT to the socket",
+        args.cdc_backlog, args.cdc_rate, args.cdc_seconds, args.cdc_watched
+    );
+    let target = "freshness p50 ≤ 50 ms, p99 ≤ 250 ms at 1,000 rows/s; backlog ≥ 10,000 rows/s";
+    Ok(match cdc::measure(tally, work, &settings).await {
+        Ok(m) => Row {
+            id: "P10",
+            measure,
+            result: format!(
+                "backlog {} rows in {:.1} s: {:.0} rows/s; freshness p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} updates received, sent at {:.0}/s)",
+                m.backlog, m.backlog_secs, m.backlog_rows_per_sec, m.p50_ms, m.p99_ms, m.max_ms, m.received, m.updates, m.sent_rate
+            ),
+            target,
+            met: Some(m.p50_ms <= 50.0 && m.p99_ms <= 250.0 && m.backlog_rows_per_sec >= 10_000.0 && m.received == m.updates),
+            server_cpu_percent: Some(m.cpu_percent),
+            server_rss_mib: Some(m.rss_mib),
+            figures: json!({"backlog_rows": m.backlog, "backlog_secs": m.backlog_secs, "backlog_rows_per_sec": m.backlog_rows_per_sec,
+                "updates": m.updates, "received": m.received, "sent_rate": m.sent_rate, "p50_ms": m.p50_ms, "p99_ms": m.p99_ms, "max_ms": m.max_ms}),
+        },
+        Err(err) if args.smoke => return Err(err.context("P10")),
+        Err(err) => Row {
+            id: "P10",
+            measure,
+            result: format!("not measured: {err:#}"),
+            target,
+            met: None,
+            server_cpu_percent: None,
+            server_rss_mib: None,
+            figures: json!({"error": format!("{err:#}")}),
+        },
+    })
 }
 
 /// P6b: P1's read load before and during an online (blue/green) rebuild of the membership views.

@@ -56,3 +56,31 @@ test("an admin rebuilds a projection online from the operations page while it ke
   await expect(page.getByTestId("points-balance")).toHaveText("120");
   await context.close();
 });
+
+test("a change captured from a system of record shows on the operations page and becomes a member", async ({ browser }) => {
+  const api = await adminApi();
+  const customer = Date.now();
+  const event = {
+    before: null,
+    after: { id: customer, first_name: "Captured Customer", email: `${unique("captured")}@shop.example` },
+    op: "c",
+    source: { connector: "mysql", db: "inventory", table: "customers", file: "mysql-bin.000001", pos: customer, row: 0 },
+  };
+  const posted = await api.post("/api/cdc/shop", { data: event });
+  expect(posted.status()).toBe(200);
+  expect((await posted.json()).rows.applied).toBe(1);
+
+  const made = await api.post("/api/users", {
+    data: { email: `${unique("watcher")}@tally.example`, name: "Cdc Watcher", role: "staff" },
+  });
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await claim(page, (await made.json()).access_link.url);
+  await page.goto("/admin/operations");
+  const row = page.getByTestId("cdc-shop");
+  await expect(row).toContainText("debezium");
+  await expect(row).toContainText("reading");
+  await page.goto(`/members/shop-${customer}`);
+  await expect(page.getByText("Captured Customer").first()).toBeVisible();
+  await context.close();
+});

@@ -1,11 +1,11 @@
 //! `tally keys create` and `tally users create`: identity on the database directly, for the
 //! first admin (no one can sign in before there is one) and for scripts. `tally rebuild --online`:
-//! a client of a running server's API.
+//! a client of a running server's API. `tally cdc`: change data capture outside the server.
 
 use crate::auth::accounts::Accounts;
 use crate::auth::keys::Keys;
 use crate::auth::links::{self, LinkFor};
-use crate::config::{DatabaseArgs, KeyCreateArgs, RebuildArgs, UserCreateArgs};
+use crate::config::{CdcAction, CdcArgs, DatabaseArgs, KeyCreateArgs, RebuildArgs, UserCreateArgs};
 use crate::store::{PoolSizes, Store};
 use anyhow::Context;
 
@@ -98,5 +98,50 @@ pub async fn rebuild_online(args: &RebuildArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `tally cdc`: read the configuration's PostgreSQL sources into the event store until ctrl-c or
+/// SIGTERM (the consumers of a running server, or the next one started, apply what is appended);
+/// `tally cdc drop-slot --source S`: remove S's slot.
+pub async fn cdc(args: &CdcArgs) -> anyhow::Result<()> {
+    use crate::cdc::{config::CdcConfig, slot, status::CdcStatus};
+    let config = CdcConfig::load(&args.config)?;
+    let sources: Vec<_> = config
+        .sources
+        .iter()
+        .filter(|s| args.source.as_ref().is_none_or(|name| &s.name == name))
+        .filter(|s| s.postgres_url.is_some())
+        .cloned()
+        .collect();
+    if let Some(name) = &args.source {
+        anyhow::ensure!(!sources.is_empty(), "no PostgreSQL source '{name}' in {}", args.config.display());
+    }
+    if let Some(CdcAction::DropSlot) = args.action {
+        let name = args.source.as_deref().context("drop-slot needs --source")?;
+        let source = &sources[0];
+        match slot::drop_slot(source).await? {
+            true => println!("dropped the slot {} of source {name}", source.slot_name()),
+            false => println!("source {name} has no slot {}", source.slot_name()),
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(!sources.is_empty(), "{} has no PostgreSQL source (postgres_url) to read", args.config.display());
+    let store = Store::open(&args.db.database_url, &PoolSizes { read: 1, write: 1 }, args.db.durable).await.context(
+        "opening the event store (on SQLite, stop the server that holds the file, or give it --cdc-config instead)",
+    )?;
+    let head = std::sync::Arc::new(tokio::sync::watch::Sender::new(store.head().await?));
+    let (bus, writer) = crate::commands::CommandBus::start(store.clone(), head);
+    let status = std::sync::Arc::new(CdcStatus::new(&sources, store.health.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let readers: Vec<_> =
+        sources.into_iter().map(|s| tokio::spawn(slot::read(bus.clone(), status.clone(), s, stop.clone()))).collect();
+    crate::shutdown_on_signal(stop.clone()).await;
+    for reader in readers {
+        let _ = reader.await;
+    }
+    drop(bus);
+    let _ = writer.await;
+    store.write.close().await;
     Ok(())
 }

@@ -33,6 +33,9 @@ pub enum Commands {
     Rebuild(RebuildArgs),
     /// Enroll demo members and record demo purchases through the real command path.
     Seed(SeedArgs),
+    /// Read the PostgreSQL sources of a CDC configuration (docs/cdc.md) into the event store until
+    /// stopped, or drop a source's replication slot.
+    Cdc(CdcArgs),
     /// Keys of machine clients.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -61,6 +64,27 @@ pub struct RebuildArgs {
     pub projections: Vec<String>,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct CdcArgs {
+    #[command(subcommand)]
+    pub action: Option<CdcAction>,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The CDC configuration (TOML; docs/cdc.example.toml).
+    #[arg(long, env = "TALLY_CDC_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// Only this source (default: every PostgreSQL source in the configuration).
+    #[arg(long, global = true)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CdcAction {
+    /// Remove the source's replication slot (`--source`), so its database keeps no WAL for Tally.
+    /// Changes made while there is no slot are not read.
+    DropSlot,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create a key and print its token (alone, on the last line). Works on the database
@@ -75,7 +99,8 @@ pub struct KeyCreateArgs {
     /// What the key is for (a till, a web shop, a scraper).
     #[arg(long)]
     pub name: String,
-    /// admin, staff, channel (post purchases only) or metrics (read /metrics only).
+    /// admin, staff, channel (post purchases only), cdc (post change events only) or metrics (read
+    /// /metrics only).
     #[arg(long)]
     pub role: String,
 }
@@ -159,6 +184,10 @@ pub struct ServeArgs {
     pub unhealthy_after_secs: u64,
     #[command(flatten)]
     pub access: AccessArgs,
+    /// A CDC configuration (TOML, docs/cdc.md): its PostgreSQL sources are read by this server, and
+    /// its sources take Debezium change events at `POST /api/cdc/{source}`.
+    #[arg(long, env = "TALLY_CDC_CONFIG")]
+    pub cdc_config: Option<std::path::PathBuf>,
     /// Test hooks (see `faults`): no flag or variable sets them.
     #[arg(skip)]
     pub faults: crate::faults::Faults,

@@ -35,6 +35,8 @@ struct Part {
     restarts: u64,
     /// A consumer's parked streams (see `projector::parking`).
     parked: u64,
+    /// A limit passed that does not stop the part (a CDC slot holding back too much WAL).
+    warning: Option<String>,
 }
 
 /// One part as `/healthz?verbose` shows it.
@@ -42,7 +44,7 @@ struct Part {
 pub struct PartReport {
     pub name: &'static str,
     /// `ok`, `degraded` (a consumer with parked streams: it serves, every other stream goes
-    /// on), or `failing` (since `failing_for_secs`).
+    /// on; or a warning, see `warning`), or `failing` (since `failing_for_secs`).
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failing_for_secs: Option<f64>,
@@ -51,6 +53,9 @@ pub struct PartReport {
     pub restarts: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub parked: u64,
+    /// A limit passed that needs someone's attention but does not make the node unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -65,6 +70,9 @@ pub struct Report {
     /// Why the node is unavailable, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Every part's warning (the node still answers 200).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub parts: Vec<PartReport>,
 }
 
@@ -142,6 +150,18 @@ impl Health {
         parts.entry(part).or_default().parked = streams as u64;
     }
 
+    /// `part` passed a limit (`Some`), or is back within it (`None`).
+    pub fn warn(&self, part: &'static str, warning: Option<String>) {
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = parts.entry(part).or_default();
+        if entry.warning != warning {
+            if let Some(warning) = &warning {
+                tracing::warn!(part, %warning, "limit passed");
+            }
+            entry.warning = warning;
+        }
+    }
+
     /// `part` crashed or ended and is started again.
     pub fn restarted(&self, part: &'static str, reason: &str) {
         self.failing(part, reason);
@@ -158,15 +178,16 @@ impl Health {
                 .iter()
                 .map(|(name, part)| PartReport {
                     name,
-                    state: match (part.failing_since, part.parked) {
-                        (Some(_), _) => "failing",
-                        (None, 0) => "ok",
-                        (None, _) => "degraded",
+                    state: match (part.failing_since, part.parked, &part.warning) {
+                        (Some(_), _, _) => "failing",
+                        (None, 0, None) => "ok",
+                        (None, _, _) => "degraded",
                     },
                     failing_for_secs: part.failing_since.map(|since| since.elapsed().as_secs_f64()),
                     reason: part.reason.clone(),
                     restarts: part.restarts,
                     parked: part.parked,
+                    warning: part.warning.clone(),
                 })
                 .collect()
         };
@@ -178,7 +199,8 @@ impl Health {
                 .map(|p| format!("{} failing: {}", p.name, p.reason.as_deref().unwrap_or("unknown error"))),
         };
         let status = if reason.is_some() { "unavailable" } else { "ok" };
-        Report { status, reason, parts }
+        let warnings = parts.iter().filter_map(|p| p.warning.as_ref().map(|w| format!("{}: {w}", p.name))).collect();
+        Report { status, reason, warnings, parts }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Tally's server, as a library so that `main`, the CLI tools and the tests build the same app.
 
 pub mod auth;
+pub mod cdc;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -71,6 +72,8 @@ pub struct Services {
     pub client_ip_header: Option<String>,
     /// See `AccessArgs::ws_idle_secs`.
     pub ws_idle: Duration,
+    /// Change data capture sources (none unless `--cdc-config`).
+    pub cdc: Arc<cdc::Cdc>,
 }
 
 impl FromRef<AppState> for LeptosOptions {
@@ -149,6 +152,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
             move || operations::publish(hub.clone(), consumers.clone(), shutdown.clone())
         }),
     ];
+    let (cdc, readers) = cdc::Cdc::start(args.cdc_config.as_deref(), &bus, &health, &shutdown)
+        .context("starting change data capture")?;
+    tasks.extend(readers);
     match store.backend {
         // One node: run the consumers here, now.
         store::Backend::Sqlite => tasks.extend(consumers.run(shutdown.clone())),
@@ -180,6 +186,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Tally> {
         auth,
         client_ip_header: access.client_ip_header.clone().filter(|h| !h.trim().is_empty()),
         ws_idle: Duration::from_secs(access.ws_idle_secs.max(1)),
+        cdc,
     }));
     if args.demo {
         seed::demo_if_empty(&state).await.context("seeding demo members")?;

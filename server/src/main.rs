@@ -14,6 +14,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Commands::Serve(args)) => serve(args).await,
         Some(Commands::Migrate(db)) => server::seed::migrate(&db).await,
         Some(Commands::Seed(args)) => server::seed::run(&args).await,
+        Some(Commands::Cdc(args)) => server::cli::cdc(&args).await,
         Some(Commands::Keys(KeysCommand::Create(args))) => server::cli::create_key(&args).await,
         Some(Commands::Users(UsersCommand::Create(args))) => server::cli::create_user(&args).await,
         Some(Commands::Rebuild(args)) if args.online => server::cli::rebuild_online(&args).await,

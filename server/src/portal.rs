@@ -111,6 +111,10 @@ impl Portal for ServerPortal {
         self.state.consumers.statuses().await.map_err(|e| app_err(ApiError::Internal(e)))
     }
 
+    async fn cdc_sources(&self) -> Result<Vec<app::views::CdcSource>, AppError> {
+        Ok(self.state.cdc.status.list())
+    }
+
     async fn execute(&self, caller: &Caller, command: PortalCommand) -> Result<CommandAck, AppError> {
         let command = match command {
             PortalCommand::Enroll { name, email } => {

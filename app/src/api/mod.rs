@@ -123,6 +123,13 @@ pub async fn get_consumers() -> Result<Vec<ConsumerStatus>, AppError> {
     portal()?.consumers().await.map_err(AppError::answered)
 }
 
+/// Staff: the change data capture sources (the operations page).
+#[server(prefix = "/_fn")]
+pub async fn get_cdc_sources() -> Result<Vec<crate::views::CdcSource>, AppError> {
+    authorized(crate::domain::access::Action::Operations)?;
+    portal()?.cdc_sources().await.map_err(AppError::answered)
+}
+
 /// A member's history with who caused each event (staff: the audit trail).
 #[server(prefix = "/_fn")]
 pub async fn member_history(member_id: String) -> Result<Vec<HistoryEntry>, AppError> {

@@ -49,6 +49,8 @@ pub trait Portal: Send + Sync + 'static {
     async fn wait_for_position(&self, position: u64);
     async fn search(&self, query: MemberQuery) -> Result<MemberPage, AppError>;
     async fn consumers(&self) -> Result<Vec<ConsumerStatus>, AppError>;
+    /// The change data capture sources, as `GET /api/cdc` lists them.
+    async fn cdc_sources(&self) -> Result<Vec<crate::views::CdcSource>, AppError>;
     /// Run a command as `caller` (its actor in the events).
     async fn execute(&self, caller: &Caller, command: PortalCommand) -> Result<CommandAck, AppError>;
     /// A member's events, oldest first, with who caused each.

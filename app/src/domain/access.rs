@@ -15,6 +15,9 @@ pub enum Role {
     Channel,
     /// A metrics scraper: reads `/metrics`, nothing else.
     Metrics,
+    /// A change data capture feed (Debezium): posts change events to `/api/cdc/{source}`, nothing
+    /// else.
+    Cdc,
     /// People who run the programme.
     Staff,
     /// Staff, plus keys, people accounts and operations.
@@ -26,6 +29,7 @@ impl Role {
         match self {
             Role::Channel => "channel",
             Role::Metrics => "metrics",
+            Role::Cdc => "cdc",
             Role::Staff => "staff",
             Role::Admin => "admin",
         }
@@ -35,6 +39,7 @@ impl Role {
         match raw {
             "channel" => Some(Role::Channel),
             "metrics" => Some(Role::Metrics),
+            "cdc" => Some(Role::Cdc),
             "staff" => Some(Role::Staff),
             "admin" => Some(Role::Admin),
             _ => None,
@@ -146,6 +151,8 @@ pub enum Action<'a> {
     OperateViews,
     /// `GET /metrics`.
     ReadMetrics,
+    /// `POST /api/cdc/{source}`: change events of a system of record.
+    FeedChanges,
     /// Keys and people accounts.
     Administer,
 }
@@ -178,6 +185,7 @@ pub fn authorize(caller: &Caller, action: Action) -> Result<(), Denied> {
         Action::RecordPurchase => role.is_staff() || role == Role::Channel,
         Action::Operations => role.is_staff(),
         Action::ReadMetrics => role.is_staff() || role == Role::Metrics,
+        Action::FeedChanges => role == Role::Cdc || role == Role::Admin,
         Action::Administer | Action::OperateViews => role == Role::Admin,
     };
     if allowed {
@@ -265,6 +273,23 @@ mod tests {
             Action::Administer,
         ] {
             assert_eq!(authorize(&scraper, action), Err(F), "{action:?}");
+        }
+    }
+
+    #[test]
+    fn a_cdc_key_feeds_changes_and_nothing_else() {
+        row(Action::FeedChanges, [Err(U), Err(F), Err(F), Err(F), Err(F), OK]);
+        let feed = key(Role::Cdc);
+        assert_eq!(authorize(&feed, Action::FeedChanges), OK);
+        for action in [
+            Action::ReadMember("ada"),
+            Action::ManageMembers,
+            Action::RecordPurchase,
+            Action::Operations,
+            Action::ReadMetrics,
+            Action::Administer,
+        ] {
+            assert_eq!(authorize(&feed, action), Err(F), "{action:?}");
         }
     }
 

@@ -32,6 +32,7 @@ pub fn KeysPage() -> impl IntoView {
                     <select name="role">
                         <option value="channel">"channel: post purchases"</option>
                         <option value="metrics">"metrics: read /metrics"</option>
+                        <option value="cdc">"cdc: post change events"</option>
                         <option value="staff">"staff"</option>
                         <option value="admin">"admin"</option>
                     </select>

@@ -2,14 +2,17 @@
 //! charts of its throughput and lag over the last two minutes, pushed over the live socket (topic
 //! `operations`, a sample a second: no polling); and the streams the consumers hold back (parked
 //! events, see docs/api.md), with retry and skip; and, for admins, a Rebuild button per projection
-//! (an online, blue/green rebuild) whose progress shows in its chart's card as it goes. The charts
-//! are one island; the forms are plain, so they work without JavaScript.
+//! (an online, blue/green rebuild) whose progress shows in its chart's card as it goes; and each
+//! change data capture source (its lag, rows per second, last error) as of the page's load. The
+//! charts are one island; the forms are plain, so they work without JavaScript.
 
-use crate::api::{get_consumers, get_parked, RebuildProjection, RetryParked, SkipParked};
+use crate::api::{get_cdc_sources, get_consumers, get_parked, RebuildProjection, RetryParked, SkipParked};
 use crate::components::forms::{failed, staff_gate, Outcome};
 use crate::error::AppError;
 use crate::format;
-use crate::views::{ConsumerStatus, Flash, ParkedRow, ParkedStream, RebuildStatus, OPERATIONS_WINDOW as WINDOW};
+use crate::views::{
+    CdcSource, ConsumerStatus, Flash, ParkedRow, ParkedStream, RebuildStatus, OPERATIONS_WINDOW as WINDOW,
+};
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn;
 use leptos_meta::Title;
@@ -23,6 +26,7 @@ pub fn OperationsPage() -> impl IntoView {
     let flash = crate::request::take_flash();
     let consumers = Resource::new_blocking(|| (), |_| get_consumers());
     let parked = Resource::new_blocking(|| (), |_| get_parked());
+    let cdc = Resource::new_blocking(|| (), |_| get_cdc_sources());
     let error = failed::<RetryParked>("parked").or_else(|| failed::<SkipParked>("parked"));
     let rebuild_error = failed::<RebuildProjection>("rebuild");
     view! {
@@ -32,7 +36,7 @@ pub fn OperationsPage() -> impl IntoView {
             {move || {
                 let (flash, error, rebuild_error) = (flash.clone(), error.clone(), rebuild_error.clone());
                 Suspend::new(async move {
-                    let (consumers, parked) = (consumers.await, parked.await);
+                    let (consumers, parked, cdc) = (consumers.await, parked.await, cdc.await);
                     view! {
                         <Outcome form="rebuild" error=rebuild_error flash=flash.clone()/>
                         {match consumers {
@@ -40,6 +44,7 @@ pub fn OperationsPage() -> impl IntoView {
                             Err(err) => view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
                         }}
                         <ParkedStreams parked admin flash error/>
+                        <CdcSources sources=cdc/>
                     }
                 })
             }}
@@ -97,6 +102,48 @@ fn LiveCharts(initial: Vec<ConsumerStatus>, admin: bool) -> impl IntoView {
             })}
         </div>
     }
+}
+
+/// Each change data capture source: how far behind its system of record, how fast, what went
+/// wrong last (docs/cdc.md). Nothing when none is configured.
+#[component]
+fn CdcSources(sources: Result<Vec<CdcSource>, AppError>) -> impl IntoView {
+    let sources = match sources {
+        Err(err) => return view! { <p class="form-error" role="alert">{err.message}</p> }.into_any(),
+        Ok(sources) if sources.is_empty() => return ().into_any(),
+        Ok(sources) => sources,
+    };
+    let mb = |bytes: Option<i64>| bytes.map_or("–".to_string(), |b| format!("{:.1} MB", b as f64 / 1_048_576.0));
+    view! {
+        <section class="card" data-testid="cdc">
+            <h2>"Change data capture"</h2>
+            <div class="table-wrap">
+                <table>
+                    <thead><tr>
+                        <th>"Source"</th><th>"State"</th><th class="num">"Lag"</th><th class="num">"Retained WAL"</th>
+                        <th class="num">"Rows/s"</th><th class="num">"Applied"</th><th>"Last error"</th>
+                    </tr></thead>
+                    <tbody>
+                        {sources.into_iter().map(|s| view! {
+                            <tr data-testid=format!("cdc-{}", s.name)>
+                                <td><code>{s.name.clone()}</code> " " <span class="small muted">{s.kind.clone()}</span></td>
+                                <td>
+                                    <span class=format!("badge state-{}", s.state)>{s.state.clone()}</span>
+                                    {s.warning.clone().map(|w| view! { <p class="small form-error">{w}</p> })}
+                                </td>
+                                <td class="num">{mb(s.lag_bytes)} " · " {format!("{:.1} s", s.lag_seconds)}</td>
+                                <td class="num">{mb(s.retained_wal_bytes)}</td>
+                                <td class="num">{format::rate(s.rows_per_second)}</td>
+                                <td class="num">{format::points(s.rows.applied)}</td>
+                                <td><code class="small">{s.last_error.clone().unwrap_or_default()}</code></td>
+                            </tr>
+                        }).collect_view()}
+                    </tbody>
+                </table>
+            </div>
+        </section>
+    }
+    .into_any()
 }
 
 /// An online rebuild under way: its phase and a bar of the events folded.

@@ -219,8 +219,9 @@ impl Keys {
 /// A validated new key (without its secret).
 fn new_key(name: &str, role: &str) -> Result<KeyInfo, KeyError> {
     let name = app::domain::validate::name(name).map_err(|e| KeyError::Invalid(format!("key {e}")))?;
-    let role = Role::parse(role)
-        .ok_or_else(|| KeyError::Invalid(format!("role must be admin, staff, channel or metrics, got '{role}'")))?;
+    let role = Role::parse(role).ok_or_else(|| {
+        KeyError::Invalid(format!("role must be admin, staff, channel, cdc or metrics, got '{role}'"))
+    })?;
     Ok(KeyInfo { id: secret::random_id(), name, role, created_at: crate::clock::now(), last_used_at: None })
 }
 

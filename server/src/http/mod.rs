@@ -1,6 +1,7 @@
 //! The HTTP surface: REST commands and queries, `/ws`, operations. Pages are added in `lib.rs`.
 
 pub mod auth;
+pub mod cdc;
 pub mod commands;
 pub mod error;
 pub mod guard;
@@ -35,6 +36,8 @@ pub fn api_routes() -> Router<AppState> {
         .route("/api/projections/{name}/parked/{stream}/retry", post(parked::retry))
         .route("/api/projections/{name}/parked/{stream}/skip", post(parked::skip))
         .route("/api/projections/{name}/rebuild", post(rebuilds::start).get(rebuilds::show))
+        .route("/api/cdc", get(cdc::list))
+        .route("/api/cdc/{source}", post(cdc::receive))
         .route("/api/signup", post(auth::sign_up))
         .route("/api/session", post(auth::sign_in).delete(auth::sign_out))
         .route("/api/me", get(auth::me))

@@ -4,7 +4,7 @@
 //! (request bodies, outcomes, views, errors), so it changes when they do. `scripts/test` runs
 //! schemathesis against it on a live server.
 
-use super::{auth, commands, error, ops, parked, queries, rebuilds};
+use super::{auth, cdc, commands, error, ops, parked, queries, rebuilds};
 use axum::response::IntoResponse;
 use utoipa::openapi::security::{
     ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
@@ -51,6 +51,8 @@ use utoipa::{Modify, OpenApi};
         parked::skip,
         rebuilds::start,
         rebuilds::show,
+        cdc::receive,
+        cdc::list,
         ops::healthz,
         ops::livez,
         ops::metrics,
@@ -63,6 +65,7 @@ use utoipa::{Modify, OpenApi};
         (name = "queries", description = "Read the views"),
         (name = "identity", description = "Accounts, sessions, keys, access links"),
         (name = "operations", description = "Health, metrics, consumer status, parked events, online rebuilds"),
+        (name = "cdc", description = "Change data capture: Debezium change events of a system of record, and each source's lag"),
     )
 )]
 pub struct ApiDoc;

@@ -23,6 +23,10 @@ pub struct HealthBody {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// Limits passed that need attention but leave the node serving (a CDC slot holding back too
+    /// much of its source's WAL): the status stays `ok`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
     /// With `?verbose`: every background part, and why it fails.
     #[serde(skip_serializing_if = "Option::is_none")]
     parts: Option<Vec<crate::health::PartReport>>,
@@ -60,7 +64,8 @@ pub async fn healthz(
         None => StatusCode::OK,
     };
     let parts = query.verbose.is_some().then_some(report.parts);
-    Ok((status, Json(HealthBody { status: report.status, reason: report.reason, parts })).into_response())
+    Ok((status, Json(HealthBody { status: report.status, reason: report.reason, warnings: report.warnings, parts }))
+        .into_response())
 }
 
 /// Liveness: the process answers HTTP. Touches nothing else (also the benchmark's ceiling).

@@ -100,6 +100,7 @@ pub fn args(database_url: &str) -> ServeArgs {
         request_timeout_secs: 30,
         unhealthy_after_secs: 30,
         access: AccessArgs::default(),
+        cdc_config: None,
         faults: Default::default(),
     }
 }
