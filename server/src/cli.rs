@@ -106,7 +106,8 @@ pub async fn rebuild_online(args: &RebuildArgs) -> anyhow::Result<()> {
 /// `tally cdc drop-slot --source S`: remove S's slot.
 pub async fn cdc(args: &CdcArgs) -> anyhow::Result<()> {
     use crate::cdc::{config::CdcConfig, slot, status::CdcStatus};
-    let config = CdcConfig::load(&args.config)?;
+    let path = args.config.as_deref().context("give the CDC configuration: --config cdc.toml (or TALLY_CDC_CONFIG)")?;
+    let config = CdcConfig::load(path)?;
     let sources: Vec<_> = config
         .sources
         .iter()
@@ -115,7 +116,7 @@ pub async fn cdc(args: &CdcArgs) -> anyhow::Result<()> {
         .cloned()
         .collect();
     if let Some(name) = &args.source {
-        anyhow::ensure!(!sources.is_empty(), "no PostgreSQL source '{name}' in {}", args.config.display());
+        anyhow::ensure!(!sources.is_empty(), "no PostgreSQL source '{name}' in {}", path.display());
     }
     if let Some(CdcAction::DropSlot) = args.action {
         let name = args.source.as_deref().context("drop-slot needs --source")?;
@@ -126,7 +127,7 @@ pub async fn cdc(args: &CdcArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    anyhow::ensure!(!sources.is_empty(), "{} has no PostgreSQL source (postgres_url) to read", args.config.display());
+    anyhow::ensure!(!sources.is_empty(), "{} has no PostgreSQL source (postgres_url) to read", path.display());
     let store = Store::open(&args.db.database_url, &PoolSizes { read: 1, write: 1 }, args.db.durable).await.context(
         "opening the event store (on SQLite, stop the server that holds the file, or give it --cdc-config instead)",
     )?;

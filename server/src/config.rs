@@ -70,9 +70,9 @@ pub struct CdcArgs {
     pub action: Option<CdcAction>,
     #[command(flatten)]
     pub db: DatabaseArgs,
-    /// The CDC configuration (TOML; docs/cdc.example.toml).
-    #[arg(long, env = "TALLY_CDC_CONFIG")]
-    pub config: std::path::PathBuf,
+    /// The CDC configuration (TOML; docs/cdc.example.toml). Required.
+    #[arg(long, env = "TALLY_CDC_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
     /// Only this source (default: every PostgreSQL source in the configuration).
     #[arg(long, global = true)]
     pub source: Option<String>,

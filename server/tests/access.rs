@@ -196,6 +196,14 @@ async fn every_rest_route_answers_each_principal_exactly_as_api_md_says() {
         (Method::POST, "/api/projections/loyalty_policy/rebuild".into(), None)
     })
     .await;
+    row(&app, &p, "GET /api/cdc", staff_only, |_| get("/api/cdc".into())).await;
+    // Change events come from `cdc` keys (docs/cdc.md): no one here but the admin may post them
+    // (and this server has no such source).
+    let no_source = [UNAUTH, FORBID, FORBID, FORBID, FORBID, Cell::Err(404, "not_found"), FORBID];
+    row(&app, &p, "POST /api/cdc/{source}", no_source, |_| {
+        (Method::POST, "/api/cdc/crm".into(), Some(json!({"op": "c", "after": {}, "source": {"table": "t", "lsn": 1}})))
+    })
+    .await;
     row(&app, &p, "GET /api/keys", admin_only(200), |_| get("/api/keys".into())).await;
     row(&app, &p, "POST /api/keys", admin_only(201), |i| {
         (Method::POST, "/api/keys".into(), Some(json!({"name": format!("till {i}"), "role": "channel"})))

@@ -62,8 +62,12 @@ impl Source {
         PgConnection::connect(&self.url).await.expect("source reachable")
     }
 
-    /// The CDC configuration that reads this source as `crm`.
+    /// The CDC configuration that reads this source as `crm` (`extra`: more settings of the source).
     fn config(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        self.config_with(dir, "")
+    }
+
+    fn config_with(&self, dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
         let text = format!(
             r#"
 [[source]]
@@ -71,6 +75,7 @@ name = "crm"
 postgres_url = "{url}"
 slot = "{slot}"
 poll_ms = 5
+{extra}
 
 [source.customers]
 table = "customers"
@@ -87,7 +92,7 @@ customer = "customer_id"
 amount_cents = "total_cents"
 "#,
             url = self.url,
-            slot = self.slot
+            slot = self.slot,
         );
         let path = dir.join("cdc.toml");
         std::fs::write(&path, text).expect("config written");
@@ -471,4 +476,53 @@ currency = "currency"
     let status = cdc_status(&app, "shop").await;
     assert_eq!((status["kind"].as_str(), status["rows"]["replayed"].as_u64()), (Some("debezium"), Some(6)), "{status}");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slot_holding_back_too_much_wal_warns_and_drop_slot_removes_it() {
+    let Some(source) = Source::create(true).await else { return };
+    let (url, dir) = common::sqlite_database();
+    let config = source.config_with(dir.path(), "max_retained_wal_mb = 0");
+    let mut args = common::args(&url);
+    args.cdc_config = Some(config.clone());
+    let app = common::spawn_with(&args, dir.clone()).await;
+    eventually(Duration::from_secs(20), "the reader takes its slot", || async {
+        cdc_status(&app, "crm").await["state"] == "reading"
+    })
+    .await;
+    let mut db = source.connect().await;
+    source.exec(&mut db, "INSERT INTO customers (full_name, email) VALUES ('Eve Ng', 'eve@example.com')").await;
+    eventually(Duration::from_secs(20), "the retained WAL passes the limit", || async {
+        cdc_status(&app, "crm").await["warning"].as_str().is_some_and(|w| w.contains("holds back"))
+    })
+    .await;
+    // A warning, not an outage: the node still answers 200 and names it.
+    let (status, health) = common::audit::health(&app.client, &app.base).await;
+    assert_eq!(status, 200, "{health}");
+    let warnings = health["warnings"].as_array().cloned().unwrap_or_default();
+    assert!(warnings.iter().any(|w| w.as_str().is_some_and(|w| w.contains(&source.slot))), "{health}");
+    let metrics =
+        app.client.get(format!("{}/metrics", app.base)).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("tally_cdc_warning{source=\"crm\"} 1"), "the warning's metric");
+    app.stop().await;
+
+    assert_eq!(slots(&mut db, &source.slot).await, 1);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["cdc", "drop-slot", "--source", "crm", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("tally cdc drop-slot runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("dropped the slot"));
+    assert_eq!(slots(&mut db, &source.slot).await, 0, "the source keeps no WAL for Tally any more");
+}
+
+/// How many replication slots are named `slot`.
+async fn slots(db: &mut PgConnection, slot: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+        .bind(slot)
+        .fetch_one(db)
+        .await
+        .expect("slots")
 }

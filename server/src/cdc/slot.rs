@@ -102,7 +102,10 @@ async fn session(
         watch.look(&mut conn, status, false).await?;
         let (changes, last_commit, rows) = peek(&mut conn, &slot, source.batch_rows).await?;
         let Some(last_commit) = last_commit else {
-            watch.caught_up();
+            if watch.lag_seconds > 0.0 {
+                watch.lag_seconds = 0.0;
+                status.counted(&source.name, &[], None, Some(0.0));
+            }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
                 _ = stop.cancelled() => return Ok(()),
@@ -251,10 +254,6 @@ impl Watch {
             last: None,
             lag_seconds: 0.0,
         }
-    }
-
-    fn caught_up(&mut self) {
-        self.lag_seconds = 0.0;
     }
 
     /// At most once a second (`force`: now).
