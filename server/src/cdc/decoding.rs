@@ -229,6 +229,8 @@ mod tests {
         };
         assert_eq!(at.to_rfc3339(), "2026-12-07T10:00:00+00:00");
         assert!(matches!(parse("table public.orders: TRUNCATE: (no-flags)"), Ok(Line::Other(_))));
+        let heartbeat = parse("message: transactional: 0 prefix: tally_heartbeat, sz: 0 content:");
+        assert!(matches!(heartbeat, Ok(Line::Other(text)) if text.contains("prefix: tally_heartbeat,")));
         assert!(parse("table public.x: INSERT: id[integer]:'open").is_err());
     }
 }

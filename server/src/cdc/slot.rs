@@ -33,6 +33,14 @@ pub const PLUGIN: &str = "test_decoding";
 /// How often the slot's lag and retained WAL are looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// An idle reader writes a heartbeat into the source's WAL this often (a logical decoding message,
+/// not a row: nothing in the source's tables changes) and moves the slot on to it when it reads it
+/// back. Without it a slot whose tables see no change never moves, and the source keeps every WAL
+/// segment written since by its other databases; and each peek decodes the WAL from the slot's
+/// restart point, which PostgreSQL only moves when the slot does.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_PREFIX: &str = "tally_heartbeat";
+
 /// Read `source` until `stop`; every failure (the source down, a check failing, the store refusing
 /// writes) is reported on the source's status and `/healthz` and tried again with backoff.
 pub async fn read(bus: CommandBus, status: Arc<CdcStatus>, source: SourceConfig, stop: CancellationToken) {
@@ -95,16 +103,30 @@ async fn session(
     status.state(&source.name, "reading");
     tracing::info!(source = %source.name, %slot, "reading changes");
     let poll = Duration::from_millis(source.poll_ms.max(1));
+    let mut last_heartbeat = Instant::now();
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
         watch.look(&mut conn, status, false).await?;
-        let (changes, last_commit, rows) = peek(&mut conn, &slot, source.batch_rows).await?;
+        let Peeked { changes, last_commit, rows, heartbeat } = peek(&mut conn, &slot, source.batch_rows).await?;
         let Some(last_commit) = last_commit else {
             if watch.lag_seconds > 0.0 {
                 watch.lag_seconds = 0.0;
                 status.counted(&source.name, &[], None, Some(0.0));
+            }
+            match heartbeat {
+                // Nothing of the source's own before it: the slot may move on to it.
+                Some(lsn) => advance(&mut conn, &slot, &lsn).await?,
+                None if last_heartbeat.elapsed() >= HEARTBEAT_EVERY => {
+                    sqlx::query("SELECT pg_logical_emit_message(false, $1, '')")
+                        .bind(HEARTBEAT_PREFIX)
+                        .execute(&mut conn)
+                        .await
+                        .context("writing a heartbeat to the source's WAL")?;
+                    last_heartbeat = Instant::now();
+                }
+                None => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
@@ -114,12 +136,8 @@ async fn session(
         };
         let applied = super::apply(bus, status, source, &changes).await.context("applying the source's changes")?;
         // Only now, with their events committed, may the slot forget them.
-        sqlx::query("SELECT 1 FROM pg_replication_slot_advance($1, $2::pg_lsn)")
-            .bind(&slot)
-            .bind(&last_commit)
-            .fetch_one(&mut conn)
-            .await
-            .context("advancing the slot")?;
+        advance(&mut conn, &slot, &last_commit).await?;
+        last_heartbeat = Instant::now();
         let full = rows >= source.batch_rows as usize;
         let lag = match (full, changes.last().and_then(|c| c.committed_at)) {
             (true, Some(at)) => (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0,
@@ -128,6 +146,16 @@ async fn session(
         watch.lag_seconds = lag;
         status.counted(&source.name, &applied.outcomes, applied.last_position.as_deref(), Some(lag));
     }
+}
+
+async fn advance(conn: &mut PgConnection, slot: &str, lsn: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT 1 FROM pg_replication_slot_advance($1, $2::pg_lsn)")
+        .bind(slot)
+        .bind(lsn)
+        .fetch_one(conn)
+        .await
+        .context("advancing the slot")?;
+    Ok(())
 }
 
 async fn connect(url: &str) -> anyhow::Result<PgConnection> {
@@ -193,13 +221,19 @@ async fn ensure_slot(conn: &mut PgConnection, slot: &str) -> anyhow::Result<()> 
     }
 }
 
-/// The next whole transactions in the slot, as changes; the LSN to advance the slot to; the
-/// number of rows read.
-async fn peek(
-    conn: &mut PgConnection,
-    slot: &str,
-    batch_rows: u32,
-) -> anyhow::Result<(Vec<Change>, Option<String>, usize)> {
+/// What one peek at the slot found.
+struct Peeked {
+    /// Whole transactions' changes, in commit order.
+    changes: Vec<Change>,
+    /// The LSN to advance the slot to once they are applied.
+    last_commit: Option<String>,
+    /// Rows read (changes, transaction lines, messages).
+    rows: usize,
+    /// The LSN of a heartbeat read after every transaction (see [`HEARTBEAT_EVERY`]).
+    heartbeat: Option<String>,
+}
+
+async fn peek(conn: &mut PgConnection, slot: &str, batch_rows: u32) -> anyhow::Result<Peeked> {
     let rows = sqlx::query(
         "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2, \
          'include-xids', '0', 'include-timestamp', '1', 'skip-empty-xacts', '1')",
@@ -210,9 +244,8 @@ async fn peek(
     .await
     .with_context(|| format!("reading the slot {slot}"))?;
     let count = rows.len();
-    let mut changes = Vec::new();
+    let mut peeked = Peeked { changes: Vec::new(), last_commit: None, rows: count, heartbeat: None };
     let mut open: Vec<Change> = Vec::new();
-    let mut last_commit = None;
     for row in rows {
         let (lsn, data): (String, String) = (row.try_get(0)?, row.try_get(1)?);
         match decoding::parse(&data).map_err(|e| anyhow::anyhow!("cannot read the change at {lsn} ({e}): {data}"))? {
@@ -220,18 +253,23 @@ async fn peek(
             Line::Change { table, op, before, after } => {
                 open.push(Change { table, op, before, after, position: String::new(), committed_at: None })
             }
-            Line::Other(_) => {}
+            Line::Other(text) => {
+                if text.contains(&format!("prefix: {HEARTBEAT_PREFIX},")) {
+                    peeked.heartbeat = Some(lsn);
+                }
+            }
             Line::Commit { committed_at } => {
                 for (n, mut change) in open.drain(..).enumerate() {
                     change.position = format!("{lsn}:{n}");
                     change.committed_at = committed_at;
-                    changes.push(change);
+                    peeked.changes.push(change);
                 }
-                last_commit = Some(lsn);
+                peeked.last_commit = Some(lsn);
+                peeked.heartbeat = None;
             }
         }
     }
-    Ok((changes, last_commit, count))
+    Ok(peeked)
 }
 
 /// The slot's lag and the WAL it holds back, against the configured limits.
