@@ -501,6 +501,26 @@ async fn a_slot_holding_back_too_much_wal_warns_and_drop_slot_removes_it() {
     assert_eq!(status, 200, "{health}");
     let warnings = health["warnings"].as_array().cloned().unwrap_or_default();
     assert!(warnings.iter().any(|w| w.as_str().is_some_and(|w| w.contains(&source.slot))), "{health}");
+    // With nothing to read in its own database, the slot still moves on (the reader's heartbeat):
+    // the WAL other databases write is not kept for it.
+    let mut other = PgConnection::connect(&admin_url()).await.expect("admin connection");
+    let table = format!("{}_wal", source.name);
+    sqlx::query(&format!("CREATE TABLE {table} (n int)")).execute(&mut other).await.expect("WAL elsewhere");
+    sqlx::query(&format!("DROP TABLE {table}")).execute(&mut other).await.expect("WAL elsewhere");
+    let written: String =
+        sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut other).await.expect("lsn");
+    eventually(Duration::from_secs(10), "the idle slot moves past the other database's WAL", || async {
+        let moved: Option<bool> = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+        )
+        .bind(&written)
+        .bind(&source.slot)
+        .fetch_optional(&mut source.connect().await)
+        .await
+        .expect("slot");
+        moved == Some(true)
+    })
+    .await;
     let metrics =
         app.client.get(format!("{}/metrics", app.base)).send().await.expect("metrics").text().await.expect("text");
     assert!(metrics.contains("tally_cdc_warning{source=\"crm\"} 1"), "the warning's metric");
