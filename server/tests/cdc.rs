@@ -546,3 +546,75 @@ async fn slots(db: &mut PgConnection, slot: &str) -> i64 {
         .await
         .expect("slots")
 }
+
+/// The source changes (commands) a PostgreSQL event store holds.
+async fn causes_in_postgres(url: &str) -> usize {
+    let Ok(mut conn) = PgConnection::connect(url).await else { return 0 };
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(DISTINCT metadata::jsonb->>'causation_id') FROM events WHERE metadata::jsonb->>'actor' = 'cdc:crm'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap_or(0) as usize
+}
+
+#[tokio::test]
+async fn two_readers_on_a_postgresql_store_take_turns_and_apply_each_change_once() {
+    let Some(source) = Source::create(true).await else { return };
+    let Some(store_url) = common::postgres_database().await else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let config = source.config(dir.path());
+    let db_args =
+        server::config::DatabaseArgs { database_url: store_url.clone(), durable: true, read_pool: 1, write_pool: 1 };
+    server::seed::migrate(&db_args).await.expect("migrate");
+    let mut db = source.connect().await;
+    sqlx::query("SELECT 1 FROM pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&source.slot)
+        .execute(&mut db)
+        .await
+        .expect("slot");
+    let insert = |from: i32, to: i32| {
+        sqlx::query(
+            "INSERT INTO customers (full_name, email) SELECT 'Customer ' || g, 'c' || g || '@example.com' \
+             FROM generate_series($1::int, $2::int) g",
+        )
+        .bind(from)
+        .bind(to)
+    };
+    let applied = |n: usize| {
+        let url = store_url.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let done = causes_in_postgres(&url).await;
+                if done >= n {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{done} of {n} source changes applied");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // Two `tally cdc` processes on one PostgreSQL store: one reads, the other waits on standby.
+    let first = start_reader(&store_url, &config);
+    let second = start_reader(&store_url, &config);
+    insert(1, 100).execute(&mut db).await.expect("insert");
+    applied(100).await;
+    // Whichever held the slot, killing each in turn leaves the other to go on.
+    drop(first);
+    insert(101, 150).execute(&mut db).await.expect("insert");
+    applied(150).await;
+    let third = start_reader(&store_url, &config);
+    drop(second);
+    insert(151, 200).execute(&mut db).await.expect("insert");
+    applied(200).await;
+    common::terminate(third);
+
+    let store = Store::open(&store_url, &PoolSizes { read: 1, write: 1 }, true).await.expect("store");
+    let events = store.read_all(0, i64::MAX).await.expect("events");
+    let counts = by_position(&events, "cdc:crm");
+    assert_eq!(counts.len(), 200, "every customer enrolled");
+    assert!(counts.values().all(|n| *n == 1), "each change applied once: {counts:?}");
+    store.write.close().await;
+}

@@ -24,6 +24,9 @@ pub struct SourceConfig {
     pub postgres_url: Option<String>,
     /// The replication slot (default `tally_<name>`).
     pub slot: Option<String>,
+    /// Whether `tally serve` reads the slot (false: only a `tally cdc` process does).
+    #[serde(default = "default_true")]
+    pub serve: bool,
     /// How often an idle reader asks the slot for new changes, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
@@ -40,6 +43,9 @@ pub struct SourceConfig {
     pub orders: Option<OrdersTable>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_poll_ms() -> u64 {
     10
 }

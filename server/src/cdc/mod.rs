@@ -152,7 +152,8 @@ pub struct Cdc {
 }
 
 impl Cdc {
-    /// Load `path` (none: no sources) and start a supervised reader for every PostgreSQL source.
+    /// Load `path` (none: no sources) and start a supervised reader for every PostgreSQL source
+    /// the server is to read (`serve = true`, the default).
     pub fn start(
         path: Option<&std::path::Path>,
         bus: &CommandBus,
@@ -167,7 +168,7 @@ impl Cdc {
         let readers = config
             .sources
             .iter()
-            .filter(|s| s.postgres_url.is_some())
+            .filter(|s| s.postgres_url.is_some() && s.serve)
             .map(|source| {
                 let part = status.part(&source.name);
                 let (bus, status, source, stop) = (bus.clone(), status.clone(), source.clone(), stop.clone());
