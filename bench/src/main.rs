@@ -1,7 +1,7 @@
 //! `tally-bench`: measure the CQRS promise on this machine, in one run, on a fresh database.
 //!
 //! Starts the `tally` binary that sits next to this one as a separate process, seeds it over HTTP
-//! through the real command path, then runs P1–P10 and P6b (see BENCHMARKS.md) and prints a table (also
+//! through the real command path, then runs P1–P11 and P6b (see BENCHMARKS.md) and prints a table (also
 //! written as JSON). The load is generated in this process.
 //!
 //! Every request says who it is, as the server requires: the harness creates an admin key and a
@@ -14,6 +14,7 @@ mod compose;
 mod floor;
 mod live;
 mod load;
+mod pg;
 mod proc;
 
 use anyhow::Context;
@@ -129,7 +130,10 @@ struct RunArgs {
     /// P10: members watched by a socket each (the updates go round them).
     #[arg(long, default_value_t = 1_000)]
     cdc_watched: usize,
-    /// P10: the PostgreSQL server the system of record's database is made on (wal_level = logical).
+    /// P11: members the commands go to.
+    #[arg(long, default_value_t = 1_000)]
+    pg_members: usize,
+    /// P10, P11: the PostgreSQL server their databases are made on (P10: wal_level = logical).
     #[arg(long, env = "TALLY_BENCH_POSTGRES", default_value = "postgres://postgres@127.0.0.1:5432/test")]
     postgres: String,
     /// Run only these measures (e.g. `--only P3,P6`); all by default. P2 needs P1.
@@ -164,6 +168,7 @@ impl RunArgs {
             self.cdc_rate = 100.0;
             self.cdc_seconds = 1;
             self.cdc_watched = 20;
+            self.pg_members = 20;
         }
         self
     }
@@ -503,6 +508,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rows.push(sign_in_storm(&args, &server, &sessions).await?);
     }
 
+    // P11: durable commands on PostgreSQL, one node and two, beside pgbench on the same server.
+    if args.wants("P11") {
+        rows.push(postgres_row(&args, &tally, work.path()).await?);
+    }
+
     // P10: change data capture, on a server of its own fed by a database of its own.
     if args.wants("P10") {
         rows.push(cdc_row(&args, &tally, work.path()).await?);
@@ -579,6 +589,59 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     eprintln!("results written to {}", args.out.display());
     Ok(())
+}
+
+/// P11's row (not met, with the reason, when it could not run; the smoke run fails then).
+async fn postgres_row(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Result<Row> {
+    let settings = pg::Settings {
+        admin_url: args.postgres.clone(),
+        members: args.pg_members,
+        connections: args.connections,
+        seconds: args.seconds,
+        warmup: args.warmup.min(5),
+        pgbench_scale: if args.smoke { 1 } else { 10 },
+    };
+    let measure = format!(
+        "earn/redeem over HTTP, {} connections, {} members, on PostgreSQL (synchronous_commit on): one node, then two nodes on one database; beside pgbench -N on the same server",
+        args.connections, args.pg_members
+    );
+    let target = "one node ≥ 4 × pgbench -N's best tps, p99 ≤ 20 ms; two nodes ≥ 1.0 × one";
+    Ok(match pg::measure(tally, work, &settings).await {
+        Ok(m) => {
+            let best = m.pgbench_best();
+            let ratio = m.one.rps() / best.max(1e-9);
+            let two_ratio = m.two.rps() / m.one.rps().max(1e-9);
+            let floors =
+                m.pgbench.iter().map(|(c, tps)| format!("{tps:.0} tps at {c} clients")).collect::<Vec<_>>().join(", ");
+            Row {
+                id: "P11",
+                measure,
+                result: format!(
+                    "one node {:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}; pgbench -N {floors}: {ratio:.2} × its best; two nodes {:.0} commands/s ({two_ratio:.2} × one), p99 {:.2} ms, errors {}",
+                    m.one.rps(), m.one.ms(0.5), m.one.ms(0.99), m.one.errors, m.two.rps(), m.two.ms(0.99), m.two.errors
+                ),
+                target,
+                met: Some(ratio >= 4.0 && m.one.ms(0.99) <= 20.0 && two_ratio >= 1.0 && m.one.errors == 0 && m.two.errors == 0),
+                server_cpu_percent: Some(m.one_cpu),
+                server_rss_mib: Some(m.one_rss),
+                figures: json!({"one_rps": m.one.rps(), "one_p50_ms": m.one.ms(0.5), "one_p99_ms": m.one.ms(0.99), "one_errors": m.one.errors,
+                    "two_rps": m.two.rps(), "two_p99_ms": m.two.ms(0.99), "two_errors": m.two.errors,
+                    "pgbench": m.pgbench.iter().map(|(c, tps)| json!({"clients": c, "tps": tps})).collect::<Vec<_>>(),
+                    "ratio_to_pgbench": ratio, "two_to_one": two_ratio}),
+            }
+        }
+        Err(err) if args.smoke => return Err(err.context("P11")),
+        Err(err) => Row {
+            id: "P11",
+            measure,
+            result: format!("not measured: {err:#}"),
+            target,
+            met: None,
+            server_cpu_percent: None,
+            server_rss_mib: None,
+            figures: json!({"error": format!("{err:#}")}),
+        },
+    })
 }
 
 /// P10's row (not met, with the reason, when it could not run; the smoke run fails then).

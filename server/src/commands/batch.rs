@@ -551,7 +551,10 @@ async fn load_idempotency_keys(
     envelopes: &[&Envelope],
 ) -> Result<HashMap<(String, String), StoredKey>, sqlx::Error> {
     let mut by_scope: HashMap<&str, Vec<&str>> = HashMap::new();
-    for idem in envelopes.iter().filter_map(|e| e.idempotency.as_ref()) {
+    // A key the server made for this one request cannot have been stored before (see
+    // `Idempotency::unused`): on PostgreSQL every command has one, and looking them all up was
+    // the batch's costliest statement.
+    for idem in envelopes.iter().filter_map(|e| e.idempotency.as_ref()).filter(|i| !i.unused) {
         by_scope.entry(idem.scope.as_str()).or_default().push(idem.key.as_str());
     }
     let mut found = HashMap::new();
