@@ -153,10 +153,13 @@ pub struct Freshness {
 /// P4: ack of a command → a subscribed client holds the new view, with `clients` other sockets
 /// subscribed and background commands at `rate` per second, sampled after `warmup` of that load
 /// (so that the server's writes of the views it changes are under way, as at steady state).
-/// The commands are `admin`'s; every socket is `watcher`'s, a principal that may read any member.
+/// The commands are `admin`'s, sent to `base`; every socket is `watcher`'s, a principal that may
+/// read any member, connected to `watch_base` (another node of the same database for P12, else the
+/// same server).
 #[allow(clippy::too_many_arguments)]
 pub async fn freshness(
     base: &str,
+    watch_base: &str,
     admin: &Identity,
     watcher: &Identity,
     members: &[String],
@@ -165,7 +168,7 @@ pub async fn freshness(
     warmup: Duration,
     samples: usize,
 ) -> anyhow::Result<Freshness> {
-    let ws_url = base.replacen("http://", "ws://", 1) + "/ws";
+    let ws_url = watch_base.replacen("http://", "ws://", 1) + "/ws";
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for i in 0..clients {

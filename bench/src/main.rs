@@ -130,6 +130,9 @@ struct RunArgs {
     /// P10: members watched by a socket each (the updates go round them).
     #[arg(long, default_value_t = 1_000)]
     cdc_watched: usize,
+    /// P12: commands per second to one node while freshness is measured on the other.
+    #[arg(long, default_value_t = 2_000.0)]
+    cross_rate: f64,
     /// P11: members the commands go to.
     #[arg(long, default_value_t = 1_000)]
     pg_members: usize,
@@ -169,6 +172,7 @@ impl RunArgs {
             self.cdc_seconds = 1;
             self.cdc_watched = 20;
             self.pg_members = 20;
+            self.cross_rate = 100.0;
         }
         self
     }
@@ -417,6 +421,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             server.pid(),
             live::freshness(
                 server.base(),
+                server.base(),
                 &server.admin,
                 &server.staff,
                 &members,
@@ -509,8 +514,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     // P11: durable commands on PostgreSQL, one node and two, beside pgbench on the same server.
-    if args.wants("P11") {
-        rows.push(postgres_row(&args, &tally, work.path()).await?);
+    if args.wants("P11") || args.wants("P12") {
+        rows.extend(postgres_rows(&args, &tally, work.path()).await?);
     }
 
     // P10: change data capture, on a server of its own fed by a database of its own.
@@ -591,8 +596,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// P11's row (not met, with the reason, when it could not run; the smoke run fails then).
-async fn postgres_row(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Result<Row> {
+/// P11's and P12's rows (not met, with the reason, when they could not run; the smoke run fails
+/// then).
+async fn postgres_rows(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Result<Vec<Row>> {
     let settings = pg::Settings {
         admin_url: args.postgres.clone(),
         members: args.pg_members,
@@ -600,48 +606,76 @@ async fn postgres_row(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Resu
         seconds: args.seconds,
         warmup: args.warmup.min(5),
         pgbench_scale: if args.smoke { 1 } else { 10 },
+        cross_rate: args.cross_rate,
+        cross_clients: args.fresh_clients.min(100),
+        cross_samples: args.fresh_samples,
     };
     let measure = format!(
         "earn/redeem over HTTP, {} connections, {} members, on PostgreSQL (synchronous_commit on): one node, then two nodes on one database; beside pgbench -N on the same server",
         args.connections, args.pg_members
     );
     let target = "one node ≥ 4 × pgbench -N's best tps, p99 ≤ 20 ms; two nodes ≥ 1.0 × one";
-    Ok(match pg::measure(tally, work, &settings).await {
-        Ok(m) => {
-            let best = m.pgbench_best();
-            let ratio = m.one.rps() / best.max(1e-9);
-            let two_ratio = m.two.rps() / m.one.rps().max(1e-9);
-            let floors =
-                m.pgbench.iter().map(|(c, tps)| format!("{tps:.0} tps at {c} clients")).collect::<Vec<_>>().join(", ");
-            Row {
-                id: "P11",
-                measure,
-                result: format!(
-                    "one node {:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}; pgbench -N {floors}: {ratio:.2} × its best; two nodes {:.0} commands/s ({two_ratio:.2} × one), p99 {:.2} ms, errors {}",
-                    m.one.rps(), m.one.ms(0.5), m.one.ms(0.99), m.one.errors, m.two.rps(), m.two.ms(0.99), m.two.errors
-                ),
-                target,
-                met: Some(ratio >= 4.0 && m.one.ms(0.99) <= 20.0 && two_ratio >= 1.0 && m.one.errors == 0 && m.two.errors == 0),
-                server_cpu_percent: Some(m.one_cpu),
-                server_rss_mib: Some(m.one_rss),
-                figures: json!({"one_rps": m.one.rps(), "one_p50_ms": m.one.ms(0.5), "one_p99_ms": m.one.ms(0.99), "one_errors": m.one.errors,
-                    "two_rps": m.two.rps(), "two_p99_ms": m.two.ms(0.99), "two_errors": m.two.errors,
-                    "pgbench": m.pgbench.iter().map(|(c, tps)| json!({"clients": c, "tps": tps})).collect::<Vec<_>>(),
-                    "ratio_to_pgbench": ratio, "two_to_one": two_ratio}),
-            }
-        }
+    let cross_measure = format!(
+        "ack by node A → a socket on node B holds the new view ({} sockets on B, {:.0} commands/s to A), PostgreSQL",
+        settings.cross_clients, settings.cross_rate
+    );
+    let cross_target = "p50 ≤ 5 ms, p99 ≤ 25 ms";
+    let m = match pg::measure(tally, work, &settings).await {
+        Ok(m) => m,
         Err(err) if args.smoke => return Err(err.context("P11")),
-        Err(err) => Row {
-            id: "P11",
-            measure,
-            result: format!("not measured: {err:#}"),
-            target,
-            met: None,
-            server_cpu_percent: None,
-            server_rss_mib: None,
-            figures: json!({"error": format!("{err:#}")}),
-        },
-    })
+        Err(err) => {
+            let unmeasured = |id, measure, target| Row {
+                id,
+                measure,
+                result: format!("not measured: {err:#}"),
+                target,
+                met: None,
+                server_cpu_percent: None,
+                server_rss_mib: None,
+                figures: json!({"error": format!("{err:#}")}),
+            };
+            return Ok(vec![unmeasured("P11", measure, target), unmeasured("P12", cross_measure, cross_target)]);
+        }
+    };
+    let best = m.pgbench_best();
+    let ratio = m.one.rps() / best.max(1e-9);
+    let two_ratio = m.two.rps() / m.one.rps().max(1e-9);
+    let floors = m.pgbench.iter().map(|(c, tps)| format!("{tps:.0} tps at {c} clients")).collect::<Vec<_>>().join(", ");
+    let p11 = Row {
+        id: "P11",
+        measure,
+        result: format!(
+            "one node {:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, errors {}; pgbench -N {floors}: {ratio:.2} × its best; two nodes {:.0} commands/s ({two_ratio:.2} × one), p99 {:.2} ms, errors {}",
+            m.one.rps(), m.one.ms(0.5), m.one.ms(0.99), m.one.errors, m.two.rps(), m.two.ms(0.99), m.two.errors
+        ),
+        target,
+        met: Some(ratio >= 4.0 && m.one.ms(0.99) <= 20.0 && two_ratio >= 1.0 && m.one.errors == 0 && m.two.errors == 0),
+        server_cpu_percent: Some(m.one_cpu),
+        server_rss_mib: Some(m.one_rss),
+        figures: json!({"one_rps": m.one.rps(), "one_p50_ms": m.one.ms(0.5), "one_p99_ms": m.one.ms(0.99), "one_errors": m.one.errors,
+            "two_rps": m.two.rps(), "two_p99_ms": m.two.ms(0.99), "two_errors": m.two.errors,
+            "pgbench": m.pgbench.iter().map(|(c, tps)| json!({"clients": c, "tps": tps})).collect::<Vec<_>>(),
+            "ratio_to_pgbench": ratio, "two_to_one": two_ratio}),
+    };
+    let ms = |q: f64| m.cross.hist.value_at_quantile(q) as f64 / 1000.0;
+    let p12 = Row {
+        id: "P12",
+        measure: format!("{cross_measure}; {:.0} commands/s achieved", m.cross.background_rate),
+        result: format!(
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} samples",
+            ms(0.5),
+            ms(0.99),
+            ms(1.0),
+            m.cross.hist.len()
+        ),
+        target: cross_target,
+        met: Some(ms(0.5) <= 5.0 && ms(0.99) <= 25.0),
+        server_cpu_percent: Some(m.cross_cpu),
+        server_rss_mib: None,
+        figures: json!({"p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": ms(1.0), "samples": m.cross.hist.len(),
+            "background_rate": m.cross.background_rate}),
+    };
+    Ok(vec![p11, p12])
 }
 
 /// P10's row (not met, with the reason, when it could not run; the smoke run fails then).

@@ -1,6 +1,7 @@
 //! P11: durable commands on PostgreSQL, through one and through two `tally serve` nodes sharing one
 //! database, beside `pgbench -N` (its built-in simple-update script) on the same server in the same
-//! run as the floor of what that server commits per second. Every database it makes is dropped.
+//! run as the floor of what that server commits per second; and P12, freshness across the two
+//! nodes. Every database it makes is dropped.
 
 use crate::load::{self, Identity, LoadResult, MakeRequest};
 use anyhow::Context;
@@ -18,6 +19,10 @@ pub struct Settings {
     pub warmup: u64,
     /// pgbench's scale (100,000 accounts each).
     pub pgbench_scale: u32,
+    /// P12: commands per second to node A, sockets on node B, samples.
+    pub cross_rate: f64,
+    pub cross_clients: usize,
+    pub cross_samples: usize,
 }
 
 pub struct Measured {
@@ -27,6 +32,10 @@ pub struct Measured {
     pub two: LoadResult,
     /// pgbench -N transactions per second, by client count.
     pub pgbench: Vec<(usize, f64)>,
+    /// P12: acknowledgement on node A → view on a socket of node B.
+    pub cross: crate::live::Freshness,
+    /// Node B's CPU while P12 ran.
+    pub cross_cpu: f64,
 }
 
 impl Measured {
@@ -76,7 +85,13 @@ async fn run(tally: &Path, work: &Path, settings: &Settings, databases: &mut Dat
     let url = databases.create(format!("tally_bench_p11_{id}")).await.context("P11 needs PostgreSQL")?;
     let token = crate::create_key(tally, Path::new(&url), "bench-admin", "admin")?;
     let admin = Identity::key(&token)?;
-    let envs = [("RUST_LOG", "warn".to_string()), ("TALLY_WRITE_POOL", "8".to_string())];
+    let envs = [
+        ("RUST_LOG", "warn".to_string()),
+        ("TALLY_WRITE_POOL", "8".to_string()),
+        // P12's sockets are all the admin key's: far more than the default cap per principal.
+        ("TALLY_MAX_SOCKETS_PER_PRINCIPAL", "100000".to_string()),
+        ("TALLY_WS_IDLE_SECS", "3600".to_string()),
+    ];
     let a = crate::proc::spawn("tally (node A)", tally, &serve_args(&url), &envs, &work.join("p11-a.log"), "/healthz")
         .await?;
     let members: Arc<Vec<String>> = Arc::new((0..settings.members).map(|i| format!("p{i}")).collect());
@@ -123,6 +138,26 @@ async fn run(tally: &Path, work: &Path, settings: &Settings, databases: &mut Dat
     two.errors += on_b.errors;
     two.seconds = two.seconds.max(on_b.seconds);
     two.hist.add(&on_b.hist)?;
+
+    // P12: a command acknowledged by node A, its view received by a socket on node B, while A
+    // takes `cross_rate` commands a second.
+    let (cross, cross_cpu) = {
+        let before = crate::proc::sample(b.pid());
+        let fresh = crate::live::freshness(
+            &a.base,
+            &b.base,
+            &admin,
+            &admin,
+            &members,
+            settings.cross_clients,
+            settings.cross_rate,
+            Duration::from_secs(settings.warmup),
+            settings.cross_samples,
+        )
+        .await?;
+        let after = crate::proc::sample(b.pid());
+        (fresh, crate::proc::cpu_percent(&before, &after))
+    };
     b.stop();
     a.stop();
 
@@ -150,7 +185,7 @@ async fn run(tally: &Path, work: &Path, settings: &Settings, databases: &mut Dat
             .with_context(|| format!("no tps in pgbench's output: {text}"))?;
         floors.push((clients, tps));
     }
-    Ok(Measured { one, one_cpu, one_rss, two, pgbench: floors })
+    Ok(Measured { one, one_cpu, one_rss, two, pgbench: floors, cross, cross_cpu })
 }
 
 /// `pgbench` on the PATH, or Debian's PostgreSQL's.
