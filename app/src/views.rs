@@ -114,7 +114,8 @@ pub struct CdcSource {
     pub name: String,
     /// `postgres` (read from a replication slot) or `debezium` (envelopes posted to `/api/cdc/{name}`).
     pub kind: String,
-    /// reading | standby (another process reads the slot) | failing | idle (nothing received yet)
+    /// reading | standby (another process reads the slot) | elsewhere (`serve = false`: a `tally
+    /// cdc` process reads it; the slot is watched from here) | failing | idle (nothing received yet)
     pub state: String,
     pub slot: Option<String>,
     /// WAL the source has written that the slot has not confirmed, in bytes.

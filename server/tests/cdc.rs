@@ -618,3 +618,31 @@ async fn two_readers_on_a_postgresql_store_take_turns_and_apply_each_change_once
     assert!(counts.values().all(|n| *n == 1), "each change applied once: {counts:?}");
     store.write.close().await;
 }
+
+#[tokio::test]
+async fn a_slot_another_process_reads_is_still_watched_by_the_server() {
+    let Some(source) = Source::create(true).await else { return };
+    let (url, dir) = common::sqlite_database();
+    let mut db = source.connect().await;
+    sqlx::query("SELECT 1 FROM pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&source.slot)
+        .execute(&mut db)
+        .await
+        .expect("slot");
+    let mut args = common::args(&url);
+    args.cdc_config = Some(source.config_with(dir.path(), "serve = false\nmax_retained_wal_mb = 0"));
+    let app = common::spawn_with(&args, dir).await;
+    // No reader here (a `tally cdc` elsewhere would read it): what the source writes waits in
+    // the slot, and this node says so.
+    source.exec(&mut db, "INSERT INTO customers (full_name, email) VALUES ('Flo Ito', 'flo@example.com')").await;
+    eventually(Duration::from_secs(20), "the slot's lag and warning show", || async {
+        let status = cdc_status(&app, "crm").await;
+        status["state"] == "elsewhere"
+            && status["lag_bytes"].as_i64() > Some(0)
+            && status["warning"].as_str().is_some_and(|w| w.contains("holds back"))
+    })
+    .await;
+    assert_eq!(served(&app, "crm-1").await, None, "the server does not read a slot it was told to leave");
+    assert_eq!(slots(&mut db, &source.slot).await, 1);
+    app.stop().await;
+}

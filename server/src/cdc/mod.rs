@@ -153,7 +153,8 @@ pub struct Cdc {
 
 impl Cdc {
     /// Load `path` (none: no sources) and start a supervised reader for every PostgreSQL source
-    /// the server is to read (`serve = true`, the default).
+    /// the server is to read (`serve = true`, the default), and a watcher of the slot of every
+    /// other one.
     pub fn start(
         path: Option<&std::path::Path>,
         bus: &CommandBus,
@@ -176,6 +177,13 @@ impl Cdc {
                     slot::read(bus.clone(), status.clone(), source.clone(), stop.clone())
                 })
             })
+            .chain(config.sources.iter().filter(|s| s.postgres_url.is_some() && !s.serve).map(|source| {
+                let part = status.part(&source.name);
+                let (status, source, stop) = (status.clone(), source.clone(), stop.clone());
+                crate::health::spawn_supervised(health.clone(), part, stop.clone(), move || {
+                    slot::watch_only(status.clone(), source.clone(), stop.clone())
+                })
+            }))
             .collect();
         Ok((std::sync::Arc::new(Cdc { config, status }), readers))
     }

@@ -70,6 +70,34 @@ pub async fn read(bus: CommandBus, status: Arc<CdcStatus>, source: SourceConfig,
     }
 }
 
+/// A source another process reads (`serve = false`): watch its slot's lag and retained WAL from
+/// here all the same, so the warnings and metrics of this node cover it. A failure to look is the
+/// source's last error, not a failing part of this node, which does not read it.
+pub async fn watch_only(status: Arc<CdcStatus>, source: SourceConfig, stop: CancellationToken) {
+    let mut watch = Watch::new(&source);
+    loop {
+        let looked = async {
+            let url = source.postgres_url.as_deref().context("the source has no postgres_url")?;
+            let mut conn = connect(url).await?;
+            loop {
+                status.state(&source.name, "elsewhere");
+                watch.look(&mut conn, &status, true).await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_EVERY) => {}
+                    _ = stop.cancelled() => return anyhow::Ok(()),
+                }
+            }
+        };
+        if let Err(err) = looked.await {
+            status.row_error(&source.name, &format!("cannot watch the slot: {err:#}"));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Connect, check, take the slot, and read until `stop` or an error.
 async fn session(
     bus: &CommandBus,
