@@ -191,6 +191,22 @@ struct Row {
     figures: Value,
 }
 
+impl Row {
+    /// A measure that could not run (its database unreachable, say): the reason, nothing met.
+    fn unmeasured(id: &'static str, measure: String, target: &'static str, err: &anyhow::Error) -> Row {
+        Row {
+            id,
+            measure,
+            result: format!("not measured: {err:#}"),
+            target,
+            met: None,
+            server_cpu_percent: None,
+            server_rss_mib: None,
+            figures: json!({"error": format!("{err:#}")}),
+        }
+    }
+}
+
 struct Server {
     proc: proc::Proc,
     /// An admin key: seeding, commands, the consumers' status, metrics.
@@ -372,17 +388,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     // P3: durable commands over HTTP.
-    let command_load: MakeRequest = {
-        let members = members.clone();
-        Arc::new(move |worker, n| {
-            let m = &members[(worker * 7919 + (n as usize / 2) * 64) % members.len()];
-            if n % 2 == 0 {
-                (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 10})))
-            } else {
-                (hyper::Method::POST, format!("/api/members/{m}/points/redeem"), Some(json!({"points": 5})))
-            }
-        })
-    };
+    let command_load = earn_and_redeem(members.clone());
     if args.wants("P3") {
         load::run(server.base(), args.connections, Duration::from_secs(args.warmup), command_load.clone(), admin).await;
         let (cmds, cpu, rss) =
@@ -624,17 +630,10 @@ async fn postgres_rows(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Res
         Ok(m) => m,
         Err(err) if args.smoke => return Err(err.context("P11")),
         Err(err) => {
-            let unmeasured = |id, measure, target| Row {
-                id,
-                measure,
-                result: format!("not measured: {err:#}"),
-                target,
-                met: None,
-                server_cpu_percent: None,
-                server_rss_mib: None,
-                figures: json!({"error": format!("{err:#}")}),
-            };
-            return Ok(vec![unmeasured("P11", measure, target), unmeasured("P12", cross_measure, cross_target)]);
+            return Ok(vec![
+                Row::unmeasured("P11", measure, target, &err),
+                Row::unmeasured("P12", cross_measure, cross_target, &err),
+            ])
         }
     };
     let best = m.pgbench_best();
@@ -708,16 +707,7 @@ async fn cdc_row(args: &RunArgs, tally: &Path, work: &Path) -> anyhow::Result<Ro
                 "settle_secs": m.settle_secs, "updates": m.updates, "received": m.received, "sent_rate": m.sent_rate, "p50_ms": m.p50_ms, "p99_ms": m.p99_ms, "max_ms": m.max_ms}),
         },
         Err(err) if args.smoke => return Err(err.context("P10")),
-        Err(err) => Row {
-            id: "P10",
-            measure,
-            result: format!("not measured: {err:#}"),
-            target,
-            met: None,
-            server_cpu_percent: None,
-            server_rss_mib: None,
-            figures: json!({"error": format!("{err:#}")}),
-        },
+        Err(err) => Row::unmeasured("P10", measure, target, &err),
     })
 }
 
@@ -887,6 +877,19 @@ async fn claim(client: &reqwest::Client, server: &Server, i: usize) -> anyhow::R
     // The measures that use it read this member only: make sure that works.
     session.on(client.get(format!("{base}/api/members/{id}"))).send().await?.error_for_status()?;
     Ok(Member { id, email: email(i), password, session })
+}
+
+/// P3's command load (also P11's): earn and redeem in turn, each connection working through the
+/// members in its own order.
+fn earn_and_redeem(members: Arc<Vec<String>>) -> MakeRequest {
+    Arc::new(move |worker, n| {
+        let m = &members[(worker * 7919 + (n as usize / 2) * 64) % members.len()];
+        if n % 2 == 0 {
+            (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 10})))
+        } else {
+            (hyper::Method::POST, format!("/api/members/{m}/points/redeem"), Some(json!({"points": 5})))
+        }
+    })
 }
 
 fn get_path(path: &'static str) -> MakeRequest {

@@ -3,7 +3,7 @@
 //! run as the floor of what that server commits per second; and P12, freshness across the two
 //! nodes. Every database it makes is dropped.
 
-use crate::load::{self, Identity, LoadResult, MakeRequest};
+use crate::load::{self, Identity, LoadResult};
 use anyhow::Context;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -107,18 +107,7 @@ async fn run(tally: &Path, work: &Path, settings: &Settings, databases: &mut Dat
         }),
     )
     .await;
-    // Earns and redeems, as P3 sends them.
-    let commands: MakeRequest = {
-        let members = members.clone();
-        Arc::new(move |worker, n| {
-            let m = &members[(worker * 7919 + (n as usize / 2) * 64) % members.len()];
-            if n % 2 == 0 {
-                (hyper::Method::POST, format!("/api/members/{m}/points/earn"), Some(json!({"points": 10})))
-            } else {
-                (hyper::Method::POST, format!("/api/members/{m}/points/redeem"), Some(json!({"points": 5})))
-            }
-        })
-    };
+    let commands = crate::earn_and_redeem(members.clone());
     let who = std::slice::from_ref(&admin);
     let secs = Duration::from_secs(settings.seconds);
     load::run(&a.base, settings.connections, Duration::from_secs(settings.warmup), commands.clone(), who).await;

@@ -99,6 +99,25 @@ amount_cents = "total_cents"
         path
     }
 
+    /// A server on a fresh SQLite file with this source configured (`extra`: more settings of the
+    /// source); and the configuration's path.
+    async fn serve(&self, extra: &str) -> (TestApp, std::path::PathBuf) {
+        let (url, dir) = common::sqlite_database();
+        let config = self.config_with(dir.path(), extra);
+        let mut args = common::args(&url);
+        args.cdc_config = Some(config.clone());
+        (common::spawn_with(&args, dir).await, config)
+    }
+
+    /// The slot, made before any reader runs, so that it holds everything written from now on.
+    async fn create_slot(&self, db: &mut PgConnection) {
+        sqlx::query("SELECT 1 FROM pg_create_logical_replication_slot($1, 'test_decoding')")
+            .bind(&self.slot)
+            .execute(db)
+            .await
+            .expect("slot");
+    }
+
     async fn exec(&self, db: &mut PgConnection, sql: &str) {
         sqlx::query(sql).execute(db).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
@@ -151,6 +170,14 @@ where
     }
 }
 
+/// Wait until the server's reader of `crm` has taken its slot.
+async fn reading(app: &TestApp) {
+    eventually(Duration::from_secs(20), "the reader takes its slot", || async {
+        cdc_status(app, "crm").await["state"] == "reading"
+    })
+    .await;
+}
+
 /// The member's view as served (404 until it exists).
 async fn served(app: &TestApp, id: &str) -> Option<Value> {
     let r = app.get(&format!("/api/members/{id}")).await;
@@ -170,14 +197,8 @@ fn by_position(events: &[server::store::StoredEvent], actor: &str) -> HashMap<St
 #[tokio::test]
 async fn a_system_of_record_feeds_the_views_the_page_and_a_subscribed_socket() {
     let Some(source) = Source::create(true).await else { return };
-    let (url, dir) = common::sqlite_database();
-    let mut args = common::args(&url);
-    args.cdc_config = Some(source.config(dir.path()));
-    let app = common::spawn_with(&args, dir).await;
-    eventually(Duration::from_secs(20), "the reader takes its slot", || async {
-        cdc_status(&app, "crm").await["state"] == "reading"
-    })
-    .await;
+    let (app, _) = source.serve("").await;
+    reading(&app).await;
 
     let mut db = source.connect().await;
     source.exec(&mut db, "BEGIN").await;
@@ -246,10 +267,7 @@ async fn a_system_of_record_feeds_the_views_the_page_and_a_subscribed_socket() {
 #[tokio::test]
 async fn a_source_that_cannot_be_read_says_how_to_fix_it_and_is_read_once_fixed() {
     let Some(source) = Source::create(false).await else { return };
-    let (url, dir) = common::sqlite_database();
-    let mut args = common::args(&url);
-    args.cdc_config = Some(source.config(dir.path()));
-    let app = common::spawn_with(&args, dir).await;
+    let (app, _) = source.serve("").await;
     eventually(Duration::from_secs(20), "the reader reports the problem", || async {
         let status = cdc_status(&app, "crm").await;
         status["state"] == "failing"
@@ -305,13 +323,8 @@ async fn a_reader_killed_again_and_again_applies_every_source_change_exactly_onc
     let Some(source) = Source::create(true).await else { return };
     let (url, dir) = common::sqlite_database();
     let config = source.config(dir.path());
-    // The slot first, so the reader reads everything the system of record writes from now on.
     let mut db = source.connect().await;
-    sqlx::query("SELECT 1 FROM pg_create_logical_replication_slot($1, 'test_decoding')")
-        .bind(&source.slot)
-        .execute(&mut db)
-        .await
-        .expect("slot");
+    source.create_slot(&mut db).await;
     // The event store's schema, before any reader races to make it.
     server::seed::migrate(&server::config::DatabaseArgs {
         database_url: url.clone(),
@@ -481,15 +494,9 @@ currency = "currency"
 #[tokio::test]
 async fn a_slot_holding_back_too_much_wal_warns_and_drop_slot_removes_it() {
     let Some(source) = Source::create(true).await else { return };
-    let (url, dir) = common::sqlite_database();
-    let config = source.config_with(dir.path(), "max_retained_wal_mb = 0");
-    let mut args = common::args(&url);
-    args.cdc_config = Some(config.clone());
-    let app = common::spawn_with(&args, dir.clone()).await;
-    eventually(Duration::from_secs(20), "the reader takes its slot", || async {
-        cdc_status(&app, "crm").await["state"] == "reading"
-    })
-    .await;
+    let (app, config) = source.serve("max_retained_wal_mb = 0").await;
+    let _config_kept = app.keep_files(); // read by `tally cdc drop-slot` after the server stops
+    reading(&app).await;
     let mut db = source.connect().await;
     source.exec(&mut db, "INSERT INTO customers (full_name, email) VALUES ('Eve Ng', 'eve@example.com')").await;
     eventually(Duration::from_secs(20), "the retained WAL passes the limit", || async {
@@ -568,11 +575,7 @@ async fn two_readers_on_a_postgresql_store_take_turns_and_apply_each_change_once
         server::config::DatabaseArgs { database_url: store_url.clone(), durable: true, read_pool: 1, write_pool: 1 };
     server::seed::migrate(&db_args).await.expect("migrate");
     let mut db = source.connect().await;
-    sqlx::query("SELECT 1 FROM pg_create_logical_replication_slot($1, 'test_decoding')")
-        .bind(&source.slot)
-        .execute(&mut db)
-        .await
-        .expect("slot");
+    source.create_slot(&mut db).await;
     let insert = |from: i32, to: i32| {
         sqlx::query(
             "INSERT INTO customers (full_name, email) SELECT 'Customer ' || g, 'c' || g || '@example.com' \
@@ -622,16 +625,9 @@ async fn two_readers_on_a_postgresql_store_take_turns_and_apply_each_change_once
 #[tokio::test]
 async fn a_slot_another_process_reads_is_still_watched_by_the_server() {
     let Some(source) = Source::create(true).await else { return };
-    let (url, dir) = common::sqlite_database();
     let mut db = source.connect().await;
-    sqlx::query("SELECT 1 FROM pg_create_logical_replication_slot($1, 'test_decoding')")
-        .bind(&source.slot)
-        .execute(&mut db)
-        .await
-        .expect("slot");
-    let mut args = common::args(&url);
-    args.cdc_config = Some(source.config_with(dir.path(), "serve = false\nmax_retained_wal_mb = 0"));
-    let app = common::spawn_with(&args, dir).await;
+    source.create_slot(&mut db).await;
+    let (app, _) = source.serve("serve = false\nmax_retained_wal_mb = 0").await;
     // No reader here (a `tally cdc` elsewhere would read it): what the source writes waits in
     // the slot, and this node says so.
     source.exec(&mut db, "INSERT INTO customers (full_name, email) VALUES ('Flo Ito', 'flo@example.com')").await;
