@@ -48,8 +48,8 @@ pub async fn apply(
     let actor = source.actor();
     let mut queues: Vec<Vec<(usize, Envelope)>> = Vec::new();
     let mut queue_of: HashMap<String, usize> = HashMap::new();
+    // A change that maps to no command stays `Ignored`.
     let mut outcomes = vec![RowOutcome::Ignored; changes.len()];
-    let mut commands_of = vec![0usize; changes.len()];
     for (i, change) in changes.iter().enumerate() {
         let commands = match mapping::map(source, change) {
             Mapped::Commands(commands) => commands,
@@ -59,7 +59,6 @@ pub async fn apply(
                 continue;
             }
         };
-        commands_of[i] = commands.len();
         for (k, command) in commands.into_iter().enumerate() {
             let key = format!("{}#{k}", change.position);
             let stream = match &command {
@@ -105,7 +104,6 @@ pub async fn apply(
         results
     });
     let mut failure = None;
-    let mut refused_or_applied: Vec<Option<RowOutcome>> = vec![None; changes.len()];
     for (i, result) in futures::future::join_all(runs).await.into_iter().flatten() {
         let outcome = match result {
             Ok(answer) if answer.replayed => RowOutcome::Replayed,
@@ -120,21 +118,15 @@ pub async fn apply(
             }
         };
         // A change is applied if any of its commands was; replayed if all were seen before.
-        let merged = match (refused_or_applied[i], outcome) {
-            (None, o) => o,
-            (Some(RowOutcome::Applied), _) | (_, RowOutcome::Applied) => RowOutcome::Applied,
-            (Some(RowOutcome::Replayed), RowOutcome::Replayed) => RowOutcome::Replayed,
-            (Some(_), _) => RowOutcome::Refused,
+        outcomes[i] = match (outcomes[i], outcome) {
+            (RowOutcome::Ignored, o) => o,
+            (RowOutcome::Applied, _) | (_, RowOutcome::Applied) => RowOutcome::Applied,
+            (RowOutcome::Replayed, RowOutcome::Replayed) => RowOutcome::Replayed,
+            _ => RowOutcome::Refused,
         };
-        refused_or_applied[i] = Some(merged);
     }
     if let Some(err) = failure {
         return Err(err);
-    }
-    for (i, outcome) in refused_or_applied.into_iter().enumerate() {
-        if let (Some(outcome), true) = (outcome, commands_of[i] > 0) {
-            outcomes[i] = outcome;
-        }
     }
     Ok(Applied { outcomes, last_position: changes.last().map(|c| c.position.clone()) })
 }
